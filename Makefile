@@ -1,0 +1,72 @@
+# Margin — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3)
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+MARGIN      := $(VENV)/bin/margin
+STAMP       := $(VENV)/.installed
+GEN         := services/margin/v1
+PROTOS      := $(wildcard protos/margin/v1/*.proto)
+export PYTHONPATH := $(CURDIR)/services
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) proto system-deps ## Create the venv, install Margin and its tools, generate the gRPC code
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON_BOOT)" || { echo "Python 3.11 is required"; exit 1; }
+	@$(PYTHON_BOOT) -m venv $(VENV) 2>/dev/null || { $(MAKE) --no-print-directory apt-python-venv && $(PYTHON_BOOT) -m venv $(VENV); }
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]' nvidia-pytriton==0.7.0
+	touch $(STAMP)
+
+apt-python-venv:
+	$(call apt_install,python3-venv)
+
+define apt_install
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; fi
+endef
+
+system-deps: ## Install redis-server with apt-get if it is missing
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; $(call apt_install,redis-server); }
+
+proto: $(GEN)/__init__.py ## Generate margin.v1 Python code and type stubs from protos/
+
+$(GEN)/__init__.py: $(PROTOS) $(STAMP)
+	mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=services --grpc_python_out=services --pyi_out=services $(PROTOS)
+	touch $(GEN)/py.typed $(GEN)/__init__.py
+
+up: setup ## Start the local cluster (Redis + services), supervised, and wait until healthy
+	$(MARGIN) up
+
+down: ## Stop the local cluster
+	@test -x $(MARGIN) && $(MARGIN) down || true
+
+status: ## Show the local cluster's processes
+	$(MARGIN) status
+
+demo: setup ## Set everything up and run the main job end to end, printing the cost report
+	$(MARGIN) demo
+
+test: setup ## Run the whole test suite (unit, service, integration)
+	$(PY) -m pytest -q
+
+lint: setup ## Ruff over the code
+	$(VENV)/bin/ruff check services tests bench
+
+bench: bench-registry ## Run every benchmark (tables printed, JSON in bench/results/)
+
+bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
+	$(PY) bench/registry_bench.py --size-mb 200
+
+clean: down ## Remove generated code and the venv
+	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache
+
+.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry clean

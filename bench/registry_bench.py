@@ -1,0 +1,316 @@
+"""Registry streaming benchmark: upload and download a large artifact through the real services.
+
+Starts ``margin.budget`` and ``margin.registry`` as subprocesses on a fresh SQLite database in a temp
+dir, streams a file of random bytes up (``RegistryClient.upload_file``) and down (``download_to``),
+samples the registry's VmRSS while doing so, and compares with a plain ``shutil.copyfile`` on the
+same disk. MB = 10^6 bytes throughout.
+
+    PYTHONPATH=services python bench/registry_bench.py --size-mb 200 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from margin.sdk.channel import Connection, connect
+from margin.sdk.registry import CHUNK, RegistryClient
+from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
+from rich.console import Console
+from rich.table import Table
+
+MB = 1_000_000
+BLOCK = 8 << 20
+GOAL_MBPS = 100.0
+GOAL_RSS_GROWTH_MB = 100.0
+MODEL = "bench-model"
+SERVICES_DIR = Path(__file__).resolve().parent.parent / "services"
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(name: str, module: str, workdir: Path, admin_key: str, max_upload: int) -> Service:
+    port = free_port()
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SERVICES_DIR), os.environ.get("PYTHONPATH")])),
+           "MARGIN_HOME": str(workdir),
+           "DATABASE_URL": f"sqlite:///{workdir / 'margin.db'}",
+           "MARGIN_ARTIFACT_DIR": str(workdir / "artifacts"),
+           "MARGIN_GRPC_HOST": "127.0.0.1",
+           "MARGIN_GRPC_PORT": str(port),
+           "MARGIN_METRICS_PORT": "-1",
+           "MARGIN_ADMIN_KEY": admin_key,
+           "MARGIN_MAX_UPLOAD_BYTES": str(max_upload),
+           "MARGIN_LOG_FORMAT": "text"}
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return Service(name, proc, port, log_path)
+
+
+def wait_healthy(service: Service, timeout: float = 30.0) -> None:
+    """Poll grpc.health.v1 until SERVING; fail with the log tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(service.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if service.proc.poll() is not None:
+                raise RuntimeError(f"{service.name} exited with code {service.proc.returncode} before it was "
+                                   f"healthy; log tail:\n{service.log_tail()}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"{service.name} was not healthy on {service.address} after {timeout:.0f}s; "
+                       f"log tail:\n{service.log_tail()}")
+
+
+def stop_services(services: list[Service], timeout: float = 30.0) -> None:
+    for svc in services:
+        if svc.proc.poll() is None:
+            svc.proc.send_signal(signal.SIGTERM)
+    for svc in services:
+        try:
+            svc.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            svc.proc.kill()
+            svc.proc.wait()
+
+
+def read_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / MB  # kB (KiB) -> MB
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@contextmanager
+def sample_rss(pid: int, interval: float = 0.02):
+    """Yield a dict whose 'peak' is the highest VmRSS (MB) seen while the block ran."""
+    result = {"peak": read_rss_mb(pid)}
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.is_set():
+            result["peak"] = max(result["peak"], read_rss_mb(pid))
+            done.wait(interval)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result["peak"] = max(result["peak"], read_rss_mb(pid))
+
+
+def write_random_file(path: Path, size_bytes: int) -> None:
+    with open(path, "wb") as f:
+        left = size_bytes
+        while left > 0:
+            block = os.urandom(min(BLOCK, left))
+            f.write(block)
+            left -= len(block)
+
+
+def setup_tenant(budget: Service, admin_key: str) -> str:
+    """Create a tenant and an API key through Budgets (admin key); return the tenant's key."""
+    with grpc.insecure_channel(budget.address) as channel:
+        stub = budget_pb2_grpc.BudgetsStub(channel)
+        md = (("authorization", f"Bearer {admin_key}"),)
+        stub.CreateTenant(budget_pb2.CreateTenantRequest(name="bench"), metadata=md, timeout=10)
+        return stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant="bench", description="registry bench"),
+                                 metadata=md, timeout=10).key
+
+
+def upload_meta() -> registry_pb2.UploadMetadata:
+    return registry_pb2.UploadMetadata(model=MODEL, format=registry_pb2.ARTIFACT_FORMAT_ONNX,
+                                       description="registry benchmark payload")
+
+
+def timed(fn, *args):
+    """Call ``fn(*args)``; return (seconds, result)."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def measure(client: RegistryClient, src: Path, workdir: Path, pid: int, repeats: int, chunk_bytes: int) -> dict:
+    """Warm up, then upload/download ``repeats`` times, tracking MB/s and the server's peak RSS."""
+    size = src.stat().st_size
+    small = workdir / "warmup.bin"
+    write_random_file(small, 1 << 20)
+    warm = client.upload_file(small, upload_meta())
+    client.download_to(common_pb2.VersionRef(model=MODEL, number=warm.number), workdir / "warmup.out", chunk_bytes)
+    baseline = read_rss_mb(pid)
+
+    runs, peak, dst = [], baseline, workdir / "download.bin"
+    for i in range(repeats):
+        with sample_rss(pid) as up_rss:
+            up_s, version = timed(client.upload_file, src, upload_meta())
+        ref = common_pb2.VersionRef(model=MODEL, number=version.number)
+        with sample_rss(pid) as down_rss:
+            down_s, _ = timed(client.download_to, ref, dst, chunk_bytes)  # raises if the sha256 differs
+        if dst.stat().st_size != size:
+            raise RuntimeError(f"downloaded {dst.stat().st_size} bytes, expected {size}")
+        dst.unlink()
+        peak = max(peak, up_rss["peak"], down_rss["peak"])
+        runs.append({"repeat": i + 1, "upload_s": up_s, "upload_mbps": size / MB / up_s,
+                     "download_s": down_s, "download_mbps": size / MB / down_s,
+                     "upload_peak_rss_mb": up_rss["peak"], "download_peak_rss_mb": down_rss["peak"]})
+    return {"runs": runs, "rss_mb": {"baseline": baseline, "peak": peak, "growth": peak - baseline}}
+
+
+def measure_copy(src: Path, workdir: Path, repeats: int) -> list[float]:
+    size, out, dst = src.stat().st_size, [], workdir / "copy.bin"
+    for _ in range(repeats):
+        seconds, _ = timed(shutil.copyfile, src, dst)
+        out.append(size / MB / seconds)
+        dst.unlink()
+    return out
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "best": max(values), "all": values}
+
+
+def report(result: dict, console: Console) -> None:
+    up, down, copy, rss = result["upload_mbps"], result["download_mbps"], result["copy_mbps"], result["rss_mb"]
+    goals = {g["name"]: g for g in result["goals"]}
+    table = Table(title=f"Registry streaming: {result['size_mb']} MB x {result['repeats']} repeats, "
+                        f"download chunk {result['chunk_kb']} KiB",
+                  caption="MB = 10^6 bytes; MB/s goals are on the median; vs copy = median / copyfile median")
+    for col in ("measure", "median", "best", "vs copy", "goal", "result"):
+        table.add_column(col, justify="left" if col in ("measure", "result") else "right")
+
+    def verdict(name: str) -> str:
+        return "[green]PASS[/]" if goals[name]["met"] else "[red]MISS[/]"
+
+    for key, stats in (("upload", up), ("download", down)):
+        table.add_row(f"gRPC {key} MB/s", f"{stats['median']:.1f}", f"{stats['best']:.1f}",
+                      f"{stats['median'] / copy['median']:.2f}x", f">= {GOAL_MBPS:.0f}", verdict(key))
+    table.add_row("copyfile MB/s", f"{copy['median']:.1f}", f"{copy['best']:.1f}", "1.00x", "", "")
+    table.add_row("server RSS base MB", f"{rss['baseline']:.1f}", "", "", "", "")
+    table.add_row("server RSS peak MB", f"{rss['peak']:.1f}", "", "", "", "")
+    table.add_row("server RSS growth MB", f"{rss['growth']:.1f}", "", "", f"< {GOAL_RSS_GROWTH_MB:.0f}",
+                  verdict("rss_growth"))
+    console.print(table)
+
+
+def run(args: argparse.Namespace) -> dict:
+    size = args.size_mb * MB
+    chunk_bytes = args.chunk_kb * 1024
+    admin_key = secrets.token_urlsafe(32)
+    workdir = Path(tempfile.mkdtemp(prefix="margin-registry-bench-"))
+    services: list[Service] = []
+    conn: Connection | None = None
+    try:
+        # Budget first: both create the schema on start, and SQLite DDL from two processes at once can race.
+        for name, module in (("budget", "margin.budget"), ("registry", "margin.registry")):
+            services.append(start_service(name, module, workdir, admin_key, max_upload=2 * size + (64 << 20)))
+            wait_healthy(services[-1])
+        budget, registry = services
+        conn = connect(registry.address, setup_tenant(budget, admin_key))
+        client = RegistryClient(conn)
+        client.create_model(MODEL, description="registry benchmark")
+
+        src = workdir / "payload.bin"
+        write_random_file(src, size)
+        measured = measure(client, src, workdir, registry.proc.pid, args.repeats, chunk_bytes)
+        copy = measure_copy(src, workdir, args.repeats)
+    finally:
+        if conn:
+            conn.close()
+        stop_services(services)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    runs = measured["runs"]
+    up = summarize([r["upload_mbps"] for r in runs])
+    down = summarize([r["download_mbps"] for r in runs])
+    rss = measured["rss_mb"]
+    return {
+        "machine": {"node": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "size_mb": args.size_mb, "chunk_kb": args.chunk_kb, "upload_chunk_kb": CHUNK // 1024,
+        "repeats": args.repeats, "mb": "10^6 bytes",
+        "runs": runs, "upload_mbps": up, "download_mbps": down, "rss_mb": rss,
+        "copy_mbps": summarize(copy),
+        "upload_vs_copy": up["median"] / statistics.median(copy),
+        "download_vs_copy": down["median"] / statistics.median(copy),
+        "goals": [
+            {"name": "upload", "goal": f">= {GOAL_MBPS} MB/s median", "value": up["median"],
+             "met": up["median"] >= GOAL_MBPS},
+            {"name": "download", "goal": f">= {GOAL_MBPS} MB/s median", "value": down["median"],
+             "met": down["median"] >= GOAL_MBPS},
+            {"name": "rss_growth", "goal": f"< {GOAL_RSS_GROWTH_MB} MB", "value": rss["growth"],
+             "met": rss["growth"] < GOAL_RSS_GROWTH_MB},
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=200, help="artifact size in MB (10^6 bytes)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-kb", type=int, default=1024,
+                        help="download chunk size in KiB (server allows at most 4096); uploads use the SDK's "
+                             "fixed 1 MiB chunks")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/registry.json"))
+    args = parser.parse_args()
+    if args.size_mb < 1 or args.repeats < 1 or not 1 <= args.chunk_kb <= 4096:
+        parser.error("--size-mb and --repeats must be >= 1, --chunk-kb between 1 and 4096")
+
+    result = run(args)
+    report(result, Console())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    Console().print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The ``margin`` command line."""

@@ -1,0 +1,283 @@
+"""``margin``: the command line for the local cluster, the registry and tenant administration."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from functools import wraps
+from pathlib import Path
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from margin.cli import render
+from margin.cli.context import admin_connection, connection
+from margin.cluster import local
+from margin.common import config, protoconv
+from margin.common.tensors import Signature
+from margin.registry.convert import FORMAT_TO_PROTO
+from margin.sdk import RegistryClient
+from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
+
+app = typer.Typer(help="Margin: train, compress, register and serve PyTorch models under a money budget.",
+                  no_args_is_help=True)
+models_app = typer.Typer(help="Models in the registry.", no_args_is_help=True)
+versions_app = typer.Typer(help="Versions of a model: upload, download, list.", no_args_is_help=True)
+alias_app = typer.Typer(help="Aliases such as 'production'.", no_args_is_help=True)
+admin_app = typer.Typer(help="Tenant administration (uses the admin key).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(versions_app, name="versions")
+app.add_typer(alias_app, name="alias")
+app.add_typer(admin_app, name="admin")
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+RegistryOpt = typer.Option(None, "--registry", help="registry address (default: the local cluster's)")
+KeyOpt = typer.Option(None, "--api-key", help="API key (default: $MARGIN_API_KEY, else the demo key)")
+_REF = re.compile(r"^(?P<model>[^:@]+)(?::(?P<number>\d+)|@(?P<alias>.+))?$")
+
+
+def grpc_errors(fn):
+    """Print a gRPC error as one readable line and exit 1, instead of a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as err:
+            console.print(f"[red]{err.code().name}[/]: {err.details()}")
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def parse_ref(text: str) -> common_pb2.VersionRef:
+    """``model``, ``model:3`` or ``model@production``."""
+    match = _REF.match(text)
+    if not match:
+        raise typer.BadParameter(f"{text!r}: use MODEL, MODEL:NUMBER or MODEL@ALIAS")
+    return common_pb2.VersionRef(model=match["model"], number=int(match["number"] or 0), alias=match["alias"] or "")
+
+
+def registry(address: str | None, key: str | None) -> RegistryClient:
+    return RegistryClient(connection("registry", address, key))
+
+
+# -- local cluster ----------------------------------------------------------------------------------
+@app.command()
+def up() -> None:
+    """Start the local cluster (Redis and the services) and wait until every part is healthy."""
+    with console.status("starting the local cluster…"):
+        try:
+            current = local.up()
+        except (local.ClusterError, RuntimeError) as err:
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(1) from None
+    status()
+    console.print(f"demo tenant key in {local.state.demo_key_path()}")
+    del current
+
+
+@app.command()
+def down() -> None:
+    """Stop the local cluster."""
+    console.print("stopped" if local.down() else "the local cluster was not running")
+
+
+@app.command()
+def status() -> None:
+    """Show the local cluster's processes."""
+    current = local.state.read_state()
+    alive = local.running_state() is not None
+    table = Table(title=f"Local cluster: {current.get('status', 'not started') if alive else 'not running'}")
+    for col in ("part", "address", "pid", "up", "restarts", "log"):
+        table.add_column(col)
+    for name, svc in current.get("services", {}).items() if alive else ():
+        table.add_row(name, svc["address"], str(svc["pid"]), "yes" if svc["up"] else "no", str(svc["restarts"]),
+                      svc["log"])
+    console.print(table)
+
+
+@app.command("config")
+def show_config() -> None:
+    """List every environment variable the services read, with its default."""
+    table = Table(title="Configuration (environment variables)")
+    for col in ("variable", "default", "meaning"):
+        table.add_column(col)
+    for s in config.ALL_SETTINGS:
+        table.add_row(s.env, s.default or "—", s.doc)
+    console.print(table)
+
+
+@app.command()
+def demo(train_seconds: float = typer.Option(5.0, help="how long to train")) -> None:
+    """Run the main job end to end on the local cluster and print what it cost."""
+    from margin import demo as demo_module
+
+    demo_module.run(console, train_seconds)
+
+
+# -- tenants ------------------------------------------------------------------------------------------
+@admin_app.command("create-tenant")
+@grpc_errors
+def create_tenant(name: str, budget: str | None = typer.Option(None, "--budget", help="budget service address"),
+                  ttl_seconds: int = typer.Option(0, help="key lifetime; 0 = never expires")) -> None:
+    """Create a tenant and print its first API key (shown once)."""
+    conn = admin_connection(budget)
+    stub = budget_pb2_grpc.BudgetsStub(conn.channel)
+    stub.CreateTenant(budget_pb2.CreateTenantRequest(name=name), metadata=conn.metadata)
+    reply = stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=name, description="first key",
+                                                             ttl_seconds=ttl_seconds), metadata=conn.metadata)
+    console.print(f"tenant [bold]{name}[/] created. API key (shown once, store it now):")
+    print(reply.key)
+
+
+@admin_app.command("create-key")
+@grpc_errors
+def create_key(tenant: str, description: str = "", ttl_seconds: int = 0,
+               budget: str | None = typer.Option(None, "--budget")) -> None:
+    """Create another API key for a tenant and print it (shown once)."""
+    conn = admin_connection(budget)
+    reply = budget_pb2_grpc.BudgetsStub(conn.channel).CreateApiKey(
+        budget_pb2.CreateApiKeyRequest(tenant=tenant, description=description, ttl_seconds=ttl_seconds),
+        metadata=conn.metadata)
+    print(reply.key)
+
+
+# -- models ----------------------------------------------------------------------------------------------
+@models_app.command("list")
+@grpc_errors
+def models_list(label: list[str] = typer.Option([], help="k=v, may repeat"), registry_addr: str = RegistryOpt,
+                api_key: str = KeyOpt) -> None:
+    """List models (all pages)."""
+    selector = dict(item.split("=", 1) for item in label)
+    client, models, token = registry(registry_addr, api_key), [], ""
+    while True:
+        reply = client.stub.ListModels(registry_pb2.ListModelsRequest(page_token=token, label_selector=selector),
+                                       metadata=client.metadata)
+        models += reply.models
+        if not (token := reply.next_page_token):
+            break
+    console.print(render.models_table(models))
+
+
+@models_app.command("create")
+@grpc_errors
+def models_create(name: str, description: str = "", label: list[str] = typer.Option([]),
+                  registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """Create a model."""
+    model = registry(registry_addr, api_key).create_model(name, description, dict(i.split("=", 1) for i in label))
+    console.print(render.models_table([model]))
+
+
+@models_app.command("show")
+@grpc_errors
+def models_show(name: str, registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """Show a model and its versions."""
+    client = registry(registry_addr, api_key)
+    console.print(render.models_table([client.stub.GetModel(registry_pb2.GetModelRequest(name=name),
+                                                            metadata=client.metadata)]))
+    versions_list(name, registry_addr, api_key)
+
+
+# -- versions ----------------------------------------------------------------------------------------------
+@versions_app.command("list")
+@grpc_errors
+def versions_list(model: str, registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """List a model's versions (all pages)."""
+    client, versions, token = registry(registry_addr, api_key), [], ""
+    while True:
+        reply = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model=model, page_token=token),
+                                         metadata=client.metadata)
+        versions += reply.versions
+        if not (token := reply.next_page_token):
+            break
+    console.print(render.versions_table(model, versions))
+
+
+def _progress() -> Progress:
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=console)
+
+
+@versions_app.command("upload")
+@grpc_errors
+def versions_upload(
+    model: str, file: Path = typer.Argument(..., exists=True, dir_okay=False),
+    fmt: str = typer.Option(..., "--format", help="|".join(FORMAT_TO_PROTO)),
+    signature: Path | None = typer.Option(None, help='JSON {"inputs": [{"name","dtype","shape"}], "outputs": [...]}'),
+    architecture: Path | None = typer.Option(None, help="JSON architecture spec (required for safetensors)"),
+    parent: str | None = typer.Option(None, help="MODEL:NUMBER or MODEL@ALIAS this version derives from"),
+    metric: list[str] = typer.Option([], help="name=value, may repeat"),
+    description: str = "", alias: str | None = typer.Option(None, help="point this alias at the new version"),
+    registry_addr: str = RegistryOpt, api_key: str = KeyOpt,
+) -> None:
+    """Upload a file as a new version (sha256 checked by the server)."""
+    if fmt not in FORMAT_TO_PROTO:
+        raise typer.BadParameter(f"--format must be one of {list(FORMAT_TO_PROTO)}")
+    meta = registry_pb2.UploadMetadata(model=model, format=FORMAT_TO_PROTO[fmt], description=description,
+                                       metrics={k: float(v) for k, v in (m.split("=", 1) for m in metric)})
+    if signature:
+        meta.signature.CopyFrom(protoconv.signature_to_proto(
+            Signature.from_dict(json.loads(signature.read_text()))))
+    if architecture:
+        meta.architecture.CopyFrom(protoconv.struct(json.loads(architecture.read_text())))
+    if parent:
+        meta.parent.CopyFrom(parse_ref(parent))
+    client = registry(registry_addr, api_key)
+    with _progress() as progress:
+        task = progress.add_task(f"uploading {file.name}", total=file.stat().st_size)
+        version = client.upload_file(file, meta, progress=lambda n: progress.advance(task, n))
+    if alias:
+        client.stub.SetAlias(registry_pb2.SetAliasRequest(model=model, alias=alias, number=version.number),
+                             metadata=client.metadata)
+        version = client.stub.GetVersion(registry_pb2.GetVersionRequest(
+            version=common_pb2.VersionRef(model=model, number=version.number)), metadata=client.metadata)
+    console.print(render.versions_table(model, [version]))
+
+
+@versions_app.command("download")
+@grpc_errors
+def versions_download(ref: str, out: Path, registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """Download a version (MODEL, MODEL:N or MODEL@ALIAS) to a file; its sha256 is verified."""
+    client = registry(registry_addr, api_key)
+    version_ref = parse_ref(ref)
+    size = client.stub.GetVersion(registry_pb2.GetVersionRequest(version=version_ref),
+                                  metadata=client.metadata).size_bytes
+    with _progress() as progress:
+        task = progress.add_task(f"downloading {ref}", total=size)
+        version = client.download_to(version_ref, out, progress=lambda n: progress.advance(task, n))
+    console.print(f"wrote {out} ({render.human_bytes(version.size_bytes)}, sha256 {version.sha256[:12]}… verified)")
+
+
+# -- aliases and lineage ---------------------------------------------------------------------------------------
+@alias_app.command("set")
+@grpc_errors
+def alias_set(model: str, alias: str, number: int, registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """Point ALIAS of MODEL at version NUMBER."""
+    client = registry(registry_addr, api_key)
+    client.stub.SetAlias(registry_pb2.SetAliasRequest(model=model, alias=alias, number=number),
+                         metadata=client.metadata)
+    console.print(f"{model}@{alias} → v{number}")
+
+
+@alias_app.command("delete")
+@grpc_errors
+def alias_delete(model: str, alias: str, registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """Remove an alias."""
+    client = registry(registry_addr, api_key)
+    client.stub.DeleteAlias(registry_pb2.DeleteAliasRequest(model=model, alias=alias), metadata=client.metadata)
+    console.print(f"removed {model}@{alias}")
+
+
+@app.command()
+@grpc_errors
+def lineage(ref: str, registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """Show where a version came from: the parent chain with each recipe and cost."""
+    client = registry(registry_addr, api_key)
+    console.print(render.lineage_table(client.stub.GetLineage(registry_pb2.GetLineageRequest(version=parse_ref(ref)),
+                                                              metadata=client.metadata)))
+
+
+if __name__ == "__main__":
+    app()

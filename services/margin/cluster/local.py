@@ -1,0 +1,107 @@
+"""``margin up`` / ``margin down``: start and stop the supervised local cluster."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+
+from margin.cluster import state
+from margin.sdk import connect
+from margin.v1 import budget_pb2, budget_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+DEMO_TENANT = "demo"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def running_state() -> dict | None:
+    """The state of a live cluster, or None."""
+    current = state.read_state()
+    if current.get("status") in ("ready", "degraded", "starting") and state.pid_alive(current.get("supervisor_pid")):
+        return current
+    return None
+
+
+def up(timeout: float = 120.0) -> dict:
+    current = running_state()
+    if current is None:
+        home = state.home()
+        state.write_state({"status": "starting"})
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        with open(home / "logs" / "supervisor.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "margin.cluster.supervisor"], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, "MARGIN_HOME": str(home)})
+        current = _wait_ready(proc, timeout)
+    ensure_demo_key(current)
+    return state.read_state()
+
+
+def _wait_ready(proc: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = state.read_state()
+        if current.get("status") == "ready" and current.get("supervisor_pid") == proc.pid:
+            return current
+        if proc.poll() is not None or current.get("status") == "failed":
+            proc.wait()
+            raise ClusterError(f"the local cluster failed to start: {state.read_state().get('error', '')}")
+        time.sleep(0.2)
+    proc.terminate()
+    raise ClusterError(f"the local cluster was not ready after {timeout:.0f}s; see {state.home() / 'logs'}")
+
+
+def ensure_demo_key(current: dict) -> str:
+    """A working API key for the demo tenant, kept in $MARGIN_HOME/demo.key."""
+    path = state.demo_key_path()
+    if path.exists():
+        key = path.read_text().strip()
+        conn = connect(current["services"]["registry"]["address"], key)
+        try:
+            registry_pb2_grpc.ModelRegistryStub(conn.channel).ListModels(
+                registry_pb2.ListModelsRequest(page_size=1), metadata=conn.metadata, timeout=10)
+            return key
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+        finally:
+            conn.close()
+    conn = connect(current["services"]["budget"]["address"], state.admin_key())
+    try:
+        stub = budget_pb2_grpc.BudgetsStub(conn.channel)
+        try:
+            stub.CreateTenant(budget_pb2.CreateTenantRequest(name=DEMO_TENANT), metadata=conn.metadata, timeout=10)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        key = stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=DEMO_TENANT, description="local demo"),
+                                metadata=conn.metadata, timeout=10).key
+    finally:
+        conn.close()
+    state.write_secret(path, key)
+    return key
+
+
+def down(timeout: float = 60.0) -> bool:
+    """Stop the supervisor (which stops every process). Returns False when nothing was running."""
+    current = state.read_state()
+    pid = current.get("supervisor_pid")
+    if not state.pid_alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while state.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:  # reap if it is our child (tests); otherwise it is reaped by init
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    if state.pid_alive(pid):
+        raise ClusterError(f"supervisor {pid} did not stop within {timeout:.0f}s")
+    return True

@@ -1,0 +1,75 @@
+"""What the local cluster runs: Redis and Margin's services, each with a health check."""
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class MissingDependency(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    argv: list[str]
+    port: int
+    kind: str                      # "grpc" | "redis"
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        try:
+            if self.kind == "redis":
+                return bool(redis.Redis(port=self.port, socket_timeout=timeout).ping())
+            with grpc.insecure_channel(self.address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except (grpc.RpcError, redis.RedisError, OSError):
+            return False
+
+
+# Margin's services on the local cluster, in start order. Later issues add theirs here.
+SERVICES: list[tuple[str, str]] = [
+    ("budget", "margin.budget"),
+    ("registry", "margin.registry"),
+]
+
+
+def redis_spec(home: Path) -> ProcessSpec:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise MissingDependency("redis-server is not installed: run `make setup` (it installs it with apt-get)")
+    data = home / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "60 1",
+            "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]
+    return ProcessSpec("redis", argv, port, "redis")
+
+
+def service_specs(home: Path, admin_key: str, redis_url: str) -> list[ProcessSpec]:
+    specs = []
+    for name, module in SERVICES:
+        port = free_port()
+        env = {"MARGIN_HOME": str(home), "MARGIN_GRPC_PORT": str(port), "MARGIN_GRPC_HOST": "127.0.0.1",
+               "MARGIN_METRICS_PORT": str(free_port()), "MARGIN_ADMIN_KEY": admin_key,
+               "MARGIN_LOG_FORMAT": "json", "MARGIN_REDIS_URL": redis_url}
+        specs.append(ProcessSpec(name, [sys.executable, "-m", module], port, "grpc", env))
+    return specs

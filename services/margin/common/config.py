@@ -1,0 +1,97 @@
+"""Configuration from environment variables, with documented defaults.
+
+Every setting a service reads is declared here once as a :class:`Setting`, so ``margin config``
+(and the README) can list them all. A required setting that is missing fails fast at start.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or malformed; raised at start so the process exits with a clear message."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str | None
+    doc: str
+
+    def raw(self) -> str | None:
+        value = os.environ.get(self.env)
+        return value if value not in (None, "") else self.default
+
+    def get(self) -> str:
+        value = self.raw()
+        if value is None:
+            raise ConfigError(f"{self.env} is required: {self.doc}")
+        return value
+
+    def get_int(self) -> int:
+        value = self.get()
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{self.env}={value!r} is not an integer: {self.doc}") from None
+
+    def get_float(self) -> float:
+        value = self.get()
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{self.env}={value!r} is not a number: {self.doc}") from None
+
+
+MARGIN_HOME = Setting("MARGIN_HOME", str(Path.home() / ".margin"),
+                      "Directory of the local cluster: state file, SQLite database, artifacts, logs.")
+DATABASE_URL = Setting("DATABASE_URL", None,
+                       "SQLAlchemy URL of the metadata database; default sqlite:///$MARGIN_HOME/margin.db. "
+                       "Use postgresql+psycopg://... in a cluster.")
+ARTIFACT_DIR = Setting("MARGIN_ARTIFACT_DIR", None,
+                       "Directory of the artifact store; default $MARGIN_HOME/artifacts.")
+GRPC_PORT = Setting("MARGIN_GRPC_PORT", "50051", "Port the service's gRPC server binds (0 = any free port).")
+GRPC_HOST = Setting("MARGIN_GRPC_HOST", "[::]", "Address the gRPC server binds.")
+GRPC_WORKERS = Setting("MARGIN_GRPC_WORKERS", "16", "Threads serving gRPC calls.")
+METRICS_PORT = Setting("MARGIN_METRICS_PORT", "9090",
+                       "Port of the Prometheus /metrics endpoint (0 = any free port, -1 = off).")
+GRACE_SECONDS = Setting("MARGIN_GRACE_SECONDS", "20",
+                        "On SIGTERM, seconds in-flight calls may take to finish; keep it below the pod's "
+                        "terminationGracePeriodSeconds.")
+LOG_LEVEL = Setting("MARGIN_LOG_LEVEL", "INFO", "Log level.")
+LOG_FORMAT = Setting("MARGIN_LOG_FORMAT", "auto",
+                     "'json' (one object per line), 'text', or 'auto' (text on a terminal, else json).")
+ADMIN_KEY = Setting("MARGIN_ADMIN_KEY", None,
+                    "The operator's key for tenant administration (CreateTenant, CreateApiKey). Required by "
+                    "the budget service; at least 24 characters.")
+MAX_UPLOAD_BYTES = Setting("MARGIN_MAX_UPLOAD_BYTES", str(4 << 30), "Largest artifact the registry accepts.")
+AUTH_CACHE_SECONDS = Setting("MARGIN_AUTH_CACHE_SECONDS", "30",
+                             "How long a verified API key is cached; a revoked key may work this long.")
+PRICE_CATALOG = Setting("MARGIN_PRICE_CATALOG", None,
+                        "YAML file merged over the default price catalog (device $/hour, watts, $/kWh).")
+
+ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, GRPC_WORKERS, METRICS_PORT,
+                GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
+                PRICE_CATALOG]
+
+
+def margin_home() -> Path:
+    return Path(MARGIN_HOME.get()).expanduser()
+
+
+def database_url() -> str:
+    return DATABASE_URL.raw() or f"sqlite:///{margin_home() / 'margin.db'}"
+
+
+def artifact_dir() -> Path:
+    raw = ARTIFACT_DIR.raw()
+    return Path(raw).expanduser() if raw else margin_home() / "artifacts"
+
+
+def admin_key() -> str:
+    key = ADMIN_KEY.get()
+    if len(key) < 24:
+        raise ConfigError("MARGIN_ADMIN_KEY must be at least 24 characters")
+    return key

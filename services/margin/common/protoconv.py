@@ -1,0 +1,44 @@
+"""Conversions between margin.v1 messages and plain Python values, shared by every servicer."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from margin.common.tensors import Signature, TensorSpec
+from margin.v1 import common_pb2
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return ts
+
+
+def struct(value: dict | None) -> struct_pb2.Struct:
+    msg = struct_pb2.Struct()
+    if value:
+        msg.update(value)
+    return msg
+
+
+def from_struct(msg: struct_pb2.Struct) -> dict:
+    return json_format.MessageToDict(msg)
+
+
+def money(micros: int, currency: str = "USD") -> common_pb2.Money:
+    return common_pb2.Money(currency=currency, micros=micros)
+
+
+def signature_from_proto(msg: common_pb2.Signature) -> Signature:
+    def spec(t: common_pb2.TensorSpec) -> TensorSpec:
+        return TensorSpec(t.name, common_pb2.DType.Name(t.dtype).removeprefix("DTYPE_"), tuple(t.shape))
+    return Signature(tuple(spec(t) for t in msg.inputs), tuple(spec(t) for t in msg.outputs))
+
+
+def signature_to_proto(sig: Signature) -> common_pb2.Signature:
+    def spec(t: TensorSpec) -> common_pb2.TensorSpec:
+        return common_pb2.TensorSpec(name=t.name, dtype=common_pb2.DType.Value(f"DTYPE_{t.dtype}"), shape=t.shape)
+    return common_pb2.Signature(inputs=[spec(t) for t in sig.inputs], outputs=[spec(t) for t in sig.outputs])

@@ -1,0 +1,160 @@
+"""Tenants and API keys.
+
+A key looks like ``mk_<id>_<secret>``: the id is a public prefix (shown in listings and logs), the
+secret is 32 random bytes. Only the SHA-256 of the whole key is stored — keys are high-entropy, so a
+fast hash is enough (as for GitHub tokens); comparison is constant-time. Verified keys are cached for a
+short time so the hot path does not hit the database on every call.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import DateTime, ForeignKey, Integer, String, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+
+from margin.common.db import Base
+from margin.common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from margin.common.names import validate_name
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TenantRow(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a tenant (``tenant_id``/``tenant``) or the operator (``is_admin``)."""
+
+    tenant_id: int | None
+    tenant: str | None
+    is_admin: bool = False
+    key_id: str = ""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: int
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    id: str
+    tenant: str
+    description: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything here is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class TenantStore:
+    def __init__(self, sessions: sessionmaker, admin_key: str | None = None, cache_seconds: float = 30.0):
+        self._sessions = sessions
+        self._admin_sha = hashlib.sha256(admin_key.encode()).hexdigest() if admin_key else None
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Principal, datetime | None]] = {}
+        self._lock = threading.Lock()
+
+    # -- administration -------------------------------------------------------------------------
+    def create_tenant(self, name: str) -> Tenant:
+        validate_name(name, "tenant name")
+        with self._sessions.begin() as s:
+            row = TenantRow(name=name)
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError:
+                raise AlreadyExists(f"tenant {name!r} already exists") from None
+            return Tenant(row.id, row.name, _aware(row.created_at))
+
+    def get_tenant(self, name: str) -> Tenant:
+        with self._sessions() as s:
+            row = s.scalar(select(TenantRow).where(TenantRow.name == name))
+            if row is None:
+                raise NotFound(f"tenant {name!r} not found")
+            return Tenant(row.id, row.name, _aware(row.created_at))
+
+    def create_api_key(self, tenant: str, description: str = "", ttl_seconds: int = 0) -> tuple[str, ApiKeyInfo]:
+        """Make a new key for ``tenant``; the returned plaintext is never stored."""
+        if ttl_seconds < 0:
+            raise InvalidArgument("ttl_seconds must be >= 0 (0 = never expires)")
+        if len(description) > 200:
+            raise InvalidArgument("description is longer than 200 characters")
+        t = self.get_tenant(tenant)
+        key_id = secrets.token_hex(6)
+        key = f"mk_{key_id}_{secrets.token_urlsafe(32)}"
+        expires = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        with self._sessions.begin() as s:
+            row = ApiKeyRow(id=key_id, tenant_id=t.id, key_sha256=hashlib.sha256(key.encode()).hexdigest(),
+                            description=description, expires_at=expires)
+            s.add(row)
+            s.flush()
+            return key, ApiKeyInfo(key_id, t.name, description, _aware(row.created_at), expires)
+
+    # -- authentication -------------------------------------------------------------------------
+    def authenticate(self, key: str | None) -> Principal:
+        """Map a bearer key to its principal, or raise :class:`Unauthenticated` saying what is wrong."""
+        if not key:
+            raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if self._admin_sha and hmac.compare_digest(digest, self._admin_sha):
+            return Principal(None, None, is_admin=True, key_id="admin")
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit and now - hit[0] < self._cache_seconds:
+            _, principal, expires = hit
+            if expires is not None and expires <= utcnow():
+                raise Unauthenticated(f"API key {principal.key_id} expired at {expires.isoformat()}")
+            return principal
+        principal, expires = self._lookup(key, digest)
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, principal, expires)
+        return principal
+
+    def _lookup(self, key: str, digest: str) -> tuple[Principal, datetime | None]:
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "mk":
+            raise Unauthenticated("invalid API key")
+        with self._sessions() as s:
+            row = s.get(ApiKeyRow, parts[1])
+            if row is None or not hmac.compare_digest(row.key_sha256, digest):
+                raise Unauthenticated("invalid API key")
+            expires = _aware(row.expires_at)
+            if expires is not None and expires <= utcnow():
+                raise Unauthenticated(f"API key {row.id} expired at {expires.isoformat()}")
+            tenant = s.get(TenantRow, row.tenant_id)
+            return Principal(tenant.id, tenant.name, key_id=row.id), expires

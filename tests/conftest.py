@@ -1,0 +1,67 @@
+"""Fixtures shared by the suites: real gRPC servers on port 0 over a real SQLite database."""
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from margin.budget.service import build_budget
+from margin.common.service import StartedService, start_service
+from margin.registry.service import registry_builder
+from margin.sdk import RegistryClient, connect
+from margin.v1 import budget_pb2, budget_pb2_grpc
+
+MAX_UPLOAD = 8 << 20
+
+
+@dataclass
+class Cluster:
+    """Budget + registry servers sharing one database, with two tenants and their keys."""
+
+    budget: StartedService
+    registry: StartedService
+    admin_key: str
+    keys: dict[str, str]
+    artifact_dir: Path
+
+    def client(self, tenant: str = "acme") -> RegistryClient:
+        return RegistryClient(connect(self.registry.server.address, self.keys[tenant]))
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.registry.server.address)
+
+    def new_key(self, tenant: str, ttl_seconds: int = 0) -> str:
+        conn = connect(self.budget.server.address, self.admin_key)
+        try:
+            return budget_pb2_grpc.BudgetsStub(conn.channel).CreateApiKey(
+                budget_pb2.CreateApiKeyRequest(tenant=tenant, ttl_seconds=ttl_seconds), metadata=conn.metadata).key
+        finally:
+            conn.close()
+
+    def artifact_files(self) -> list[Path]:
+        """Every file in the artifact store, partial uploads included."""
+        return sorted(p for p in self.artifact_dir.rglob("*") if p.is_file() and p.suffix != ".lock")
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    url = f"sqlite:///{tmp_path / 'margin.db'}"
+    admin_key = "adm_" + secrets.token_urlsafe(24)
+    budget = start_service(build_budget, database_url=url, admin_key=admin_key)
+    registry = start_service(registry_builder(tmp_path / "artifacts", MAX_UPLOAD), database_url=url,
+                             admin_key=admin_key, auth_cache_seconds=0)
+    conn = connect(budget.server.address, admin_key)
+    stub = budget_pb2_grpc.BudgetsStub(conn.channel)
+    keys = {}
+    for tenant in ("acme", "other"):
+        stub.CreateTenant(budget_pb2.CreateTenantRequest(name=tenant), metadata=conn.metadata)
+        keys[tenant] = stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=tenant), metadata=conn.metadata).key
+    conn.close()
+    try:
+        yield Cluster(budget, registry, admin_key, keys, tmp_path / "artifacts")
+    finally:
+        registry.stop()
+        budget.stop()

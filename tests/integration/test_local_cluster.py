@@ -1,0 +1,224 @@
+"""Integration tests of the supervised local cluster (``margin up`` / ``margin down``).
+
+Real processes only: ``local.up()`` spawns the detached supervisor, which runs a real redis-server and the
+budget and registry services. The module shares one cluster in its own temporary MARGIN_HOME; the tests run
+in file order (start, use, crash a child, stop).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from margin.cluster import local, state
+from margin.sdk import connect
+from margin.v1 import registry_pb2, registry_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+# Settings that would point the cluster (or the CLI) somewhere other than the temporary MARGIN_HOME.
+_ISOLATED_ENV = ("MARGIN_HOME", "MARGIN_ADMIN_KEY", "MARGIN_API_KEY", "MARGIN_REGISTRY_ADDR", "MARGIN_BUDGET_ADDR",
+                 "DATABASE_URL", "MARGIN_ARTIFACT_DIR", "MARGIN_GRPC_PORT", "MARGIN_METRICS_PORT")
+
+
+@dataclass
+class LocalCluster:
+    home: Path
+    state: dict
+    seen_pids: set[int] = field(default_factory=set)
+
+    def refresh(self) -> dict:
+        self.state = state.read_state()
+        self.record_pids(self.state)
+        return self.state
+
+    def record_pids(self, current: dict) -> None:
+        for pid in [current.get("supervisor_pid"), *(s.get("pid") for s in current.get("services", {}).values())]:
+            if pid:
+                self.seen_pids.add(pid)
+
+    def address(self, name: str) -> str:
+        return self.state["services"][name]["address"]
+
+    def demo_key(self) -> str:
+        return state.demo_key_path().read_text().strip()
+
+
+def _health_status(address: str, timeout: float = 3.0) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+
+
+def _list_models(address: str, key: str) -> list[registry_pb2.Model]:
+    conn = connect(address, key)
+    try:
+        stub = registry_pb2_grpc.ModelRegistryStub(conn.channel)
+        return list(stub.ListModels(registry_pb2.ListModelsRequest(), metadata=conn.metadata, timeout=10).models)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    home = tmp_path_factory.mktemp("margin_home_cluster")
+    saved = {name: os.environ.get(name) for name in _ISOLATED_ENV}
+    for name in _ISOLATED_ENV:
+        os.environ.pop(name, None)
+    os.environ["MARGIN_HOME"] = str(home)
+    cluster = None
+    try:
+        current = local.up(timeout=90)
+        cluster = LocalCluster(home, current)
+        cluster.record_pids(current)
+        yield cluster
+    finally:
+        try:
+            local.down()
+            final = state.read_state()
+            pids = set(cluster.seen_pids) if cluster else set()
+            if final:
+                pids.add(final.get("supervisor_pid"))
+                pids.update(s.get("pid") for s in final.get("services", {}).values())
+            still_alive = sorted(p for p in pids if p and state.pid_alive(p))
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        assert not still_alive, f"processes of the local cluster still alive after down(): {still_alive}"
+
+
+def test_up_reports_ready_with_every_part_healthy(local_cluster: LocalCluster) -> None:
+    current = local_cluster.refresh()
+    assert current["status"] == "ready", current
+    assert current["home"] == str(local_cluster.home)
+    assert state.pid_alive(current["supervisor_pid"])
+    assert set(current["services"]) == {"redis", "budget", "registry"}
+    for name, svc in current["services"].items():
+        assert svc["up"] is True, (name, svc)
+        assert state.pid_alive(svc["pid"]), (name, svc)
+        assert svc["restarts"] == 0, (name, svc)
+        assert Path(svc["log"]).is_file(), (name, svc)
+    for name in ("budget", "registry"):
+        assert _health_status(local_cluster.address(name)) == health_pb2.HealthCheckResponse.SERVING, name
+    assert current["redis_url"] == f"redis://{local_cluster.address('redis')}/0"
+    client = redis.Redis.from_url(current["redis_url"], socket_timeout=3)
+    try:
+        assert client.ping() is True
+    finally:
+        client.close()
+    # the files a user is told about exist, and the secret ones are private
+    assert state.demo_key_path().read_text().strip()
+    assert (local_cluster.home / "admin.key").stat().st_mode & 0o077 == 0
+    assert state.demo_key_path().stat().st_mode & 0o077 == 0
+
+
+def test_registry_reflection_lists_its_services(local_cluster: LocalCluster) -> None:
+    with grpc.insecure_channel(local_cluster.address("registry")) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"margin.v1.ModelRegistry", "grpc.health.v1.Health"} <= services, services
+
+
+def test_metrics_endpoints_count_grpc_requests(local_cluster: LocalCluster) -> None:
+    _list_models(local_cluster.address("registry"), local_cluster.demo_key())
+    bodies = {}
+    for name in ("budget", "registry"):
+        port = local_cluster.state["services"][name]["metrics_port"]
+        assert port, (name, local_cluster.state["services"][name])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+            bodies[name] = reply.read().decode()
+        assert "margin_grpc_requests_total" in bodies[name], name
+    # the counters are real samples, labelled by method and code
+    assert 'method="/margin.v1.ModelRegistry/ListModels"' in bodies["registry"]
+    assert 'method="/margin.v1.Budgets/CreateApiKey"' in bodies["budget"]  # the demo key made by up()
+
+
+def test_demo_key_works_and_second_up_is_idempotent(local_cluster: LocalCluster) -> None:
+    before = local_cluster.refresh()
+    key = local_cluster.demo_key()
+    assert key.startswith("mk_"), key
+    assert _list_models(local_cluster.address("registry"), key) == []
+
+    again = local.up(timeout=30)
+    assert again["supervisor_pid"] == before["supervisor_pid"]
+    assert {n: s["address"] for n, s in again["services"].items()} == \
+           {n: s["address"] for n, s in before["services"].items()}
+    assert {n: s["pid"] for n, s in again["services"].items()} == {n: s["pid"] for n, s in before["services"].items()}
+    assert {n: s["metrics_port"] for n, s in again["services"].items()} == \
+           {n: s["metrics_port"] for n, s in before["services"].items()}
+    assert again["status"] == "ready"
+    assert local_cluster.demo_key() == key, "a second up() replaced a demo key that still worked"
+    assert _list_models(local_cluster.address("registry"), key) == []
+
+
+def test_supervisor_restarts_a_killed_registry_on_the_same_address(local_cluster: LocalCluster) -> None:
+    address = local_cluster.address("registry")
+    key = local_cluster.demo_key()
+    conn = connect(address, key)
+    try:
+        registry_pb2_grpc.ModelRegistryStub(conn.channel).CreateModel(
+            registry_pb2.CreateModelRequest(name="survivor", labels={"kept": "yes"}), metadata=conn.metadata,
+            timeout=10)
+    finally:
+        conn.close()
+
+    old_pid = local_cluster.refresh()["services"]["registry"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+
+    deadline = time.monotonic() + 15
+    current = local_cluster.refresh()
+    while time.monotonic() < deadline:
+        current = local_cluster.refresh()
+        svc = current["services"]["registry"]
+        if svc["pid"] != old_pid and svc["up"]:
+            try:
+                if _health_status(svc["address"], timeout=1) == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"registry not restarted and healthy within 15 s: {current['services']['registry']}")
+
+    svc = current["services"]["registry"]
+    assert not state.pid_alive(old_pid)
+    assert svc["pid"] != old_pid and state.pid_alive(svc["pid"])
+    assert svc["restarts"] >= 1
+    assert svc["address"] == address
+    assert current["status"] == "ready"
+    # the other parts were left alone
+    assert current["services"]["budget"]["restarts"] == 0
+    assert current["services"]["redis"]["restarts"] == 0
+    # the model made before the crash survived (SQLite file on disk)
+    models = _list_models(address, key)
+    assert [m.name for m in models] == ["survivor"]
+    assert dict(models[0].labels) == {"kept": "yes"}
+
+
+def test_down_stops_everything_and_second_down_is_a_no_op(local_cluster: LocalCluster) -> None:
+    before = local_cluster.refresh()
+    pids = [before["supervisor_pid"], *(s["pid"] for s in before["services"].values())]
+    assert all(state.pid_alive(p) for p in pids), before
+
+    assert local.down() is True
+    after = state.read_state()
+    assert after["status"] == "stopped", after
+    alive = [p for p in pids if state.pid_alive(p)]
+    assert not alive, f"still alive after down(): {alive}"
+    assert all(not s["up"] for s in after["services"].values()), after["services"]
+    assert local.running_state() is None
+    with pytest.raises(grpc.RpcError):
+        _health_status(before["services"]["registry"]["address"], timeout=1)
+
+    assert local.down() is False

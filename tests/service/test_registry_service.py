@@ -1,0 +1,251 @@
+"""The registry over real gRPC: uploads, downloads, aliases, lineage, paging, and bad input."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from margin.v1 import common_pb2, registry_pb2
+
+from tests.conftest import MAX_UPLOAD
+
+TS = registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT
+
+
+def meta(model: str = "m", **kw) -> registry_pb2.UploadMetadata:
+    return registry_pb2.UploadMetadata(model=model, format=kw.pop("format", TS), **kw)
+
+
+def ref(model: str = "m", number: int = 0, alias: str = "") -> common_pb2.VersionRef:
+    return common_pb2.VersionRef(model=model, number=number, alias=alias)
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_upload_download_round_trip_is_byte_identical(cluster, tmp_path):
+    client = cluster.client()
+    client.create_model("m")
+    data = os.urandom(3 * (1 << 20) + 12345)  # several chunks, last one partial
+    version = client.upload_bytes(data, meta(metrics={"accuracy": 0.97}, description="first"))
+    assert (version.number, version.size_bytes) == (1, len(data))
+    assert version.sha256 == hashlib.sha256(data).hexdigest()
+
+    got_version, got = client.download_bytes(ref(number=1))
+    assert got == data and got_version.sha256 == version.sha256
+    path = tmp_path / "out.bin"
+    client.download_to(ref(), path, chunk_size=64 * 1024)  # latest, small chunks
+    assert path.read_bytes() == data
+
+
+def test_ten_concurrent_uploads_get_versions_1_to_10(cluster):
+    client = cluster.client()
+    client.create_model("m")
+    payloads = [os.urandom(200_000 + i) for i in range(10)]
+    barrier = threading.Barrier(10)
+
+    def upload(data: bytes) -> registry_pb2.ModelVersion:
+        barrier.wait()
+        return client.upload_bytes(data, meta())
+
+    with ThreadPoolExecutor(10) as pool:
+        versions = list(pool.map(upload, payloads))
+    assert sorted(v.number for v in versions) == list(range(1, 11))
+    for v, data in zip(versions, payloads, strict=True):  # each number holds the bytes that were sent for it
+        assert client.download_bytes(ref(number=v.number))[1] == data
+    model = client.stub.GetModel(registry_pb2.GetModelRequest(name="m"), metadata=client.metadata)
+    assert model.latest_version == 10
+
+
+def test_versions_carry_metadata_aliases_and_lineage(cluster):
+    client = cluster.client()
+    client.create_model("base")
+    client.create_model("small")
+    arch = {"family": "mlp", "input_dim": 64, "hidden": [128], "num_classes": 10}
+    cost = common_pb2.Cost(total=common_pb2.Money(currency="USD", micros=1500), device_class="cpu", device_hours=0.01)
+    root = client.upload_bytes(b"weights", meta("base", format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
+                                                architecture=_struct(arch), cost=cost,
+                                                recipe=_struct({"kind": "training", "epochs": 3})))
+    child = client.upload_bytes(b"scripted", meta("small", parent=ref("base", 1), cost=common_pb2.Cost(
+        total=common_pb2.Money(currency="USD", micros=250)), recipe=_struct({"kind": "quantize"})))
+    assert child.parent.model == "base" and child.parent.number == root.number
+    assert dict(child.recipe)["kind"] == "quantize"
+
+    md = client.metadata
+    client.stub.SetAlias(registry_pb2.SetAliasRequest(model="small", alias="production", number=1), metadata=md)
+    by_alias = client.stub.GetVersion(registry_pb2.GetVersionRequest(version=ref("small", alias="production")),
+                                      metadata=md)
+    assert by_alias.number == 1 and list(by_alias.aliases) == ["production"]
+
+    lineage = client.stub.GetLineage(registry_pb2.GetLineageRequest(version=ref("small", alias="production")),
+                                     metadata=md)
+    assert [(v.model, v.number) for v in lineage.chain] == [("small", 1), ("base", 1)]
+    assert lineage.total_cost.micros == 1750
+    assert dict(lineage.chain[1].architecture)["family"] == "mlp"
+
+    updated = client.stub.AttachMetrics(registry_pb2.AttachMetricsRequest(
+        version=ref("small", 1), metrics={"latency_p50_ms": 1.5}), metadata=md)
+    assert dict(updated.metrics) == {"latency_p50_ms": 1.5}
+
+    client.stub.DeleteAlias(registry_pb2.DeleteAliasRequest(model="small", alias="production"), metadata=md)
+    code, _ = status_of(lambda: client.stub.GetVersion(
+        registry_pb2.GetVersionRequest(version=ref("small", alias="production")), metadata=md))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_list_models_pages_and_filters_by_label(cluster):
+    client = cluster.client()
+    for i in range(7):
+        client.create_model(f"m{i}", labels={"team": "a" if i % 2 else "b"})
+    names, token = [], ""
+    while True:
+        reply = client.stub.ListModels(registry_pb2.ListModelsRequest(page_size=3, page_token=token),
+                                       metadata=client.metadata)
+        assert len(reply.models) <= 3
+        names += [m.name for m in reply.models]
+        if not (token := reply.next_page_token):
+            break
+    assert names == [f"m{i}" for i in range(7)]
+    team_a = client.stub.ListModels(registry_pb2.ListModelsRequest(label_selector={"team": "a"}),
+                                    metadata=client.metadata)
+    assert [m.name for m in team_a.models] == ["m1", "m3", "m5"]
+    code, msg = status_of(lambda: client.stub.ListModels(registry_pb2.ListModelsRequest(page_token="garbage"),
+                                                         metadata=client.metadata))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in msg
+
+
+def _struct(d):
+    from margin.common.protoconv import struct
+    return struct(d)
+
+
+# -- bad input: the right status, and nothing left behind ------------------------------------------------
+def _raw_upload(client, messages):
+    return client.stub.UploadVersion(iter(messages), metadata=client.metadata)
+
+
+def _data_msgs(data: bytes, **kw):
+    m = meta(**kw)
+    m.sha256 = kw.get("sha256") or hashlib.sha256(data).hexdigest()
+    return [registry_pb2.UploadVersionRequest(metadata=m)] + [
+        registry_pb2.UploadVersionRequest(chunk=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+
+
+BAD_UPLOADS = {
+    "unknown model": (lambda d: _data_msgs(d, model="nope"), grpc.StatusCode.NOT_FOUND, "not found"),
+    "empty upload": (lambda d: [registry_pb2.UploadVersionRequest(
+        metadata=meta(sha256=hashlib.sha256(b"").hexdigest()))],
+                     grpc.StatusCode.INVALID_ARGUMENT, "empty upload"),
+    "no messages": (lambda d: [], grpc.StatusCode.INVALID_ARGUMENT, "no messages"),
+    "chunk before metadata": (lambda d: [registry_pb2.UploadVersionRequest(chunk=d)], grpc.StatusCode.INVALID_ARGUMENT,
+                              "first UploadVersion message must carry metadata"),
+    "metadata twice": (lambda d: [*_data_msgs(d), registry_pb2.UploadVersionRequest(metadata=meta())],
+                       grpc.StatusCode.INVALID_ARGUMENT, "only once"),
+    "sha256 mismatch": (lambda d: _data_msgs(d, sha256="0" * 64), grpc.StatusCode.INVALID_ARGUMENT, "sha256 mismatch"),
+    "sha256 missing": (lambda d: [registry_pb2.UploadVersionRequest(metadata=meta()),
+                                  registry_pb2.UploadVersionRequest(chunk=d)],
+                       grpc.StatusCode.INVALID_ARGUMENT, "sha256"),
+    "over the size limit": (lambda d: _data_msgs(os.urandom(MAX_UPLOAD + 1)), grpc.StatusCode.INVALID_ARGUMENT,
+                            "exceeds the limit"),
+    "declared size over the limit": (lambda d: _data_msgs(d, size_bytes=MAX_UPLOAD + 1),
+                                     grpc.StatusCode.INVALID_ARGUMENT, "exceeds the upload limit"),
+    "declared size differs": (lambda d: _data_msgs(d, size_bytes=len(d) + 5), grpc.StatusCode.INVALID_ARGUMENT,
+                              "declared"),
+    "format unset": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_UNSPECIFIED),
+                     grpc.StatusCode.INVALID_ARGUMENT, "format"),
+    "safetensors without architecture": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS),
+                                         grpc.StatusCode.INVALID_ARGUMENT, "architecture"),
+    "unknown parent": (lambda d: _data_msgs(d, parent=ref("m", 42)), grpc.StatusCode.NOT_FOUND, "m v42"),
+    "path in model name": (lambda d: _data_msgs(d, model="../x"), grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
+    "bad dtype in signature": (lambda d: _data_msgs(d, signature=common_pb2.Signature(
+        inputs=[common_pb2.TensorSpec(name="x", shape=[-1, 4])])), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+def test_bad_uploads_get_a_clear_status_and_leave_nothing(cluster, case):
+    client = cluster.client()
+    client.create_model("m")
+    good = client.upload_bytes(b"v1 bytes", meta())
+    files_before = cluster.artifact_files()
+    build, code, fragment = BAD_UPLOADS[case]
+    got_code, details = status_of(lambda: _raw_upload(client, build(os.urandom(4096))))
+    assert got_code == code, details
+    assert fragment in details
+    assert cluster.artifact_files() == files_before  # no partial or stray file
+    versions = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model="m"), metadata=client.metadata)
+    assert [v.number for v in versions.versions] == [good.number]
+    assert client.download_bytes(ref(number=1))[1] == b"v1 bytes"
+
+
+def test_cancelled_upload_leaves_nothing(cluster):
+    client = cluster.client()
+    client.create_model("m")
+    sent = threading.Event()
+
+    def messages():
+        m = meta()
+        m.sha256 = "a" * 64
+        yield registry_pb2.UploadVersionRequest(metadata=m)
+        yield registry_pb2.UploadVersionRequest(chunk=os.urandom(1 << 20))
+        sent.set()
+        threading.Event().wait(10)  # hang until cancelled
+        yield registry_pb2.UploadVersionRequest(chunk=b"never")
+
+    future = client.stub.UploadVersion.future(messages(), metadata=client.metadata)
+    assert sent.wait(5)
+    import time
+    time.sleep(0.3)
+    future.cancel()
+    deadline = time.monotonic() + 5
+    while cluster.artifact_files() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.artifact_files() == []
+    assert client.stub.GetModel(registry_pb2.GetModelRequest(name="m"), metadata=client.metadata).latest_version == 0
+
+
+BAD_CALLS = {
+    "duplicate model": (lambda s, md: s.CreateModel(registry_pb2.CreateModelRequest(name="m"), metadata=md),
+                        grpc.StatusCode.ALREADY_EXISTS),
+    "dotdot name": (lambda s, md: s.CreateModel(registry_pb2.CreateModelRequest(name="a..b"), metadata=md),
+                    grpc.StatusCode.INVALID_ARGUMENT),
+    "slash name": (lambda s, md: s.CreateModel(registry_pb2.CreateModelRequest(name="a/b"), metadata=md),
+                   grpc.StatusCode.INVALID_ARGUMENT),
+    "long name": (lambda s, md: s.CreateModel(registry_pb2.CreateModelRequest(name="a" * 101), metadata=md),
+                  grpc.StatusCode.INVALID_ARGUMENT),
+    "unknown model": (lambda s, md: s.GetModel(registry_pb2.GetModelRequest(name="nope"), metadata=md),
+                      grpc.StatusCode.NOT_FOUND),
+    "unknown version": (lambda s, md: s.GetVersion(registry_pb2.GetVersionRequest(version=ref(number=9)), metadata=md),
+                        grpc.StatusCode.NOT_FOUND),
+    "number and alias": (lambda s, md: s.GetVersion(registry_pb2.GetVersionRequest(
+        version=ref(number=1, alias="x")), metadata=md), grpc.StatusCode.INVALID_ARGUMENT),
+    "download unknown": (lambda s, md: list(s.DownloadVersion(registry_pb2.DownloadVersionRequest(
+        version=ref(number=9)), metadata=md)), grpc.StatusCode.NOT_FOUND),
+    "download huge chunk": (lambda s, md: list(s.DownloadVersion(registry_pb2.DownloadVersionRequest(
+        version=ref(number=1), chunk_size=64 << 20), metadata=md)), grpc.StatusCode.INVALID_ARGUMENT),
+    "numeric alias": (lambda s, md: s.SetAlias(registry_pb2.SetAliasRequest(model="m", alias="7", number=1),
+                                               metadata=md), grpc.StatusCode.INVALID_ARGUMENT),
+    "alias to missing version": (lambda s, md: s.SetAlias(registry_pb2.SetAliasRequest(
+        model="m", alias="prod", number=5), metadata=md), grpc.StatusCode.NOT_FOUND),
+    "delete missing alias": (lambda s, md: s.DeleteAlias(registry_pb2.DeleteAliasRequest(model="m", alias="prod"),
+                                                         metadata=md), grpc.StatusCode.NOT_FOUND),
+    "nan metric": (lambda s, md: s.AttachMetrics(registry_pb2.AttachMetricsRequest(
+        version=ref(number=1), metrics={"acc": float("nan")}), metadata=md), grpc.StatusCode.INVALID_ARGUMENT),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_calls_get_the_right_status(cluster, case):
+    client = cluster.client()
+    client.create_model("m")
+    client.upload_bytes(b"x", meta())
+    call, code = BAD_CALLS[case]
+    got, details = status_of(lambda: call(client.stub, client.metadata))
+    assert got == code, details
+    assert details  # a human-readable message, never empty
