@@ -25,16 +25,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]' nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
-apt-python-venv:
-	$(call apt_install,python3-venv)
+SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL := $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-define apt_install
-	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
-	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; fi
-endef
+apt-python-venv:
+	$(APT_INSTALL) python3-venv >/dev/null
 
 system-deps: ## Install redis-server with apt-get if it is missing
-	@command -v redis-server >/dev/null || { echo "installing redis-server"; $(call apt_install,redis-server); }
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; $(APT_INSTALL) redis-server >/dev/null; }
 
 proto: $(GEN)/__init__.py ## Generate margin.v1 Python code and type stubs from protos/
 
