@@ -16,20 +16,16 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from margin.cluster.processes import ManagedProcess, ProcessSpec, free_port
 from margin.sdk.channel import Connection, connect
 from margin.sdk.registry import CHUNK, RegistryClient
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
@@ -44,34 +40,10 @@ MODEL = "bench-model"
 SERVICES_DIR = Path(__file__).resolve().parent.parent / "services"
 
 
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(name: str, module: str, workdir: Path, admin_key: str, max_upload: int) -> Service:
+def start_service(name: str, module: str, workdir: Path, admin_key: str, max_upload: int) -> ManagedProcess:
+    """Start one Margin service as a real process and wait until its health check says SERVING."""
     port = free_port()
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SERVICES_DIR), os.environ.get("PYTHONPATH")])),
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(SERVICES_DIR), os.environ.get("PYTHONPATH")])),
            "MARGIN_HOME": str(workdir),
            "DATABASE_URL": f"sqlite:///{workdir / 'margin.db'}",
            "MARGIN_ARTIFACT_DIR": str(workdir / "artifacts"),
@@ -81,42 +53,10 @@ def start_service(name: str, module: str, workdir: Path, admin_key: str, max_upl
            "MARGIN_ADMIN_KEY": admin_key,
            "MARGIN_MAX_UPLOAD_BYTES": str(max_upload),
            "MARGIN_LOG_FORMAT": "text"}
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
-    return Service(name, proc, port, log_path)
-
-
-def wait_healthy(service: Service, timeout: float = 30.0) -> None:
-    """Poll grpc.health.v1 until SERVING; fail with the log tail if the process dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(service.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if service.proc.poll() is not None:
-                raise RuntimeError(f"{service.name} exited with code {service.proc.returncode} before it was "
-                                   f"healthy; log tail:\n{service.log_tail()}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"{service.name} was not healthy on {service.address} after {timeout:.0f}s; "
-                       f"log tail:\n{service.log_tail()}")
-
-
-def stop_services(services: list[Service], timeout: float = 30.0) -> None:
-    for svc in services:
-        if svc.proc.poll() is None:
-            svc.proc.send_signal(signal.SIGTERM)
-    for svc in services:
-        try:
-            svc.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            svc.proc.kill()
-            svc.proc.wait()
+    service = ManagedProcess(ProcessSpec(name, [sys.executable, "-m", module], port, "grpc", env), workdir)
+    service.start()
+    service.wait_healthy(30.0)
+    return service
 
 
 def read_rss_mb(pid: int) -> float:
@@ -157,9 +97,9 @@ def write_random_file(path: Path, size_bytes: int) -> None:
             left -= len(block)
 
 
-def setup_tenant(budget: Service, admin_key: str) -> str:
+def setup_tenant(budget: ManagedProcess, admin_key: str) -> str:
     """Create a tenant and an API key through Budgets (admin key); return the tenant's key."""
-    with grpc.insecure_channel(budget.address) as channel:
+    with grpc.insecure_channel(budget.spec.address) as channel:
         stub = budget_pb2_grpc.BudgetsStub(channel)
         md = (("authorization", f"Bearer {admin_key}"),)
         stub.CreateTenant(budget_pb2.CreateTenantRequest(name="bench"), metadata=md, timeout=10)
@@ -246,15 +186,14 @@ def run(args: argparse.Namespace) -> dict:
     chunk_bytes = args.chunk_kb * 1024
     admin_key = secrets.token_urlsafe(32)
     workdir = Path(tempfile.mkdtemp(prefix="margin-registry-bench-"))
-    services: list[Service] = []
+    services: list[ManagedProcess] = []
     conn: Connection | None = None
     try:
         # Budget first: both create the schema on start, and SQLite DDL from two processes at once can race.
         for name, module in (("budget", "margin.budget"), ("registry", "margin.registry")):
             services.append(start_service(name, module, workdir, admin_key, max_upload=2 * size + (64 << 20)))
-            wait_healthy(services[-1])
         budget, registry = services
-        conn = connect(registry.address, setup_tenant(budget, admin_key))
+        conn = connect(registry.spec.address, setup_tenant(budget, admin_key))
         client = RegistryClient(conn)
         client.create_model(MODEL, description="registry benchmark")
 
@@ -265,7 +204,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if conn:
             conn.close()
-        stop_services(services)
+        for service in reversed(services):
+            service.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
     runs = measured["runs"]

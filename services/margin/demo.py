@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,7 @@ from margin.modelzoo.training import train_classifier
 from margin.registry.convert import cost_to_proto
 from margin.registry.domain import CostRecord
 from margin.sdk import RegistryClient, connect
+from margin.sdk.registry import all_pages
 from margin.v1 import common_pb2, registry_pb2
 
 MODEL = "digits"
@@ -89,9 +91,9 @@ def run(console: Console | None = None, train_seconds: float = 5.0) -> None:
 
     client.stub.SetAlias(registry_pb2.SetAliasRequest(model=MODEL, alias="production", number=servable.number),
                          metadata=client.metadata)
-    versions = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model=MODEL),
-                                        metadata=client.metadata).versions
-    console.print(render.versions_table(MODEL, list(versions)))
+    versions = all_pages(partial(client.stub.ListVersions, metadata=client.metadata),
+                         registry_pb2.ListVersionsRequest(model=MODEL), "versions")
+    console.print(render.versions_table(MODEL, versions))
     lineage = client.stub.GetLineage(registry_pb2.GetLineageRequest(
         version=common_pb2.VersionRef(model=MODEL, alias="production")), metadata=client.metadata)
     console.print(render.lineage_table(lineage))

@@ -11,20 +11,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from margin.cluster.processes import ProcessSpec, free_port
-from margin.cluster.supervisor import Child
+from margin.cluster.processes import ManagedProcess, ProcessSpec, free_port
 from margin.common.db import make_engine, make_sessionmaker
 from margin.common.tenancy import TenantStore
 from margin.sdk import RegistryClient, connect
 from margin.v1 import common_pb2, registry_pb2
 
 
-def registry_process(tmp: Path, port: int) -> Child:
+def registry_process(tmp: Path, port: int) -> ManagedProcess:
     env = {"DATABASE_URL": f"sqlite:///{tmp / 'margin.db'}", "MARGIN_ARTIFACT_DIR": str(tmp / "artifacts"),
            "MARGIN_GRPC_PORT": str(port), "MARGIN_GRPC_HOST": "127.0.0.1", "MARGIN_METRICS_PORT": "-1",
            "MARGIN_GRACE_SECONDS": "20", "MARGIN_LOG_FORMAT": "json",
            "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = Child(ProcessSpec("registry", [sys.executable, "-m", "margin.registry"], port, "grpc", env), tmp)
+    child = ManagedProcess(ProcessSpec("registry", [sys.executable, "-m", "margin.registry"], port, "grpc", env), tmp)
     child.start()
     child.wait_healthy(30)
     return child

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from functools import wraps
+from functools import partial, wraps
 from pathlib import Path
 
 import grpc
@@ -20,6 +20,7 @@ from margin.common import config, protoconv
 from margin.common.tensors import Signature
 from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
+from margin.sdk.registry import all_pages
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
 
 app = typer.Typer(help="Margin: train, compress, register and serve PyTorch models under a money budget.",
@@ -150,14 +151,9 @@ def create_key(tenant: str, description: str = "", ttl_seconds: int = 0,
 def models_list(label: list[str] = typer.Option([], help="k=v, may repeat"), registry_addr: str = RegistryOpt,
                 api_key: str = KeyOpt) -> None:
     """List models (all pages)."""
-    selector = dict(item.split("=", 1) for item in label)
-    client, models, token = registry(registry_addr, api_key), [], ""
-    while True:
-        reply = client.stub.ListModels(registry_pb2.ListModelsRequest(page_token=token, label_selector=selector),
-                                       metadata=client.metadata)
-        models += reply.models
-        if not (token := reply.next_page_token):
-            break
+    client = registry(registry_addr, api_key)
+    request = registry_pb2.ListModelsRequest(label_selector=dict(item.split("=", 1) for item in label))
+    models = all_pages(partial(client.stub.ListModels, metadata=client.metadata), request, "models")
     console.print(render.models_table(models))
 
 
@@ -185,13 +181,9 @@ def models_show(name: str, registry_addr: str = RegistryOpt, api_key: str = KeyO
 @grpc_errors
 def versions_list(model: str, registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
     """List a model's versions (all pages)."""
-    client, versions, token = registry(registry_addr, api_key), [], ""
-    while True:
-        reply = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model=model, page_token=token),
-                                         metadata=client.metadata)
-        versions += reply.versions
-        if not (token := reply.next_page_token):
-            break
+    client = registry(registry_addr, api_key)
+    versions = all_pages(partial(client.stub.ListVersions, metadata=client.metadata),
+                         registry_pb2.ListVersionsRequest(model=model), "versions")
     console.print(render.versions_table(model, versions))
 
 

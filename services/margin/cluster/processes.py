@@ -1,15 +1,21 @@
 """What the local cluster runs: Redis and Margin's services, each with a health check."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
 import sys
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STOP_TIMEOUT_S = 15.0
 
 
 class MissingDependency(RuntimeError):
@@ -43,6 +49,53 @@ class ProcessSpec:
                 return reply.status == health_pb2.HealthCheckResponse.SERVING
         except (grpc.RpcError, redis.RedisError, OSError):
             return False
+
+
+class ManagedProcess:
+    """One child process with a log file, a health check, restarts counted, and a clean stop."""
+
+    def __init__(self, spec: ProcessSpec, logs: Path):
+        self.spec = spec
+        self.log_path = logs / f"{spec.name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.restarts: deque[float] = deque()
+        self.gave_up = False
+
+    def start(self) -> None:
+        env = {**os.environ, **self.spec.env}
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.spec.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited with code {self.proc.returncode}\n{self.log_tail()}")
+            if self.spec.healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.spec.name} was not healthy after {timeout:.0f}s\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def describe(self) -> dict:
+        return {"address": self.spec.address, "pid": self.proc.pid if self.proc else None, "log": str(self.log_path),
+                "restarts": len(self.restarts), "up": bool(self.proc and self.proc.poll() is None),
+                "metrics_port": int(self.spec.env.get("MARGIN_METRICS_PORT", 0)) or None}
 
 
 # Margin's services on the local cluster, in start order. Later issues add theirs here.

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from margin.cluster import state
-from margin.cluster.processes import ProcessSpec, redis_spec, service_specs
+from margin.cluster.processes import ManagedProcess, redis_spec, service_specs
 from margin.common.logs import setup_logging
 
 log = logging.getLogger("margin.supervisor")
@@ -20,52 +18,6 @@ log = logging.getLogger("margin.supervisor")
 START_TIMEOUT_S = 60.0
 MAX_RESTARTS = 5            # within RESTART_WINDOW_S, then the process is left down
 RESTART_WINDOW_S = 60.0
-STOP_TIMEOUT_S = 15.0
-
-
-class Child:
-    def __init__(self, spec: ProcessSpec, logs: Path):
-        self.spec = spec
-        self.log_path = logs / f"{spec.name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.restarts: deque[float] = deque()
-        self.gave_up = False
-
-    def start(self) -> None:
-        env = {**os.environ, **self.spec.env}
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.spec.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.spec.name} exited with code {self.proc.returncode}\n{self.log_tail()}")
-            if self.spec.healthy():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.spec.name} was not healthy after {timeout:.0f}s\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-    def describe(self) -> dict:
-        return {"address": self.spec.address, "pid": self.proc.pid if self.proc else None, "log": str(self.log_path),
-                "restarts": len(self.restarts), "up": bool(self.proc and self.proc.poll() is None),
-                "metrics_port": int(self.spec.env.get("MARGIN_METRICS_PORT", 0)) or None}
 
 
 class Supervisor:
@@ -73,7 +25,7 @@ class Supervisor:
         self.home = home
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.children: list[Child] = []
+        self.children: list[ManagedProcess] = []
         self.stopping = threading.Event()
         self.status = "starting"
         self.error = ""
@@ -86,12 +38,12 @@ class Supervisor:
             "services": {c.spec.name: c.describe() for c in self.children}})
 
     def start(self) -> None:
-        redis = Child(redis_spec(self.home), self.logs)
+        redis = ManagedProcess(redis_spec(self.home), self.logs)
         self.children.append(redis)
         redis.start()
         redis.wait_healthy(START_TIMEOUT_S)
         for spec in service_specs(self.home, state.admin_key(), f"redis://{redis.spec.address}/0"):
-            child = Child(spec, self.logs)
+            child = ManagedProcess(spec, self.logs)
             self.children.append(child)
             child.start()
             child.wait_healthy(START_TIMEOUT_S)
