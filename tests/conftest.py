@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +47,12 @@ class Cluster:
         return sorted(p for p in self.artifact_dir.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
-@pytest.fixture()
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    url = f"sqlite:///{tmp_path / 'margin.db'}"
+@contextmanager
+def running_cluster(database_url: str, artifact_dir: Path) -> Iterator[Cluster]:
+    """Start budget + registry on port 0 over ``database_url`` with tenants 'acme' and 'other'."""
     admin_key = "adm_" + secrets.token_urlsafe(24)
-    budget = start_service(build_budget, database_url=url, admin_key=admin_key)
-    registry = start_service(registry_builder(tmp_path / "artifacts", MAX_UPLOAD), database_url=url,
+    budget = start_service(build_budget, database_url=database_url, admin_key=admin_key)
+    registry = start_service(registry_builder(artifact_dir, MAX_UPLOAD), database_url=database_url,
                              admin_key=admin_key, auth_cache_seconds=0)
     conn = connect(budget.server.address, admin_key)
     stub = budget_pb2_grpc.BudgetsStub(conn.channel)
@@ -61,7 +62,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         keys[tenant] = stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=tenant), metadata=conn.metadata).key
     conn.close()
     try:
-        yield Cluster(budget, registry, admin_key, keys, tmp_path / "artifacts")
+        yield Cluster(budget, registry, admin_key, keys, artifact_dir)
     finally:
         registry.stop()
         budget.stop()
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(f"sqlite:///{tmp_path / 'margin.db'}", tmp_path / "artifacts") as c:
+        yield c

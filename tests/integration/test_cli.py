@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from margin.cluster import local, state
 
 pytestmark = pytest.mark.slow
