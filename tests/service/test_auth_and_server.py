@@ -147,3 +147,10 @@ def test_metrics_endpoint_counts_calls_by_code(cluster):
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'margin_grpc_requests_total{code="NOT_FOUND",method="/margin.v1.ModelRegistry/GetModel"}' in body
     assert "margin_grpc_request_seconds_bucket" in body
+
+
+def test_budget_rpcs_not_built_yet_say_so(cluster):
+    stub = budget_pb2_grpc.BudgetsStub(grpc.insecure_channel(cluster.budget.server.address))
+    md = (("authorization", f"Bearer {cluster.keys['acme']}"),)
+    code, details = code_of(lambda: stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=md))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "GetSpend is not available" in details
