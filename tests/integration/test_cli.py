@@ -287,23 +287,15 @@ def test_bad_ref_syntax_is_a_usage_error(cli: CliCluster) -> None:
         assert not (cli.work / "y").exists()
 
 
-_LOCAL_INPUT_BUG = (
-    "BUG: the CLI turns only gRPC errors into one readable line (cli/main.py grpc_errors); malformed local input "
-    "(--label/--metric without '=', a non-numeric metric, an invalid --signature file, a download into a missing "
-    "directory) escapes as a Python traceback")
-
-
 @pytest.mark.parametrize("case", [
-    pytest.param(("models", "create", "m2", "--label", "team"), id="label-without-equals",
-                 marks=pytest.mark.xfail(strict=True, reason=_LOCAL_INPUT_BUG)),
+    pytest.param(("models", "create", "m2", "--label", "team"), id="label-without-equals"),
     pytest.param(("versions", "upload", "m1", "{model}", "--format", "torchscript", "--metric", "acc"),
-                 id="metric-without-equals", marks=pytest.mark.xfail(strict=True, reason=_LOCAL_INPUT_BUG)),
+                 id="metric-without-equals"),
     pytest.param(("versions", "upload", "m1", "{model}", "--format", "torchscript", "--metric", "acc=high"),
-                 id="metric-not-a-number", marks=pytest.mark.xfail(strict=True, reason=_LOCAL_INPUT_BUG)),
+                 id="metric-not-a-number"),
     pytest.param(("versions", "upload", "m1", "{model}", "--format", "torchscript", "--signature", "{bad_sig}"),
-                 id="invalid-signature-file", marks=pytest.mark.xfail(strict=True, reason=_LOCAL_INPUT_BUG)),
-    pytest.param(("versions", "download", "m1:1", "{missing_dir}/out.pt"), id="download-into-missing-dir",
-                 marks=pytest.mark.xfail(strict=True, reason=_LOCAL_INPUT_BUG)),
+                 id="invalid-signature-file"),
+    pytest.param(("versions", "download", "m1:1", "{missing_dir}/out.pt"), id="download-into-missing-dir"),
 ])
 def test_malformed_local_input_is_reported_without_traceback(cli: CliCluster, artifacts: dict[str, Path],
                                                             case: tuple[str, ...]) -> None:

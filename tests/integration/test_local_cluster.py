@@ -237,11 +237,6 @@ def test_up_after_down_keeps_the_data_and_the_demo_key(local_cluster: LocalClust
     # the module fixture's teardown stops this second cluster and checks every pid
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when the supervisor dies abnormally (SIGKILL, OOM) its children (redis, budget, registry) keep "
-    "running as orphans; `local.down()` then reports 'not running' and cannot stop them, and a new `up()` "
-    "starts a second set on the same database (margin/cluster/supervisor.py Child.start, "
-    "margin/cluster/local.py down)"))
 def test_children_do_not_outlive_a_killed_supervisor(tmp_path_factory: pytest.TempPathFactory) -> None:
     previous_home = os.environ["MARGIN_HOME"]
     os.environ["MARGIN_HOME"] = str(tmp_path_factory.mktemp("margin_home_orphans"))

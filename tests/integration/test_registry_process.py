@@ -41,7 +41,7 @@ def setup(tmp_path):
 
 
 def meta() -> registry_pb2.UploadMetadata:
-    return registry_pb2.UploadMetadata(model="m", format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT)
+    return registry_pb2.UploadMetadata(model="m", format=registry_pb2.ARTIFACT_FORMAT_ONNX)
 
 
 def part_files(tmp: Path) -> list[Path]:

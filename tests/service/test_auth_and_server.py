@@ -57,7 +57,7 @@ def test_another_tenants_objects_are_not_found(cluster):
     acme, other = cluster.client("acme"), cluster.client("other")
     acme.create_model("secret-model")
     acme.upload_bytes(b"weights", registry_pb2.UploadMetadata(model="secret-model",
-                                                              format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT))
+                                                              format=registry_pb2.ARTIFACT_FORMAT_ONNX))
     code, _ = code_of(lambda: other.stub.GetModel(registry_pb2.GetModelRequest(name="secret-model"),
                                                         metadata=other.metadata))
     assert code == grpc.StatusCode.NOT_FOUND

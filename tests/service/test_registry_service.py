@@ -8,15 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import torch
 from margin.v1 import common_pb2, registry_pb2
+from safetensors.torch import save as safetensors_save
 
 from tests.conftest import MAX_UPLOAD
 
-TS = registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT
+OPAQUE = registry_pb2.ARTIFACT_FORMAT_ONNX  # the one format whose bytes the registry does not sniff
 
 
 def meta(model: str = "m", **kw) -> registry_pb2.UploadMetadata:
-    return registry_pb2.UploadMetadata(model=model, format=kw.pop("format", TS), **kw)
+    return registry_pb2.UploadMetadata(model=model, format=kw.pop("format", OPAQUE), **kw)
 
 
 def ref(model: str = "m", number: int = 0, alias: str = "") -> common_pb2.VersionRef:
@@ -69,9 +71,10 @@ def test_versions_carry_metadata_aliases_and_lineage(cluster):
     client.create_model("small")
     arch = {"family": "mlp", "input_dim": 64, "hidden": [128], "num_classes": 10}
     cost = common_pb2.Cost(total=common_pb2.Money(currency="USD", micros=1500), device_class="cpu", device_hours=0.01)
-    root = client.upload_bytes(b"weights", meta("base", format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
-                                                architecture=_struct(arch), cost=cost,
-                                                recipe=_struct({"kind": "training", "epochs": 3})))
+    weights = safetensors_save({"w": torch.zeros(3)})
+    root = client.upload_bytes(weights, meta("base", format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
+                                             architecture=_struct(arch), cost=cost,
+                                             recipe=_struct({"kind": "training", "epochs": 3})))
     child = client.upload_bytes(b"scripted", meta("small", parent=ref("base", 1), cost=common_pb2.Cost(
         total=common_pb2.Money(currency="USD", micros=250)), recipe=_struct({"kind": "quantize"})))
     assert child.parent.model == "base" and child.parent.number == root.number
@@ -163,6 +166,11 @@ BAD_UPLOADS = {
                                          grpc.StatusCode.INVALID_ARGUMENT, "architecture"),
     "unknown parent": (lambda d: _data_msgs(d, parent=ref("m", 42)), grpc.StatusCode.NOT_FOUND, "m v42"),
     "path in model name": (lambda d: _data_msgs(d, model="../x"), grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
+    "torchscript that is not one": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT),
+                                    grpc.StatusCode.INVALID_ARGUMENT, "not a TorchScript archive"),
+    "safetensors that is not one": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
+                                                         architecture=_struct({"family": "mlp"})),
+                                    grpc.StatusCode.INVALID_ARGUMENT, "not a safetensors file"),
     "bad dtype in signature": (lambda d: _data_msgs(d, signature=common_pb2.Signature(
         inputs=[common_pb2.TensorSpec(name="x", shape=[-1, 4])])), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
 }

@@ -27,7 +27,7 @@ def core(tmp_path):
 
 
 def put(core: RegistryCore, model: str, data: bytes, **kw) -> int:
-    req = UploadRequest(model=model, format=kw.pop("format", "torchscript"), sha256=hashlib.sha256(data).hexdigest(),
+    req = UploadRequest(model=model, format=kw.pop("format", "onnx"), sha256=hashlib.sha256(data).hexdigest(),
                         **kw)
     with core.begin_upload(core.tenant_id, req) as upload:
         upload.write(data)

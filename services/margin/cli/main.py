@@ -17,10 +17,11 @@ from margin.cli import render
 from margin.cli.context import admin_connection, connection
 from margin.cluster import local
 from margin.common import config, protoconv
+from margin.common.errors import MarginError
 from margin.common.tensors import Signature
 from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
-from margin.sdk.registry import all_pages
+from margin.sdk.registry import DownloadError, all_pages
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
 
 app = typer.Typer(help="Margin: train, compress, register and serve PyTorch models under a money budget.",
@@ -41,15 +42,37 @@ _REF = re.compile(r"^(?P<model>[^:@]+)(?::(?P<number>\d+)|@(?P<alias>.+))?$")
 
 
 def grpc_errors(fn):
-    """Print a gRPC error as one readable line and exit 1, instead of a traceback."""
+    """Print an error (from a service, or local: bad file, unwritable path) as one readable line and exit 1."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except grpc.RpcError as err:
             console.print(f"[red]{err.code().name}[/]: {err.details()}")
-            raise typer.Exit(1) from None
+        except MarginError as err:
+            console.print(f"[red]{err.code_name}[/]: {err}")
+        except (OSError, DownloadError, json.JSONDecodeError) as err:
+            console.print(f"[red]error[/]: {err}")
+        raise typer.Exit(1)
     return wrapper
+
+
+def pairs(items: list[str], option: str) -> dict[str, str]:
+    """``["k=v", ...]`` → dict, or a usage error naming the option."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        out[key] = value
+    return out
+
+
+def metrics(items: list[str]) -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in pairs(items, "--metric").items()}
+    except ValueError:
+        raise typer.BadParameter("metric values must be numbers, e.g. accuracy=0.97", param_hint="--metric") from None
 
 
 def parse_ref(text: str) -> common_pb2.VersionRef:
@@ -152,7 +175,7 @@ def models_list(label: list[str] = typer.Option([], help="k=v, may repeat"), reg
                 api_key: str = KeyOpt) -> None:
     """List models (all pages)."""
     client = registry(registry_addr, api_key)
-    request = registry_pb2.ListModelsRequest(label_selector=dict(item.split("=", 1) for item in label))
+    request = registry_pb2.ListModelsRequest(label_selector=pairs(label, "--label"))
     models = all_pages(partial(client.stub.ListModels, metadata=client.metadata), request, "models")
     console.print(render.models_table(models))
 
@@ -162,7 +185,7 @@ def models_list(label: list[str] = typer.Option([], help="k=v, may repeat"), reg
 def models_create(name: str, description: str = "", label: list[str] = typer.Option([]),
                   registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
     """Create a model."""
-    model = registry(registry_addr, api_key).create_model(name, description, dict(i.split("=", 1) for i in label))
+    model = registry(registry_addr, api_key).create_model(name, description, pairs(label, "--label"))
     console.print(render.models_table([model]))
 
 
@@ -208,7 +231,7 @@ def versions_upload(
     if fmt not in FORMAT_TO_PROTO:
         raise typer.BadParameter(f"--format must be one of {list(FORMAT_TO_PROTO)}")
     meta = registry_pb2.UploadMetadata(model=model, format=FORMAT_TO_PROTO[fmt], description=description,
-                                       metrics={k: float(v) for k, v in (m.split("=", 1) for m in metric)})
+                                       metrics=metrics(metric))
     if signature:
         meta.signature.CopyFrom(protoconv.signature_to_proto(
             Signature.from_dict(json.loads(signature.read_text()))))

@@ -31,6 +31,7 @@ def running_state() -> dict | None:
 def up(timeout: float = 120.0) -> dict:
     current = running_state()
     if current is None:
+        _stop_orphans(state.read_state())
         home = state.home()
         state.write_state({"status": "starting"})
         (home / "logs").mkdir(parents=True, exist_ok=True)
@@ -88,12 +89,28 @@ def ensure_demo_key(current: dict) -> str:
     return key
 
 
+def _stop_orphans(current: dict) -> bool:
+    """The supervisor is gone (killed): stop any process it recorded that still runs."""
+    orphans = [svc["pid"] for svc in current.get("services", {}).values() if state.pid_alive(svc.get("pid"))]
+    for pid in orphans:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while any(state.pid_alive(p) for p in orphans) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in orphans:
+        if state.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if orphans:
+        state.write_state({**current, "status": "stopped"})
+    return bool(orphans)
+
+
 def down(timeout: float = 60.0) -> bool:
     """Stop the supervisor (which stops every process). Returns False when nothing was running."""
     current = state.read_state()
     pid = current.get("supervisor_pid")
     if not state.pid_alive(pid):
-        return False
+        return _stop_orphans(current)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while state.pid_alive(pid) and time.monotonic() < deadline:

@@ -1,8 +1,11 @@
 """What the local cluster runs: Redis and Margin's services, each with a health check."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +19,13 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 STOP_TIMEOUT_S = 15.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent (the supervisor) dies."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class MissingDependency(RuntimeError):
@@ -61,11 +71,13 @@ class ManagedProcess:
         self.restarts: deque[float] = deque()
         self.gave_up = False
 
-    def start(self) -> None:
+    def start(self, die_with_parent: bool = False) -> None:
+        """Start the process; with ``die_with_parent`` the kernel SIGTERMs it if its parent dies."""
         env = {**os.environ, **self.spec.env}
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.spec.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent if die_with_parent else None)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

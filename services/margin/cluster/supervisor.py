@@ -40,12 +40,12 @@ class Supervisor:
     def start(self) -> None:
         redis = ManagedProcess(redis_spec(self.home), self.logs)
         self.children.append(redis)
-        redis.start()
+        redis.start(die_with_parent=True)
         redis.wait_healthy(START_TIMEOUT_S)
         for spec in service_specs(self.home, state.admin_key(), f"redis://{redis.spec.address}/0"):
             child = ManagedProcess(spec, self.logs)
             self.children.append(child)
-            child.start()
+            child.start(die_with_parent=True)
             child.wait_healthy(START_TIMEOUT_S)
             log.info("%s healthy on %s", spec.name, spec.address)
         self.status = "ready"
@@ -66,7 +66,7 @@ class Supervisor:
                 else:
                     log.warning("%s exited with code %s: restarting", child.spec.name, child.proc.returncode)
                     child.restarts.append(now)
-                    child.start()
+                    child.start(die_with_parent=True)
                 self.write()
 
     def stop(self) -> None:

@@ -27,6 +27,7 @@ from margin.registry.domain import (
     VersionRecord,
     VersionSelector,
 )
+from margin.registry.formats import check_format
 from margin.registry.tables import AliasRow, LabelRow, ModelRow, VersionRow
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,8 @@ class Upload:
         if self.pending.sha256 != self.request.sha256:
             raise InvalidArgument(f"sha256 mismatch: declared {self.request.sha256}, received bytes hash to "
                                   f"{self.pending.sha256}; nothing was stored")
+        self.pending.close()
+        check_format(self.pending.path, self.request.format)
         record = self._core._commit_upload(self)
         self._done = True
         return record
