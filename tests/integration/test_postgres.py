@@ -31,8 +31,6 @@ from sqlalchemy import Engine, text
 
 from tests.conftest import Cluster, running_cluster
 
-pytestmark = pytest.mark.slow
-
 OPAQUE = registry_pb2.ARTIFACT_FORMAT_ONNX  # the one format whose bytes the registry does not sniff
 DB_NAME = "margin_test"
 PG_USER = "postgres"

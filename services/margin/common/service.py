@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
 from margin.common import config
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServiceContext:
+    engine: Engine
     sessions: sessionmaker
     tenants: TenantStore
     admin_key: str | None
@@ -53,6 +55,7 @@ class StartedService:
         self.server.stop(grace)
         if self.spec.on_stop:
             self.spec.on_stop()
+        self.context.engine.dispose()
 
 
 Build = Callable[[ServiceContext], ServiceSpec]
@@ -60,8 +63,9 @@ Build = Callable[[ServiceContext], ServiceSpec]
 
 def start_service(build: Build, *, database_url: str, admin_key: str | None, port: int = 0,
                   host: str = "127.0.0.1", max_workers: int = 16, auth_cache_seconds: float = 30.0) -> StartedService:
-    sessions = make_sessionmaker(make_engine(database_url))
-    ctx = ServiceContext(sessions, TenantStore(sessions, admin_key, auth_cache_seconds), admin_key)
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    ctx = ServiceContext(engine, sessions, TenantStore(sessions, admin_key, auth_cache_seconds), admin_key)
     spec = build(ctx)
     interceptor = ServiceInterceptor(ctx.tenants.authenticate, spec.admin_methods)
     server = build_server(spec.register, spec.service_names, port=port, host=host,
