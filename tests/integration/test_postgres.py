@@ -15,9 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -190,6 +188,18 @@ def _recent(ts) -> bool:
 
 
 # -- the tests --------------------------------------------------------------------------------------------
+# The registry's service tests, collected again here so they run with this module's PostgreSQL `cluster`.
+from tests.service.test_auth_and_server import test_another_tenants_objects_are_not_found  # noqa: E402, F401
+from tests.service.test_registry_service import (  # noqa: E402, F401
+    test_bad_calls_get_the_right_status,
+    test_bad_uploads_get_a_clear_status_and_leave_nothing,
+    test_list_models_pages_and_filters_by_label,
+    test_ten_concurrent_uploads_get_versions_1_to_10,
+    test_upload_download_round_trip_is_byte_identical,
+    test_versions_carry_metadata_aliases_and_lineage,
+)
+
+
 def test_round_trip_alias_metrics_and_lineage(cluster, tmp_path):
     client = cluster.client()
     model = client.create_model("m", labels={"team": "a"})
@@ -228,84 +238,6 @@ def test_round_trip_alias_metrics_and_lineage(cluster, tmp_path):
     assert (got_model.latest_version, dict(got_model.aliases), dict(got_model.labels)) == (
         2, {"production": 1}, {"team": "a"})
     assert got_model.create_time == model.create_time
-
-
-def test_ten_concurrent_uploads_get_versions_1_to_10(cluster):
-    client = cluster.client()
-    client.create_model("m")
-    payloads = [os.urandom(200_000 + i) for i in range(10)]
-    barrier = threading.Barrier(10)
-
-    def upload(data: bytes) -> registry_pb2.ModelVersion:
-        barrier.wait()
-        return client.upload_bytes(data, meta())
-
-    with ThreadPoolExecutor(10) as pool:
-        versions = list(pool.map(upload, payloads))
-    assert sorted(v.number for v in versions) == list(range(1, 11))
-    for v, data in zip(versions, payloads, strict=True):  # each number holds the bytes that were sent for it
-        assert v.sha256 == hashlib.sha256(data).hexdigest()
-        assert client.download_bytes(ref(number=v.number))[1] == data
-    model = client.stub.GetModel(registry_pb2.GetModelRequest(name="m"), metadata=client.metadata)
-    assert model.latest_version == 10
-    listed = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model="m"), metadata=client.metadata)
-    assert sorted(v.number for v in listed.versions) == list(range(1, 11))
-    assert len(cluster.artifact_files()) == 10
-
-
-def test_sha256_mismatch_is_rejected_and_leaves_nothing(cluster):
-    client = cluster.client()
-    client.create_model("m")
-    good = client.upload_bytes(b"v1 bytes", meta())
-    files_before = cluster.artifact_files()
-    data = os.urandom(3 * (1 << 20))
-    m = meta(size_bytes=len(data))
-    m.sha256 = "0" * 64
-    messages = [registry_pb2.UploadVersionRequest(metadata=m)] + [
-        registry_pb2.UploadVersionRequest(chunk=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
-    code, details = status_of(lambda: client.stub.UploadVersion(iter(messages), metadata=client.metadata))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sha256 mismatch" in details, details
-
-    assert cluster.artifact_files() == files_before  # no partial or stray file
-    versions = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model="m"), metadata=client.metadata)
-    assert [v.number for v in versions.versions] == [good.number] == [1]
-    model = client.stub.GetModel(registry_pb2.GetModelRequest(name="m"), metadata=client.metadata)
-    assert model.latest_version == 1
-    code, _ = status_of(lambda: client.stub.GetVersion(registry_pb2.GetVersionRequest(version=ref(number=2)),
-                                                       metadata=client.metadata))
-    assert code == grpc.StatusCode.NOT_FOUND
-    assert client.download_bytes(ref(number=1))[1] == b"v1 bytes"
-    # the next good upload still gets number 2: the failed one consumed nothing
-    assert client.upload_bytes(b"v2 bytes", meta()).number == 2
-
-
-def test_tenants_are_isolated(cluster):
-    acme, other = cluster.client("acme"), cluster.client("other")
-    acme.create_model("secret")
-    acme.upload_bytes(b"acme weights", meta("secret"))
-    md = other.metadata
-    calls = {
-        "GetModel": lambda: other.stub.GetModel(registry_pb2.GetModelRequest(name="secret"), metadata=md),
-        "GetVersion": lambda: other.stub.GetVersion(registry_pb2.GetVersionRequest(version=ref("secret", 1)),
-                                                    metadata=md),
-        "DownloadVersion": lambda: list(other.stub.DownloadVersion(
-            registry_pb2.DownloadVersionRequest(version=ref("secret", 1)), metadata=md)),
-        "ListVersions": lambda: other.stub.ListVersions(registry_pb2.ListVersionsRequest(model="secret"),
-                                                        metadata=md),
-        "UploadVersion": lambda: other.upload_bytes(b"intruder", meta("secret")),
-        "SetAlias": lambda: other.stub.SetAlias(registry_pb2.SetAliasRequest(
-            model="secret", alias="prod", number=1), metadata=md),
-    }
-    for name, call in calls.items():
-        code, details = status_of(call)
-        assert code == grpc.StatusCode.NOT_FOUND, (name, code, details)
-    assert list(other.stub.ListModels(registry_pb2.ListModelsRequest(), metadata=md).models) == []
-
-    # the same name in another tenant is another model, with its own numbering and bytes
-    other.create_model("secret")
-    assert other.upload_bytes(b"other weights", meta("secret")).number == 1
-    assert other.download_bytes(ref("secret", 1))[1] == b"other weights"
-    assert acme.download_bytes(ref("secret", 1))[1] == b"acme weights"
 
 
 def _struct(d):
