@@ -21,31 +21,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 import psycopg
 import pytest
 from margin.v1 import common_pb2, registry_pb2
 from sqlalchemy import Engine, text
 
 from tests.conftest import Cluster, running_cluster
+from tests.service.test_registry_service import meta, ref
 
-OPAQUE = registry_pb2.ARTIFACT_FORMAT_ONNX  # the one format whose bytes the registry does not sniff
 DB_NAME = "margin_test"
 PG_USER = "postgres"
-
-
-def meta(model: str = "m", **kw) -> registry_pb2.UploadMetadata:
-    return registry_pb2.UploadMetadata(model=model, format=kw.pop("format", OPAQUE), **kw)
-
-
-def ref(model: str = "m", number: int = 0, alias: str = "") -> common_pb2.VersionRef:
-    return common_pb2.VersionRef(model=model, number=number, alias=alias)
-
-
-def status_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 # -- a throwaway PostgreSQL server -------------------------------------------------------------------------
