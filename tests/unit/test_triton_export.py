@@ -13,6 +13,7 @@ from margin.registry.domain import VersionRecord
 from margin.registry.triton_export import (
     TRITON_DTYPES,
     TritonOptions,
+    backends_for,
     export_version,
     triton_config,
 )
@@ -58,6 +59,45 @@ instance_group [
 """
 
 
+PY_MLP = Signature(
+    inputs=(TensorSpec("input", "FP32", (-1, 64)),),
+    outputs=(TensorSpec("logits", "FP32", (-1, 10)),),
+)
+PY_OPTIONS = TritonOptions(max_batch_size=32, max_queue_delay_microseconds=2000, backend="python")
+
+PY_MLP_CONFIG = """\
+name: "mlp"
+backend: "python"
+max_batch_size: 32
+input [
+  {
+    name: "input"
+    data_type: TYPE_FP32
+    dims: [ 64 ]
+  }
+]
+output [
+  {
+    name: "logits"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }
+]
+dynamic_batching {
+  max_queue_delay_microseconds: 2000
+}
+instance_group [
+  {
+    count: 1
+    kind: KIND_CPU
+  }
+]
+"""
+
+# The generic python-backend model.py, as the source tree holds it.
+PYTHON_MODEL = Path(__file__).resolve().parents[2] / "services" / "margin" / "inference" / "triton_python_model.py"
+
+
 def _model_config_pb2():
     try:
         from tritonclient.grpc import model_config_pb2
@@ -95,6 +135,46 @@ def test_mlp_config_parses_as_triton_model_config():
     assert len(config.instance_group) == 1
     assert config.instance_group[0].count == 2
     assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+
+
+def test_python_backend_config_exact_text():
+    assert triton_config("mlp", PY_MLP, PY_OPTIONS) == PY_MLP_CONFIG
+
+
+def test_python_backend_config_parses_with_backend_not_platform():
+    config, pb2 = _parse(triton_config("mlp", PY_MLP, PY_OPTIONS))
+    assert config.backend == "python" and config.platform == ""
+    assert [o.name for o in config.output] == ["logits"]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+
+
+@pytest.mark.parametrize("name", ["logits", "scores__x", "probs__0"])
+def test_python_backend_outputs_may_have_any_name(name):
+    sig = Signature(inputs=(TensorSpec("x", "FP32", (-1, 4)),), outputs=(TensorSpec(name, "FP32", (-1, 2)),))
+    assert f'name: "{name}"' in triton_config("m", sig, TritonOptions(backend="python"))
+
+
+def test_python_backend_gpu_instances():
+    text = triton_config("mlp", PY_MLP, TritonOptions(backend="python", instance_kind="KIND_GPU", instance_count=2))
+    config, pb2 = _parse(text)
+    assert config.backend == "python"
+    assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
+    assert config.instance_group[0].count == 2
+
+
+def test_python_backend_keeps_batching_rules():
+    sig = Signature(inputs=(TensorSpec("x", "FP32", (4,)),), outputs=(TensorSpec("y", "FP32", (2,)),))
+    with pytest.raises(InvalidArgument, match="first dimension is not -1"):
+        triton_config("m", sig, TritonOptions(backend="python", max_batch_size=8))
+    text = triton_config("m", sig, TritonOptions(backend="python", max_batch_size=0))
+    assert 'backend: "python"' in text and "dims: [ 4 ]" in text and "dynamic_batching" not in text
+
+
+def test_backends_for_each_format_default_first():
+    assert backends_for("torchscript") == ["pytorch_libtorch", "python"]
+    assert backends_for("onnx") == ["onnxruntime"]
+    assert backends_for("safetensors") == []
 
 
 def test_every_dtype_maps_to_a_triton_data_type():
@@ -242,6 +322,39 @@ def test_export_default_options_follow_the_format(tmp_path, torchscript_file):
     folder = export_version(_version(torchscript_file), torchscript_file, tmp_path, "mlp")
     text = (folder / "config.pbtxt").read_text()
     assert 'platform: "pytorch_libtorch"' in text and "max_batch_size: 64" in text
+
+
+def test_export_python_backend_writes_model_py_too(tmp_path, torchscript_file):
+    repo = tmp_path / "repo"
+    version = _version(torchscript_file, signature=PY_MLP)
+    folder = export_version(version, torchscript_file, repo, "mlp", PY_OPTIONS)
+    assert (folder / "config.pbtxt").read_text() == PY_MLP_CONFIG
+    assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*")) == [
+        "mlp", "mlp/1", "mlp/1/model.pt", "mlp/1/model.py", "mlp/config.pbtxt"]
+    assert (folder / "1" / "model.pt").read_bytes() == torchscript_file.read_bytes()
+    model_py = folder / "1" / "model.py"
+    assert model_py.read_bytes() == PYTHON_MODEL.read_bytes()
+    assert model_py.stat().st_ino != PYTHON_MODEL.stat().st_ino  # a copy: editing the source never changes it
+    assert "class TritonPythonModel" in model_py.read_text()
+    compile(model_py.read_text(), str(model_py), "exec")  # valid Python (importing it needs Triton's stub)
+
+
+def test_export_python_backend_then_libtorch_replaces_model_py(tmp_path, torchscript_file):
+    repo = tmp_path / "repo"
+    export_version(_version(torchscript_file, signature=PY_MLP), torchscript_file, repo, "mlp", PY_OPTIONS)
+    folder = export_version(_version(torchscript_file), torchscript_file, repo, "mlp", MLP_OPTIONS)
+    assert sorted(p.name for p in (folder / "1").iterdir()) == ["model.pt"]
+    assert (folder / "config.pbtxt").read_text() == MLP_CONFIG
+
+
+def test_python_backend_cannot_serve_onnx(tmp_path):
+    artifact = tmp_path / "model.bin"
+    artifact.write_bytes(b"onnx bytes")
+    sig = Signature(inputs=(TensorSpec("x", "FP32", (-1, 4)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),))
+    with pytest.raises(InvalidArgument, match=r"backend 'python' cannot serve format 'onnx'.*'onnxruntime'"):
+        export_version(_version(artifact, "onnx", sig), artifact, tmp_path / "repo", "clf",
+                       TritonOptions(backend="python"))
+    assert not (tmp_path / "repo").exists()
 
 
 def test_export_onnx_uses_onnx_file_name(tmp_path):

@@ -43,14 +43,17 @@ class ProcessSpec:
     name: str
     argv: list[str]
     port: int
-    kind: str                      # "grpc" | "redis"
+    kind: str                      # "grpc" | "redis" | "triton"
     env: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)  # other ports it listens on, by use ("http", "metrics")
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def healthy(self, timeout: float = 1.0) -> bool:
+        if self.kind == "triton":
+            return _triton_ready(self.address, timeout)
         try:
             if self.kind == "redis":
                 return bool(redis.Redis(port=self.port, socket_timeout=timeout).ping())
@@ -59,6 +62,20 @@ class ProcessSpec:
                 return reply.status == health_pb2.HealthCheckResponse.SERVING
         except (grpc.RpcError, redis.RedisError, OSError):
             return False
+
+
+def _triton_ready(url: str, timeout: float) -> bool:
+    """Triton's own readiness (KServe v2 ServerReady over gRPC); False on any failure."""
+    try:
+        import tritonclient.grpc as triton_grpc
+
+        client = triton_grpc.InferenceServerClient(url)
+        try:
+            return bool(client.is_server_ready(client_timeout=timeout))
+        finally:
+            client.close()
+    except Exception:
+        return False
 
 
 class ManagedProcess:
@@ -107,7 +124,7 @@ class ManagedProcess:
     def describe(self) -> dict:
         return {"address": self.spec.address, "pid": self.proc.pid if self.proc else None, "log": str(self.log_path),
                 "restarts": len(self.restarts), "up": bool(self.proc and self.proc.poll() is None),
-                "metrics_port": int(self.spec.env.get("MARGIN_METRICS_PORT", 0)) or None}
+                "metrics_port": int(self.spec.env.get("MARGIN_METRICS_PORT", 0)) or self.spec.ports.get("metrics")}
 
 
 # Margin's services on the local cluster, in start order. Later issues add theirs here.

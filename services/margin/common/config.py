@@ -72,9 +72,19 @@ AUTH_CACHE_SECONDS = Setting("MARGIN_AUTH_CACHE_SECONDS", "30",
 PRICE_CATALOG = Setting("MARGIN_PRICE_CATALOG", None,
                         "YAML file merged over the default price catalog (device $/hour, watts, $/kWh).")
 
+REDIS_URL = Setting("MARGIN_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for rate limits, quotas and the broker.")
+TRITON_URL = Setting("MARGIN_TRITON_URL", "127.0.0.1:8001", "Triton's gRPC address (the inference service).")
+REGISTRY_ADDR = Setting("MARGIN_REGISTRY_ADDR", "127.0.0.1:50051", "The registry's gRPC address, for other services.")
+MODEL_REPOSITORY = Setting("MARGIN_MODEL_REPOSITORY", None,
+                           "Triton's model repository directory; default $MARGIN_HOME/model-repository.")
+TRITON_INSTANCE_KIND = Setting("MARGIN_TRITON_INSTANCE_KIND", "KIND_CPU", "KIND_CPU or KIND_GPU for deployed models.")
+RATE_LIMIT_RPS = Setting("MARGIN_RATE_LIMIT_RPS", "1000", "Default per-tenant Predict rate (requests/s).")
+RATE_LIMIT_BURST = Setting("MARGIN_RATE_LIMIT_BURST", "2000", "Default per-tenant burst (requests).")
+
 ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, GRPC_WORKERS, METRICS_PORT,
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
-                PRICE_CATALOG]
+                PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
+                RATE_LIMIT_RPS, RATE_LIMIT_BURST]
 
 
 def margin_home() -> Path:

@@ -38,6 +38,7 @@ class ServiceSpec:
     service_names: Sequence[str]
     admin_methods: Sequence[str] = ()
     on_stop: Callable[[], None] | None = None
+    on_started: Callable[[RunningServer], None] | None = None  # e.g. start a dependency watcher
     extra: dict = field(default_factory=dict)  # the core(s), for tests and benchmarks
 
 
@@ -70,6 +71,8 @@ def start_service(build: Build, *, database_url: str, admin_key: str | None, por
     interceptor = ServiceInterceptor(ctx.tenants.authenticate, spec.admin_methods)
     server = build_server(spec.register, spec.service_names, port=port, host=host,
                           interceptors=[interceptor], max_workers=max_workers)
+    if spec.on_started:
+        spec.on_started(server)
     return StartedService(server, spec, ctx)
 
 

@@ -5,11 +5,19 @@ A Triton model repository holds one folder per model::
     <repository>/<model_name>/config.pbtxt
     <repository>/<model_name>/1/model.pt        (TorchScript, backend ``pytorch_libtorch``)
     <repository>/<model_name>/1/model.onnx      (ONNX, backend ``onnxruntime``)
+    <repository>/<model_name>/1/model.pt        (TorchScript, backend ``python``, with ``1/model.py``)
 
 :func:`triton_config` turns a version's :class:`~margin.common.tensors.Signature` into ``config.pbtxt``
 (protobuf text format of Triton's ``ModelConfig``); :func:`export_version` writes the whole folder
-atomically. Which formats can be exported, and how, is the table :data:`TRITON_FORMATS`: adding a backend
-(e.g. Triton's python backend) is one new :class:`TritonFormat` row.
+atomically. Which formats can be exported, and how, is the table :data:`BACKENDS` (one
+:class:`TritonFormat` row per backend) with :data:`TRITON_FORMATS` naming each format's default backend:
+adding a backend is one new row.
+
+TorchScript has two backends: ``pytorch_libtorch`` (the default; what the official Triton image serves on
+GPU) and ``python`` (``TritonOptions(backend="python")``): Triton's python backend running the generic
+``model.py`` of :mod:`margin.inference.triton_python_model`, which loads ``model.pt`` with ``torch.jit.load``
+and runs each dynamically batched group of requests as one forward pass. The python backend is what the
+``tritonserver`` of the ``nvidia-pytriton`` wheel can run on a machine without the libtorch backend.
 
 Rules the config follows (from Triton's model configuration documentation):
 
@@ -21,6 +29,8 @@ Rules the config follows (from Triton's model configuration documentation):
   ``<name>__<index>`` (e.g. ``logits__0``), the index being the position in the model's returned tuple.
   Inputs may keep the argument names of ``forward()``. Signatures that break this rule are refused
   with :class:`InvalidArgument` rather than renamed, so that clients keep the names they registered.
+* ``python``: inputs are passed to ``forward()`` positionally in signature order, and outputs are taken
+  positionally from the returned tuple (or by name from a returned dict), so any names are allowed.
 """
 from __future__ import annotations
 
@@ -60,7 +70,8 @@ class TritonFormat:
 
     ``platform`` is written to the config when set, else ``backend`` is (Triton accepts either; the
     python backend, for one, has only a backend name). ``indexed_outputs`` marks backends whose outputs
-    must be named ``<name>__<index>``.
+    must be named ``<name>__<index>``. ``support_files`` are written next to the artifact in the version
+    folder: ``(file name there, source file)`` pairs, the source relative to the ``margin`` package.
     """
 
     format: str
@@ -68,16 +79,37 @@ class TritonFormat:
     platform: str | None
     filename: str
     indexed_outputs: bool = False
+    support_files: tuple[tuple[str, str], ...] = ()
 
 
+# The generic python-backend model, shipped as a data file of margin.inference (never imported here).
+PYTHON_MODEL_SOURCE = "inference/triton_python_model.py"
+_MARGIN_PACKAGE = Path(__file__).resolve().parent.parent
+
+# Backend name -> how it serves its format.
+BACKENDS: dict[str, TritonFormat] = {f.backend: f for f in (
+    TritonFormat("torchscript", "pytorch_libtorch", "pytorch_libtorch", "model.pt", indexed_outputs=True),
+    TritonFormat("torchscript", "python", None, "model.pt", support_files=(("model.py", PYTHON_MODEL_SOURCE),)),
+    TritonFormat("onnx", "onnxruntime", "onnxruntime_onnx", "model.onnx"),
+)}
+
+# Format -> its default backend's row (what export_version uses when given no options).
 TRITON_FORMATS: dict[str, TritonFormat] = {
-    "torchscript": TritonFormat("torchscript", "pytorch_libtorch", "pytorch_libtorch", "model.pt",
-                                indexed_outputs=True),
-    "onnx": TritonFormat("onnx", "onnxruntime", "onnxruntime_onnx", "model.onnx"),
+    "torchscript": BACKENDS["pytorch_libtorch"],
+    "onnx": BACKENDS["onnxruntime"],
 }
 
-# Backend name -> its row in TRITON_FORMATS.
-BACKENDS: dict[str, TritonFormat] = {f.backend: f for f in TRITON_FORMATS.values()}
+
+def backends_for(fmt: str) -> list[str]:
+    """The backends that can serve format ``fmt``, default first."""
+    default = TRITON_FORMATS.get(fmt)
+    names = [default.backend] if default else []
+    return names + sorted(b for b, row in BACKENDS.items() if row.format == fmt and b not in names)
+
+
+def support_file_source(relative: str) -> Path:
+    """Where a :attr:`TritonFormat.support_files` source lives in the installed ``margin`` package."""
+    return _MARGIN_PACKAGE / relative
 
 
 def _is_int(value: object) -> bool:
@@ -89,7 +121,8 @@ class TritonOptions:
     """Serving options written into ``config.pbtxt``.
 
     ``max_batch_size`` 0 turns batching off (full shapes, no dynamic batching). ``backend`` must match the
-    version's format (see :data:`TRITON_FORMATS`); :func:`export_version` picks it when no options are given.
+    version's format (see :data:`BACKENDS`); :func:`export_version` picks the format's default when no
+    options are given.
     """
 
     max_batch_size: int = 64
@@ -246,7 +279,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def export_version(version: VersionRecord, artifact_path: Path, repository: Path, model_name: str,
                    options: TritonOptions | None = None) -> Path:
-    """Write ``<repository>/<model_name>/`` (config and ``1/<model file>``) for ``version``; return it.
+    """Write ``<repository>/<model_name>/`` (config, ``1/<model file>`` and the backend's support files,
+    e.g. ``1/model.py`` for the python backend) for ``version``; return it.
 
     ``artifact_path`` is the version's stored file; it is hard-linked into the folder when on the same
     filesystem, else copied. The folder is built in a temporary folder inside ``repository`` and renamed
@@ -266,10 +300,17 @@ def export_version(version: VersionRecord, artifact_path: Path, repository: Path
             f"servable formats: {servable}")
     if options is None:
         options = TritonOptions(backend=entry.backend)
-    elif options.backend != entry.backend:
+    elif BACKENDS[options.backend].format != version.format:
+        choices = " or ".join(repr(b) for b in backends_for(version.format))
         raise InvalidArgument(f"backend {options.backend!r} cannot serve format {version.format!r}; "
-                              f"use backend {entry.backend!r}")
+                              f"use backend {choices}")
+    entry = BACKENDS[options.backend]
     config = triton_config(model_name, version.signature, options)
+    support = [(name, support_file_source(source)) for name, source in entry.support_files]
+    for name, source in support:
+        if not source.is_file():
+            raise FailedPrecondition(f"backend {entry.backend!r} needs {str(source)!r} (written as {name}), "
+                                     "which is missing from this installation of margin")
 
     artifact_path = Path(artifact_path)
     if not artifact_path.is_file():
@@ -287,6 +328,8 @@ def export_version(version: VersionRecord, artifact_path: Path, repository: Path
     try:
         (staging / VERSION_DIR).mkdir()
         _link_or_copy(artifact_path, staging / VERSION_DIR / entry.filename)
+        for name, source in support:  # copied, not linked: the served copy must not change under Triton
+            shutil.copyfile(source, staging / VERSION_DIR / name)
         (staging / CONFIG_FILE).write_text(config, encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the server may run as another user
         old: Path | None = None

@@ -1,0 +1,63 @@
+"""margin.v1 inference messages <-> the gateway's domain objects."""
+from __future__ import annotations
+
+from margin.common import protoconv
+from margin.common.errors import InvalidArgument
+from margin.inference.deployments import Batching, Deployment, DeploySpec
+from margin.inference.gateway import Prediction, Target
+from margin.inference.routing import Policy
+from margin.inference.triton_client import RawTensor
+from margin.v1 import common_pb2, inference_pb2
+
+STATES = {"LOADING": inference_pb2.DEPLOYMENT_STATE_LOADING, "READY": inference_pb2.DEPLOYMENT_STATE_READY,
+          "FAILED": inference_pb2.DEPLOYMENT_STATE_FAILED, "UNLOADED": inference_pb2.DEPLOYMENT_STATE_UNLOADED}
+
+
+def deploy_spec(req: inference_pb2.DeployRequest) -> DeploySpec:
+    b = req.batching
+    batching = Batching(b.max_batch_size, tuple(b.preferred_batch_sizes), b.max_queue_delay_microseconds) \
+        if req.HasField("batching") else Batching()
+    return DeploySpec(model=req.version.model, number=req.version.number, alias=req.version.alias,
+                      device_class=req.device_class or "cpu", instances=req.instances or 1, batching=batching,
+                      min_replicas=req.min_replicas or 1, max_replicas=max(req.max_replicas, req.min_replicas or 1))
+
+
+def deployment_to_proto(d: Deployment) -> inference_pb2.Deployment:
+    return inference_pb2.Deployment(
+        name=d.name, version=common_pb2.VersionRef(model=d.model, number=d.version), state=STATES[d.state],
+        device_class=d.device_class, instances=d.instances,
+        batching=inference_pb2.BatchingConfig(max_batch_size=d.batching.max_batch_size,
+                                              preferred_batch_sizes=d.batching.preferred_batch_sizes,
+                                              max_queue_delay_microseconds=d.batching.max_queue_delay_us),
+        price_per_hour=protoconv.money(d.price_micros_per_hour), capacity_rps=d.capacity_rps,
+        cost_per_million=protoconv.money(d.cost_per_million_micros), replicas=d.min_replicas,
+        min_replicas=d.min_replicas, max_replicas=d.max_replicas, create_time=protoconv.timestamp(d.created_at),
+        message=d.message, latency_p50_ms=d.latency_p50_ms)
+
+
+def target(req: inference_pb2.PredictRequest) -> Target:
+    v = req.version
+    if v.number and v.alias:
+        raise InvalidArgument("name a version by number or by alias, not both")
+    policy = None
+    if req.HasField("routing"):
+        policy = Policy(req.routing.floor.metric, req.routing.floor.minimum, req.routing.max_latency_ms)
+    return Target(v.model, v.number, v.alias, policy)
+
+
+def inputs(req: inference_pb2.PredictRequest) -> list[RawTensor]:
+    if not req.inputs:
+        raise InvalidArgument("a Predict request needs at least one input tensor")
+    return [RawTensor(t.name, common_pb2.DType.Name(t.dtype).removeprefix("DTYPE_"), tuple(t.shape), t.raw)
+            for t in req.inputs]
+
+
+def prediction_to_proto(p: Prediction, request_id: str) -> inference_pb2.PredictResponse:
+    d = p.deployment
+    return inference_pb2.PredictResponse(
+        outputs=[common_pb2.Tensor(name=o.name, dtype=common_pb2.DType.Value(f"DTYPE_{o.datatype}"), shape=o.shape,
+                                   raw=o.raw) for o in p.outputs],
+        served_version=common_pb2.VersionRef(model=d.model, number=d.version), deployment=d.name,
+        usage=inference_pb2.Usage(compute_microseconds=p.compute_us, cost=protoconv.money(round(p.cost_micros)),
+                                  cost_micros=p.cost_micros),
+        request_id=request_id)

@@ -1,0 +1,288 @@
+"""Deployments: a registry version exported into Triton's model repository, loaded, and measured.
+
+Deploy is idempotent (the same version and settings return the existing deployment) and leaves the
+deployment READY or FAILED with the reason; after Triton restarts, :meth:`reload_all` brings every
+READY deployment back, because Triton in explicit mode starts with nothing loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from margin.common import costs
+from margin.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from margin.common.names import validate_name
+from margin.common.paging import decode_token, encode_token, page_size
+from margin.common.tenancy import _aware
+from margin.common.tensors import Signature
+from margin.inference.registry_source import RegistrySource, VersionInfo
+from margin.inference.tables import DeploymentRow
+from margin.inference.triton_client import RawTensor, TritonClient
+from margin.inference.validation import ITEM_SIZES
+from margin.registry.domain import VersionRecord
+from margin.registry.triton_export import TritonOptions, export_version
+
+log = logging.getLogger(__name__)
+
+READY, LOADING, FAILED, UNLOADED = "READY", "LOADING", "FAILED", "UNLOADED"
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 32
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 500
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    model: str
+    number: int = 0
+    alias: str = ""
+    device_class: str = "cpu"
+    instances: int = 1
+    batching: Batching = field(default_factory=Batching)
+    min_replicas: int = 1
+    max_replicas: int = 1
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    triton_name: str
+    model: str
+    version: int
+    state: str
+    device_class: str
+    instances: int
+    batching: Batching
+    signature: Signature
+    metrics: dict[str, float]
+    price_micros_per_hour: int
+    capacity_rps: float
+    cost_per_million_micros: int
+    latency_p50_ms: float
+    min_replicas: int
+    max_replicas: int
+    created_at: datetime
+    message: str
+    tenant_id: int
+
+    @property
+    def routing_cost_per_million(self) -> int:
+        """What routing compares: the registry's measured figure when the version has one, else ours."""
+        return int(self.metrics.get("cost_per_million_micros", self.cost_per_million_micros))
+
+
+def _record(row: DeploymentRow) -> Deployment:
+    b = row.batching or {}
+    return Deployment(
+        name=row.name, triton_name=row.triton_name, model=row.model, version=row.version, state=row.state,
+        device_class=row.device_class, instances=row.instances,
+        batching=Batching(b.get("max_batch_size", 0), tuple(b.get("preferred_batch_sizes", ())),
+                          b.get("max_queue_delay_us", 0)),
+        signature=Signature.from_dict(row.signature), metrics=dict(row.metrics or {}),
+        price_micros_per_hour=row.price_micros_per_hour, capacity_rps=row.capacity_rps,
+        cost_per_million_micros=row.cost_per_million_micros, latency_p50_ms=row.latency_p50_ms,
+        min_replicas=row.min_replicas, max_replicas=row.max_replicas, created_at=_aware(row.created_at),
+        message=row.message, tenant_id=row.tenant_id)
+
+
+class DeploymentManager:
+    def __init__(self, sessions: sessionmaker, triton: TritonClient, repository: Path, registry: RegistrySource,
+                 catalog: costs.PriceCatalog, instance_kind: str = "KIND_CPU", calibrate_seconds: float = 0.3):
+        self._sessions = sessions
+        self.triton = triton
+        self.repository = Path(repository)
+        self.repository.mkdir(parents=True, exist_ok=True)
+        self._registry = registry
+        self._catalog = catalog
+        self._instance_kind = instance_kind
+        self._calibrate_seconds = calibrate_seconds
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # -- deploy / undeploy -------------------------------------------------------------------------
+    def deploy(self, tenant_id: int, api_key: str, spec: DeploySpec) -> Deployment:
+        self._check_spec(spec)
+        version = self._registry.version(api_key, spec.model, spec.number, spec.alias)
+        if version.format != "torchscript":
+            raise FailedPrecondition(f"{version.model} v{version.number} is {version.format}; deploy a torchscript "
+                                     "version (export it first)")
+        if spec.batching.max_batch_size and not version.signature.batched:
+            raise FailedPrecondition(f"{version.model} v{version.number}'s signature has no batch dimension "
+                                     f"({version.signature.describe()}); deploy with max_batch_size 0")
+        name = f"{version.model}-v{version.number}"
+        triton_name = f"t{tenant_id}--{name}"
+        with self._lock(triton_name):
+            existing = self._row(tenant_id, name, missing_ok=True)
+            settings = self._settings(spec)
+            if existing and existing.state == READY and self._same(existing, settings) \
+                    and self.triton.model_ready(triton_name):
+                return existing
+            self._save(tenant_id, name, triton_name, version, settings, LOADING, "")
+            try:
+                self._export(api_key, version, triton_name, spec)
+                self.triton.load(triton_name)
+                capacity, p50 = self._calibrate(triton_name, version.signature)
+            except Exception as err:
+                self._save(tenant_id, name, triton_name, version, settings, FAILED, str(err)[:900])
+                raise
+            price = self._catalog.device(spec.device_class).micros_per_hour  # per replica
+            cpm = costs.cost_per_million_micros(price, capacity) if capacity else 0
+            return self._save(tenant_id, name, triton_name, version, settings, READY, "",
+                              capacity_rps=capacity, cost_per_million_micros=cpm, latency_p50_ms=p50)
+
+    def undeploy(self, tenant_id: int, name: str) -> Deployment:
+        current = self._row(tenant_id, name)
+        with self._lock(current.triton_name):
+            if current.state != UNLOADED:
+                self.triton.unload(current.triton_name)
+            with self._sessions.begin() as s:
+                s.get(DeploymentRow, self._row_id(tenant_id, name)).state = UNLOADED
+        return self._row(tenant_id, name)
+
+    def reload_all(self) -> int:
+        """Load every READY deployment again (Triton restarted with an empty explicit-mode server)."""
+        with self._sessions() as s:
+            names = s.scalars(select(DeploymentRow.triton_name).where(DeploymentRow.state == READY)).all()
+        for triton_name in names:
+            try:
+                self.triton.load(triton_name)
+            except Exception:
+                log.exception("could not reload %s", triton_name)
+        return len(names)
+
+    # -- reads -------------------------------------------------------------------------------------
+    def get(self, tenant_id: int, name: str) -> Deployment:
+        return self._row(tenant_id, name)
+
+    def list(self, tenant_id: int, model: str = "", size: int = 0, token: str = "") -> tuple[list[Deployment], str]:
+        limit, after = page_size(size), decode_token(token)
+        query = select(DeploymentRow).where(DeploymentRow.tenant_id == tenant_id, DeploymentRow.id > after)
+        if model:
+            query = query.where(DeploymentRow.model == model)
+        with self._sessions() as s:
+            rows = s.scalars(query.order_by(DeploymentRow.id).limit(limit + 1)).all()
+            return [_record(r) for r in rows[:limit]], (encode_token(rows[limit - 1].id) if len(rows) > limit else "")
+
+    def ready_for_model(self, tenant_id: int, model: str) -> list[Deployment]:
+        with self._sessions() as s:
+            rows = s.scalars(select(DeploymentRow).where(DeploymentRow.tenant_id == tenant_id,
+                                                         DeploymentRow.model == model,
+                                                         DeploymentRow.state == READY)).all()
+            return [_record(r) for r in rows]
+
+    # -- helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def _check_spec(spec: DeploySpec) -> None:
+        validate_name(spec.model, "model name")
+        if spec.instances < 1 or spec.instances > 64:
+            raise InvalidArgument("instances must be between 1 and 64")
+        if spec.min_replicas < 0 or spec.max_replicas < spec.min_replicas:
+            raise InvalidArgument("replicas: need 0 <= min_replicas <= max_replicas")
+        if spec.batching.max_batch_size < 0 or spec.batching.max_queue_delay_us < 0:
+            raise InvalidArgument("batching: max_batch_size and max_queue_delay_microseconds must be >= 0")
+
+    def _settings(self, spec: DeploySpec) -> dict:
+        self._catalog.device(spec.device_class)  # unknown device class -> error listing the known ones
+        return {"device_class": spec.device_class, "instances": spec.instances,
+                "batching": dataclasses.asdict(spec.batching), "min_replicas": spec.min_replicas,
+                "max_replicas": spec.max_replicas}
+
+    @staticmethod
+    def _same(existing: Deployment, settings: dict) -> bool:
+        return (existing.device_class, existing.instances, dataclasses.asdict(existing.batching),
+                existing.min_replicas, existing.max_replicas) == (
+            settings["device_class"], settings["instances"], settings["batching"], settings["min_replicas"],
+            settings["max_replicas"])
+
+    def _export(self, api_key: str, version: VersionInfo, triton_name: str, spec: DeploySpec) -> None:
+        b = spec.batching
+        options = TritonOptions(backend="python", max_batch_size=b.max_batch_size,
+                                preferred_batch_sizes=tuple(b.preferred_batch_sizes),
+                                max_queue_delay_microseconds=b.max_queue_delay_us, instance_count=spec.instances,
+                                instance_kind=self._instance_kind)
+        record = VersionRecord(model=version.model, number=version.number, format=version.format,
+                               sha256=version.sha256, size_bytes=version.size_bytes, signature=version.signature,
+                               architecture={}, parent=None, recipe={}, metrics=version.metrics, cost=None,
+                               created_at=datetime.now(), aliases=(), description="")
+        with tempfile.TemporaryDirectory(dir=self.repository, prefix=".download-") as tmp:
+            artifact = Path(tmp) / "model.pt"
+            self._registry.download(api_key, version.model, version.number, artifact)
+            export_version(record, artifact, self.repository, triton_name, options)
+
+    def _calibrate(self, triton_name: str, signature: Signature) -> tuple[float, float]:
+        """Measure requests/s and p50 latency at batch 1 with 4 clients for a short while."""
+        if self._calibrate_seconds <= 0:
+            return 0.0, 0.0
+        inputs = [RawTensor(t.name, t.dtype, shape := tuple(1 if d == -1 else d for d in t.shape),
+                            bytes(math.prod(shape) * ITEM_SIZES.get(t.dtype, 1))) for t in signature.inputs]
+        outputs = [t.name for t in signature.outputs]
+        self.triton.infer(triton_name, inputs, outputs)  # warm-up
+        latencies: list[float] = []
+        deadline = time.monotonic() + self._calibrate_seconds
+
+        def client() -> None:
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                self.triton.infer(triton_name, inputs, outputs)
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            for f in [pool.submit(client) for _ in range(4)]:
+                f.result()
+        elapsed = time.perf_counter() - start
+        latencies.sort()
+        return len(latencies) / elapsed, latencies[len(latencies) // 2] * 1000
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _row_id(self, tenant_id: int, name: str) -> int:
+        with self._sessions() as s:
+            row_id = s.scalar(select(DeploymentRow.id).where(DeploymentRow.tenant_id == tenant_id,
+                                                             DeploymentRow.name == name))
+        if row_id is None:
+            raise NotFound(f"deployment {name!r} not found")
+        return row_id
+
+    def _row(self, tenant_id: int, name: str, missing_ok: bool = False) -> Deployment | None:
+        with self._sessions() as s:
+            row = s.scalar(select(DeploymentRow).where(DeploymentRow.tenant_id == tenant_id,
+                                                       DeploymentRow.name == name))
+            if row is None:
+                if missing_ok:
+                    return None
+                raise NotFound(f"deployment {name!r} not found")
+            return _record(row)
+
+    def _save(self, tenant_id: int, name: str, triton_name: str, version: VersionInfo, settings: dict, state: str,
+              message: str, **measured: float) -> Deployment:
+        price = self._catalog.device(settings["device_class"]).micros_per_hour
+        with self._sessions.begin() as s:
+            row = s.scalar(select(DeploymentRow).where(DeploymentRow.triton_name == triton_name))
+            if row is None:
+                row = DeploymentRow(tenant_id=tenant_id, name=name, triton_name=triton_name, model=version.model,
+                                    version=version.number)
+                s.add(row)
+            row.state, row.message = state, message
+            row.signature, row.metrics = version.signature.to_dict(), version.metrics
+            row.price_micros_per_hour = price
+            for key, value in {**settings, **measured}.items():
+                setattr(row, key, value)
+            s.flush()
+            return _record(row)

@@ -1,0 +1,95 @@
+"""A lean client for Triton's KServe v2 gRPC API: tensors pass through as raw bytes, no numpy on the way.
+
+The gateway's hot path builds ``ModelInferRequest`` messages straight from the caller's raw tensor
+bytes over one long-lived channel; control calls (load, unload, readiness) use the same stub.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from margin.common.errors import FailedPrecondition, Unavailable
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    name: str
+    datatype: str           # Triton/KServe datatype string: FP32, INT64, BYTES, ...
+    shape: tuple[int, ...]
+    raw: bytes
+
+
+class TritonClient:
+    def __init__(self, url: str, infer_timeout_s: float = 30.0):
+        self.url = url
+        self.infer_timeout_s = infer_timeout_s
+        self._channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- health and control ----------------------------------------------------------------------
+    def server_ready(self, timeout: float = 0.5) -> bool:
+        try:
+            return self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout).ready
+        except grpc.RpcError:
+            return False
+
+    def model_ready(self, name: str, timeout: float = 1.0) -> bool:
+        try:
+            return self._stub.ModelReady(service_pb2.ModelReadyRequest(name=name), timeout=timeout).ready
+        except grpc.RpcError:
+            return False
+
+    def load(self, name: str, wait_s: float = 120.0) -> None:
+        """Load (or reload) a model from the repository and wait until it is ready."""
+        try:
+            self._stub.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name=name), timeout=wait_s)
+        except grpc.RpcError as err:
+            if err.code() in UNAVAILABLE_CODES:
+                raise Unavailable(f"Triton at {self.url} is unreachable") from None
+            raise FailedPrecondition(f"Triton could not load {name}: {err.details()}") from None
+        deadline = time.monotonic() + wait_s
+        while not self.model_ready(name):
+            if time.monotonic() > deadline:
+                raise FailedPrecondition(f"{name} was loaded but not ready after {wait_s:.0f}s")
+            time.sleep(0.05)
+
+    def unload(self, name: str) -> None:
+        try:
+            self._stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=name), timeout=30)
+        except grpc.RpcError as err:
+            if err.code() in UNAVAILABLE_CODES:
+                raise Unavailable(f"Triton at {self.url} is unreachable") from None
+            raise FailedPrecondition(f"Triton could not unload {name}: {err.details()}") from None
+
+    # -- inference -------------------------------------------------------------------------------
+    def infer(self, model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> list[RawTensor]:
+        request = service_pb2.ModelInferRequest(
+            model_name=model,
+            inputs=[service_pb2.ModelInferRequest.InferInputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                    for t in inputs],
+            outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
+            raw_input_contents=[t.raw for t in inputs])
+        try:
+            reply = self._stub.ModelInfer(request, timeout=self.infer_timeout_s)
+        except grpc.RpcError as err:
+            if err.code() in UNAVAILABLE_CODES:
+                raise Unavailable(f"Triton is unreachable: {err.details()}") from None
+            raise FailedPrecondition(f"Triton refused the request for {model}: {err.details()}") from None
+        return [RawTensor(o.name, o.datatype, tuple(o.shape), raw)
+                for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)]

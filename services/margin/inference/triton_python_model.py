@@ -1,0 +1,214 @@
+"""A generic Triton python-backend ``model.py`` that serves the TorchScript file ``model.pt`` beside it.
+
+This file is data, not part of Margin's import graph: :func:`margin.registry.triton_export.export_version`
+copies it to ``<repository>/<model>/1/model.py`` when a TorchScript version is exported with the ``python``
+backend, and Triton's python-backend stub imports it. It imports ``triton_python_backend_utils``, which
+exists only inside that stub, so nothing else may import it.
+
+What it does:
+
+* ``initialize`` reads the model config (input and output names, data types, ``max_batch_size``) and loads
+  ``<model_repository>/<model_version>/model.pt`` with ``torch.jit.load`` on CPU, or on
+  ``cuda:<model_instance_device_id>`` for a ``KIND_GPU`` instance. Torch's intra-op threads are limited
+  to ``torch_num_threads`` from the config's ``parameters`` (default 1: Triton scales with instances,
+  not with threads inside one). When every input has a fixed shape (apart from the batch dimension), two
+  forward passes on zeros warm TorchScript's profiling executor up, so the first request is not slow.
+* ``execute`` gets the list of requests Triton's dynamic batcher gathered. With batching on
+  (``max_batch_size > 0``), requests whose inputs share a shape apart from the batch dimension are
+  concatenated along dimension 0 and run as ONE forward pass under ``torch.inference_mode()``; the
+  outputs are split back per request. The model may return a tensor, a tuple/list of tensors in the
+  configured output order, or a dict keyed by output name. With batching off each request runs alone.
+* A failing request gets an error response; it never takes the model down. When a batched forward pass
+  fails, each request of the batch is retried alone, so that one bad request fails only itself.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+MODEL_FILE = "model.pt"
+THREADS_PARAMETER = "torch_num_threads"
+UNSUPPORTED_TYPES = ("TYPE_STRING",)
+
+
+class _RequestError(Exception):
+    """A problem with one request's tensors: becomes that request's error response."""
+
+
+def _parameter(config: dict, key: str, default: str) -> str:
+    value = config.get("parameters", {}).get(key, {})
+    return value.get("string_value", default) if isinstance(value, dict) else default
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.model_name = config.get("name", args.get("model_name", "model"))
+        self.batching = int(config.get("max_batch_size", 0)) > 0
+        self.inputs = [(spec["name"], spec["data_type"]) for spec in config.get("input", [])]
+        self.outputs = [(spec["name"], spec["data_type"]) for spec in config.get("output", [])]
+        for name, data_type in (*self.inputs, *self.outputs):
+            if data_type in UNSUPPORTED_TYPES:
+                raise pb_utils.TritonModelException(
+                    f"{self.model_name}: tensor {name!r} has type {data_type}, which a TorchScript model "
+                    "cannot take or return")
+
+        threads = int(_parameter(config, THREADS_PARAMETER, "1"))
+        torch.set_num_threads(max(1, threads))
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # only allowed before any inter-op work; harmless when too late
+            pass
+        # as_numpy() views Triton's shared memory read-only; torch only reads it (inference_mode).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+        if args.get("model_instance_kind") == "GPU":
+            self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        path = Path(args["model_repository"]) / str(args["model_version"]) / MODEL_FILE
+        if not path.is_file():
+            raise pb_utils.TritonModelException(f"{self.model_name}: {path} does not exist")
+        self.module = torch.jit.load(str(path), map_location=self.device)
+        self.module.eval()
+        self._warm_up(config)
+
+    def _warm_up(self, config: dict) -> None:
+        """Two forward passes on zeros, so that TorchScript's profiling executor has optimized the graph before
+        the first real request. Only for fixed shapes; a model that rejects zeros is simply not warmed up."""
+        try:
+            inputs = []
+            for spec in config.get("input", []):
+                dims = [int(d) for d in spec.get("reshape", {}).get("shape", spec.get("dims", []))]
+                if any(d < 0 for d in dims):
+                    return
+                if spec["data_type"] == "TYPE_BF16":
+                    zeros = torch.zeros(dims, dtype=torch.bfloat16)
+                else:
+                    zeros = torch.from_numpy(np.zeros(dims, pb_utils.triton_string_to_numpy(spec["data_type"])))
+                inputs.append(zeros.unsqueeze(0) if self.batching else zeros)
+            for _ in range(2):
+                self._forward(inputs)
+        except Exception:
+            pass
+
+    # -- tensors ------------------------------------------------------------------------------------
+    def _input(self, request, name: str, data_type: str) -> torch.Tensor:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise _RequestError(f"input {name!r} is missing")
+        if data_type == "TYPE_BF16":  # numpy has no bfloat16: go through DLPack
+            value = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+        else:
+            value = torch.from_numpy(tensor.as_numpy())
+        return value
+
+    def _outputs(self, result) -> list[np.ndarray]:
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        elif isinstance(result, dict):
+            missing = [name for name, _ in self.outputs if name not in result]
+            if missing:
+                raise _RequestError(f"the model returned no output named {missing}; it returned {sorted(result)}")
+            result = tuple(result[name] for name, _ in self.outputs)
+        elif not isinstance(result, (tuple, list)):
+            raise _RequestError(f"the model returned {type(result).__name__}, not tensors")
+        if len(result) < len(self.outputs):
+            raise _RequestError(f"the model returned {len(result)} output(s), the config declares "
+                                f"{len(self.outputs)}: {[name for name, _ in self.outputs]}")
+        arrays = []
+        for (name, data_type), value in zip(self.outputs, result, strict=False):
+            if not isinstance(value, torch.Tensor):
+                raise _RequestError(f"output {name!r}: the model returned {type(value).__name__}, not a tensor")
+            value = value.detach()
+            if data_type == "TYPE_BF16":
+                arrays.append(value.to("cpu", torch.bfloat16).contiguous())
+            else:
+                array = value.cpu().numpy()
+                arrays.append(np.ascontiguousarray(array.astype(pb_utils.triton_string_to_numpy(data_type),
+                                                                copy=False)))
+        return arrays
+
+    def _response(self, arrays) -> object:
+        tensors = []
+        for (name, data_type), value in zip(self.outputs, arrays, strict=True):
+            if data_type == "TYPE_BF16":
+                tensors.append(pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value)))
+            else:
+                tensors.append(pb_utils.Tensor(name, value))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    @staticmethod
+    def _error(message: str) -> object:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+    # -- execution ----------------------------------------------------------------------------------
+    def _forward(self, inputs: list[torch.Tensor]) -> list:
+        with torch.inference_mode():
+            if self.device.type != "cpu":
+                inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+            return self._outputs(self.module(*inputs))
+
+    def _run_alone(self, inputs: list[torch.Tensor]) -> object:
+        try:
+            return self._response(self._forward(inputs))
+        except Exception as exc:
+            return self._error(f"{self.model_name}: {exc}")
+
+    def _run_batch(self, group: list[tuple[int, list[torch.Tensor]]], responses: list) -> None:
+        """One forward pass for requests whose inputs can be stacked; split the outputs back."""
+        if len(group) == 1:
+            index, inputs = group[0]
+            responses[index] = self._run_alone(inputs)
+            return
+        sizes = [inputs[0].shape[0] for _, inputs in group]
+        total = sum(sizes)
+        try:
+            stacked = [torch.cat([inputs[i] for _, inputs in group]) for i in range(len(self.inputs))]
+            outputs = self._forward(stacked)
+            for (name, _), value in zip(self.outputs, outputs, strict=True):
+                if value.ndim == 0 or value.shape[0] != total:
+                    raise _RequestError(f"output {name!r} has shape {list(value.shape)}; its first dimension "
+                                        f"should be the batch size {total}")
+        except Exception:
+            # Do not let one request fail the others: run each alone, each gets its own answer or error.
+            for index, inputs in group:
+                responses[index] = self._run_alone(inputs)
+            return
+        offset = 0
+        for (index, _), size in zip(group, sizes, strict=True):
+            try:
+                responses[index] = self._response([value[offset:offset + size] for value in outputs])
+            except Exception as exc:
+                responses[index] = self._error(f"{self.model_name}: {exc}")
+            offset += size
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                inputs = [self._input(request, name, data_type) for name, data_type in self.inputs]
+            except Exception as exc:
+                responses[index] = self._error(f"{self.model_name}: {exc}")
+                continue
+            if not self.batching or not inputs or any(t.ndim == 0 for t in inputs):
+                responses[index] = self._run_alone(inputs)
+                continue
+            # Requests stack along dim 0 only when every other dimension (and dtype) agrees.
+            key = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
+            groups.setdefault(key, []).append((index, inputs))
+        for group in groups.values():
+            self._run_batch(group, responses)
+        return responses
+
+    def finalize(self) -> None:
+        self.module = None
+        if getattr(self, "device", None) is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,282 @@
+"""The Inference gateway against a real tritonserver, a real redis-server and the real registry."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from margin.cluster.processes import ManagedProcess, MissingDependency, redis_spec
+from margin.common.ledger import LedgerRow
+from margin.common.protoconv import signature_to_proto
+from margin.common.service import start_service
+from margin.common.tensors import Signature, TensorSpec
+from margin.inference.metering import REQUESTS
+from margin.inference.ratelimit import Limits
+from margin.inference.service import InferenceSettings, inference_builder
+from margin.inference.triton_process import find_triton, triton_spec
+from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+from sqlalchemy import func, select
+
+from tests.conftest import running_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
+
+SIGNATURE = Signature((TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("logits", "FP32", (-1, 10)),))
+
+
+@dataclass
+class Stack:
+    cluster: object
+    triton: ManagedProcess
+    inference: object
+    stubs: dict
+    scripted: dict
+    home: Path
+
+    def stub(self, tenant: str = "acme") -> inference_pb2_grpc.InferenceStub:
+        return self.stubs[tenant]
+
+    def md(self, tenant: str = "acme") -> tuple:
+        return (("authorization", f"Bearer {self.cluster.keys[tenant]}"),)
+
+
+def scripted_mlp(seed: int) -> torch.jit.ScriptModule:
+    torch.manual_seed(seed)
+    return torch.jit.script(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)))
+
+
+def upload_model(cluster, model: str, module: torch.jit.ScriptModule, path: Path, metrics: dict) -> int:
+    module.save(str(path))
+    client = cluster.client()
+    return client.upload_file(path, registry_pb2.UploadMetadata(
+        model=model, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, signature=signature_to_proto(SIGNATURE),
+        metrics=metrics)).number
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    try:
+        find_triton()
+    except MissingDependency as err:
+        pytest.skip(str(err))
+    home = tmp_path_factory.mktemp("inference")
+    redis_proc = ManagedProcess(redis_spec(home), home)
+    redis_proc.start()
+    redis_proc.wait_healthy(30)
+    triton = ManagedProcess(triton_spec(home, home / "repo"), home)
+    triton.start()
+    triton.wait_healthy(60)
+    try:
+        with running_cluster(f"sqlite:///{home / 'margin.db'}", home / "artifacts") as cluster:
+            settings = InferenceSettings(triton_url=triton.spec.address,
+                                         registry_address=cluster.registry.server.address,
+                                         redis_url=f"redis://{redis_proc.spec.address}/0", repository=home / "repo",
+                                         flush_every_s=3600, watch_every_s=0.1)
+            inference = start_service(inference_builder(settings), database_url=f"sqlite:///{home / 'margin.db'}",
+                                      admin_key=cluster.admin_key, auth_cache_seconds=0)
+            scripted = {}
+            client = cluster.client()
+            client.create_model("digits")
+            for number, (seed, metrics) in enumerate(
+                    [(1, {"accuracy": 0.97, "cost_per_million_micros": 900_000}),
+                     (2, {"accuracy": 0.96, "cost_per_million_micros": 300_000}),
+                     (3, {"accuracy": 0.90, "cost_per_million_micros": 100_000})], start=1):
+                scripted[number] = scripted_mlp(seed)
+                assert upload_model(cluster, "digits", scripted[number], home / f"m{number}.pt", metrics) == number
+            channel = grpc.insecure_channel(inference.server.address)
+            stubs = {t: inference_pb2_grpc.InferenceStub(channel) for t in ("acme", "other")}
+            yield Stack(cluster, triton, inference, stubs, scripted, home)
+            inference.stop()
+    finally:
+        triton.stop()
+        redis_proc.stop()
+
+
+def tensor(x: np.ndarray, name: str = "input", dtype: int = common_pb2.DTYPE_FP32) -> common_pb2.Tensor:
+    return common_pb2.Tensor(name=name, dtype=dtype, shape=x.shape, raw=x.tobytes())
+
+
+def predict(stack: Stack, x: np.ndarray, number: int = 1, tenant: str = "acme", **kw) -> inference_pb2.PredictResponse:
+    return stack.stub(tenant).Predict(inference_pb2.PredictRequest(
+        version=common_pb2.VersionRef(model="digits", number=number), inputs=[kw.pop("t", None) or tensor(x)], **kw),
+        metadata=stack.md(tenant))
+
+
+def deploy(stack: Stack, number: int, tenant: str = "acme") -> inference_pb2.Deployment:
+    return stack.stub(tenant).Deploy(inference_pb2.DeployRequest(
+        version=common_pb2.VersionRef(model="digits", number=number),
+        batching=inference_pb2.BatchingConfig(max_batch_size=16, max_queue_delay_microseconds=500)),
+        metadata=stack.md(tenant))
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def outputs(resp: inference_pb2.PredictResponse) -> np.ndarray:
+    out = resp.outputs[0]
+    return np.frombuffer(out.raw, dtype=np.float32).reshape(out.shape)
+
+
+def test_deploy_predict_matches_torchscript_then_undeploy(stack):
+    d = deploy(stack, 1)
+    assert d.state == inference_pb2.DEPLOYMENT_STATE_READY and d.name == "digits-v1"
+    assert d.capacity_rps > 0 and d.cost_per_million.micros > 0 and d.price_per_hour.micros > 0
+    assert deploy(stack, 1).name == "digits-v1"  # idempotent
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    resp = predict(stack, x)
+    expected = stack.scripted[1](torch.from_numpy(x)).detach().numpy()
+    assert np.allclose(outputs(resp), expected, atol=1e-5)
+    assert (resp.served_version.model, resp.served_version.number, resp.deployment) == ("digits", 1, "digits-v1")
+    assert resp.usage.compute_microseconds > 0 and resp.usage.cost_micros > 0
+
+    listed = stack.stub().ListDeployments(inference_pb2.ListDeploymentsRequest(), metadata=stack.md())
+    assert "digits-v1" in [x.name for x in listed.deployments]
+    gone = stack.stub().Undeploy(inference_pb2.UndeployRequest(name="digits-v1"), metadata=stack.md())
+    assert gone.state == inference_pb2.DEPLOYMENT_STATE_UNLOADED
+    code, _ = code_of(lambda: predict(stack, x))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+BAD = {
+    "wrong dtype": dict(t=tensor(np.zeros((1, 64), np.float64), dtype=common_pb2.DTYPE_FP64)),
+    "wrong shape": dict(t=tensor(np.zeros((1, 63), np.float32))),
+    "wrong rank": dict(t=tensor(np.zeros((64,), np.float32))),
+    "wrong input name": dict(t=tensor(np.zeros((1, 64), np.float32), name="pixels")),
+    "oversize batch": dict(t=tensor(np.zeros((17, 64), np.float32))),
+    "bytes do not match shape": dict(t=common_pb2.Tensor(name="input", dtype=common_pb2.DTYPE_FP32, shape=[1, 64],
+                                                         raw=b"\0" * 10)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_are_invalid_argument_with_the_signature(stack, case):
+    deploy(stack, 2)
+    code, details = code_of(lambda: predict(stack, None, number=2, **BAD[case]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "input: FP32[-1, 64]" in details or "max_batch_size 16" in details, details
+
+
+def test_another_tenants_deployment_is_not_found(stack):
+    deploy(stack, 2)
+    code, _ = code_of(lambda: stack.stub("other").GetDeployment(
+        inference_pb2.GetDeploymentRequest(name="digits-v2"), metadata=stack.md("other")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(lambda: predict(stack, np.zeros((1, 64), np.float32), number=2, tenant="other"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(lambda: deploy(stack, 2, tenant="other"))  # the registry says NOT_FOUND for them too
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_routing_picks_the_cheapest_variant_that_meets_the_floor(stack):
+    for n in (1, 2, 3):
+        deploy(stack, n)
+    x = np.zeros((1, 64), np.float32)
+
+    def routed(minimum: float) -> inference_pb2.PredictResponse:
+        return stack.stub().Predict(inference_pb2.PredictRequest(
+            version=common_pb2.VersionRef(model="digits"), inputs=[tensor(x)],
+            routing=inference_pb2.RoutingPolicy(floor=common_pb2.QualityFloor(metric="accuracy", minimum=minimum))),
+            metadata=stack.md())
+
+    assert routed(0.95).served_version.number == 2  # v1 and v2 meet 0.95; v2 is cheaper
+    assert routed(0.80).served_version.number == 3  # all three meet it; v3 is cheapest
+    code, details = code_of(lambda: routed(0.99))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "digits-v1" in details and "accuracy=0.97" in details  # names the best available
+
+
+def test_thousand_requests_from_eight_clients_lose_none_and_meter_exactly(stack):
+    deploy(stack, 2)
+    meter = stack.inference.spec.extra["meter"]
+    meter.flush()
+    sessions = stack.inference.context.sessions
+    with sessions() as s:
+        before = s.scalar(select(func.coalesce(func.sum(LedgerRow.quantity), 0))
+                          .where(LedgerRow.deployment == "digits-v2"))
+    counted_before = REQUESTS.labels("acme", "digits")._value.get()
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    expected = stack.scripted[2](torch.from_numpy(x)).detach().numpy()
+
+    def client(_: int) -> int:
+        ok = 0
+        for _ in range(125):
+            ok += np.allclose(outputs(predict(stack, x, number=2)), expected, atol=1e-5)
+        return ok
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(client, range(8))) == 1000
+    meter.flush()
+    with sessions() as s:
+        after = s.scalar(select(func.coalesce(func.sum(LedgerRow.quantity), 0))
+                         .where(LedgerRow.deployment == "digits-v2"))
+    assert after - before == 1000
+    assert REQUESTS.labels("acme", "digits")._value.get() - counted_before == 1000
+
+
+def test_rate_limit_is_resource_exhausted_with_a_retry_hint(stack):
+    deploy(stack, 2)
+    limiter = stack.inference.spec.extra["limiter"]
+    tenant_id = stack.inference.context.tenants.authenticate(stack.cluster.keys["other"]).tenant_id
+    # 'other' gets its own copy of the model so it has something to call
+    stack.cluster.client("other").create_model("digits")
+    upload_model(_as(stack, "other"),
+                 "digits", stack.scripted[2], stack.home / "other.pt", {})
+    deploy(stack, 1, tenant="other")
+    limiter.set_limits(tenant_id, Limits(requests_per_second=0.5, burst=2))
+    x = np.zeros((1, 64), np.float32)
+    predict(stack, x, tenant="other")
+    predict(stack, x, tenant="other")
+    with pytest.raises(grpc.RpcError) as info:
+        predict(stack, x, tenant="other")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in info.value.details()
+    trailers = dict(info.value.trailing_metadata())
+    assert 0 < int(trailers["retry-after-ms"]) <= 2000
+    predict(stack, x)  # other tenants are unaffected
+
+
+def _as(stack: Stack, tenant: str):
+    """The conftest cluster, seen as another tenant (its client() uses that tenant's key)."""
+    class View:
+        def client(self, _tenant: str = tenant):
+            return stack.cluster.client(tenant)
+    return View()
+
+
+def test_triton_down_is_unavailable_fast_then_recovers(stack):
+    deploy(stack, 2)
+    x = np.zeros((1, 64), np.float32)
+    predict(stack, x, number=2)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(stack.inference.server.address))
+    os.kill(stack.triton.proc.pid, signal.SIGKILL)
+    stack.triton.proc.wait()
+    start = time.monotonic()
+    code, _ = code_of(lambda: predict(stack, x, number=2))
+    assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 1.0
+    deadline = time.monotonic() + 5
+    while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+        time.sleep(0.05)
+
+    stack.triton.start()
+    stack.triton.wait_healthy(60)
+    deadline = time.monotonic() + 60
+    while True:  # recovers by itself: the watcher reloads the deployments, health returns to SERVING
+        try:
+            if health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+                predict(stack, x, number=2)
+                break
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < deadline, "the gateway did not recover after Triton came back"
+        time.sleep(0.2)
