@@ -28,7 +28,8 @@ from margin.registry.convert import cost_to_proto
 from margin.registry.domain import CostRecord
 from margin.sdk import RegistryClient, connect
 from margin.sdk.registry import all_pages
-from margin.v1 import common_pb2, registry_pb2
+from margin.sdk.tensors import from_tensor, to_tensor
+from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
 MODEL = "digits"
 ARCHITECTURE = {"family": "mlp", "input_dim": 64, "hidden": [128], "num_classes": 10}
@@ -97,8 +98,37 @@ def run(console: Console | None = None, train_seconds: float = 5.0) -> None:
     lineage = client.stub.GetLineage(registry_pb2.GetLineageRequest(
         version=common_pb2.VersionRef(model=MODEL, alias="production")), metadata=client.metadata)
     console.print(render.lineage_table(lineage))
+    serve(console, cluster, key, data)
     console.print(f"[bold]production[/] → {MODEL}:{servable.number}. The cluster keeps running: "
-                  "`margin models list`, `margin lineage digits@production`, `make down` to stop it.")
+                  "`margin deployments`, `margin lineage digits@production`, `make down` to stop it.")
+
+
+def serve(console: Console, cluster: dict, key: str, data) -> None:
+    """Deploy the production version on Triton and predict the validation set through the gateway."""
+    conn = connect(cluster["services"]["inference"]["address"], key)
+    stub = inference_pb2_grpc.InferenceStub(conn.channel)
+    with console.status("deploying digits@production on Triton (export, load, measure capacity)…"):
+        deployment = stub.Deploy(inference_pb2.DeployRequest(
+            version=common_pb2.VersionRef(model=MODEL, alias="production"),
+            batching=inference_pb2.BatchingConfig(max_batch_size=32, max_queue_delay_microseconds=500)),
+            metadata=conn.metadata)
+    console.print(render.deployments_table([deployment]))
+    correct, cost, compute_us, n = 0, 0.0, 0, len(data.x_val)
+    for i in range(0, n, 32):
+        batch = data.x_val[i:i + 32]
+        reply = stub.Predict(inference_pb2.PredictRequest(
+            version=common_pb2.VersionRef(model=MODEL, alias="production"), inputs=[to_tensor("input", batch)]),
+            metadata=conn.metadata)
+        correct += int((from_tensor(reply.outputs[0]).argmax(1) == data.y_val[i:i + 32]).sum())
+        cost += reply.usage.cost_micros
+        compute_us += reply.usage.compute_microseconds
+    requests = (n + 31) // 32
+    console.print(f"served {n} validation images in {requests} requests through the gateway: accuracy "
+                  f"{correct / n:.2%}, {compute_us / requests / 1000:.2f} ms per request, cost per request "
+                  f"{cost / requests:.4f} µ$ (${cost / requests / 1e6:.10f}); "
+                  f"{costs.format_money(deployment.cost_per_million.micros)} per million requests on "
+                  f"{deployment.device_class}")
+    conn.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from functools import partial, wraps
 from pathlib import Path
 
 import grpc
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -22,7 +23,8 @@ from margin.common.tensors import Signature
 from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
 from margin.sdk.registry import DownloadError, all_pages
-from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
+from margin.sdk.tensors import from_tensor, to_tensor
+from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
 app = typer.Typer(help="Margin: train, compress, register and serve PyTorch models under a money budget.",
                   no_args_is_help=True)
@@ -51,7 +53,7 @@ def grpc_errors(fn):
             console.print(f"[red]{err.code().name}[/]: {err.details()}")
         except MarginError as err:
             console.print(f"[red]{err.code_name}[/]: {err}")
-        except (OSError, DownloadError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, DownloadError) as err:  # bad local files, unsupported arrays
             console.print(f"[red]error[/]: {err}")
         raise typer.Exit(1)
     return wrapper
@@ -283,6 +285,75 @@ def alias_delete(model: str, alias: str, registry_addr: str = RegistryOpt, api_k
     client = registry(registry_addr, api_key)
     client.stub.DeleteAlias(registry_pb2.DeleteAliasRequest(model=model, alias=alias), metadata=client.metadata)
     console.print(f"removed {model}@{alias}")
+
+
+# -- serving ---------------------------------------------------------------------------------------------------
+InferenceOpt = typer.Option(None, "--inference", help="inference gateway address (default: the local cluster's)")
+
+
+def inference(address: str | None, key: str | None) -> tuple[inference_pb2_grpc.InferenceStub, tuple]:
+    conn = connection("inference", address, key)
+    return inference_pb2_grpc.InferenceStub(conn.channel), conn.metadata
+
+
+@app.command()
+@grpc_errors
+def deploy(ref: str, device_class: str = typer.Option("cpu", help="price-catalog device class"),
+           instances: int = 1, max_batch_size: int = 32, max_queue_delay_us: int = 500,
+           inference_addr: str = InferenceOpt, api_key: str = KeyOpt) -> None:
+    """Deploy a version (MODEL, MODEL:N or MODEL@ALIAS) on Triton; prints its price and measured capacity."""
+    stub, md = inference(inference_addr, api_key)
+    with console.status(f"deploying {ref} (export, load on Triton, measure capacity)…"):
+        d = stub.Deploy(inference_pb2.DeployRequest(
+            version=parse_ref(ref), device_class=device_class, instances=instances,
+            batching=inference_pb2.BatchingConfig(max_batch_size=max_batch_size,
+                                                  max_queue_delay_microseconds=max_queue_delay_us)), metadata=md)
+    console.print(render.deployments_table([d]))
+
+
+@app.command()
+@grpc_errors
+def undeploy(name: str, inference_addr: str = InferenceOpt, api_key: str = KeyOpt) -> None:
+    """Unload a deployment (e.g. digits-v2) from Triton."""
+    stub, md = inference(inference_addr, api_key)
+    console.print(render.deployments_table([stub.Undeploy(inference_pb2.UndeployRequest(name=name), metadata=md)]))
+
+
+@app.command()
+@grpc_errors
+def deployments(model: str = typer.Option("", help="only this model's"), inference_addr: str = InferenceOpt,
+                api_key: str = KeyOpt) -> None:
+    """List deployments with state, price per hour, measured capacity and cost per million requests."""
+    stub, md = inference(inference_addr, api_key)
+    items = all_pages(partial(stub.ListDeployments, metadata=md), inference_pb2.ListDeploymentsRequest(model=model),
+                      "deployments")
+    console.print(render.deployments_table(items))
+
+
+@app.command()
+@grpc_errors
+def predict(ref: str, file: Path = typer.Argument(..., exists=True, dir_okay=False, help=".npy or .npz"),
+            input_name: str = typer.Option("input", "--input", help="input name for a .npy file"),
+            min_quality: str | None = typer.Option(None, help="METRIC=VALUE: route to the cheapest variant meeting it"),
+            max_latency_ms: float = 0.0, inference_addr: str = InferenceOpt, api_key: str = KeyOpt) -> None:
+    """Predict with inputs from a .npy/.npz file (loaded without pickle); prints outputs, version served, cost."""
+    if file.suffix == ".npz":
+        with np.load(file, allow_pickle=False) as data:
+            inputs = [to_tensor(name, data[name]) for name in data.files]
+    else:
+        inputs = [to_tensor(input_name, np.load(file, allow_pickle=False))]
+    request = inference_pb2.PredictRequest(version=parse_ref(ref), inputs=inputs)
+    if min_quality or max_latency_ms:
+        metric, minimum = next(iter(pairs([min_quality], "--min-quality").items())) if min_quality else ("", "0")
+        request.routing.CopyFrom(inference_pb2.RoutingPolicy(
+            floor=common_pb2.QualityFloor(metric=metric, minimum=float(minimum)), max_latency_ms=max_latency_ms))
+    stub, md = inference(inference_addr, api_key)
+    reply = stub.Predict(request, metadata=md)
+    for out in reply.outputs:
+        console.print(f"[bold]{out.name}[/] {list(out.shape)}:\n{from_tensor(out)}")
+    console.print(f"served by {reply.served_version.model}:{reply.served_version.number} ({reply.deployment}) in "
+                  f"{reply.usage.compute_microseconds / 1000:.2f} ms; cost {reply.usage.cost_micros:.4f} µ$ "
+                  f"(${reply.usage.cost_micros / 1e6:.10f})")
 
 
 @app.command()

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from margin.common.costs import format_money
 from margin.registry.convert import FORMAT_FROM_PROTO
-from margin.v1 import registry_pb2
+from margin.v1 import inference_pb2, registry_pb2
 
 FORMAT_NAMES = FORMAT_FROM_PROTO
 
@@ -61,6 +61,20 @@ def versions_table(model: str, versions: list[registry_pb2.ModelVersion]) -> Tab
         table.add_row(str(v.number), FORMAT_NAMES.get(v.format, "?"), human_bytes(v.size_bytes),
                       ", ".join(v.aliases) or "—", _parent(v), _metrics(v.metrics) or "—", _cost(v),
                       v.sha256[:12], _when(v.create_time))
+    return table
+
+
+def deployments_table(deployments: list) -> Table:
+    table = Table(title="Deployments")
+    for col, justify in (("name", "left"), ("version", "left"), ("state", "left"), ("device", "left"),
+                         ("instances", "right"), ("price/hour", "right"), ("capacity", "right"),
+                         ("p50", "right"), ("cost/1M req", "right")):
+        table.add_column(col, justify=justify)
+    for d in deployments:
+        table.add_row(d.name, f"{d.version.model}:{d.version.number}",
+                      inference_pb2.DeploymentState.Name(d.state).removeprefix("DEPLOYMENT_STATE_"), d.device_class,
+                      str(d.instances), format_money(d.price_per_hour.micros), f"{d.capacity_rps:,.0f} req/s",
+                      f"{d.latency_p50_ms:.2f} ms", format_money(d.cost_per_million.micros))
     return table
 
 

@@ -131,6 +131,7 @@ class ManagedProcess:
 SERVICES: list[tuple[str, str]] = [
     ("budget", "margin.budget"),
     ("registry", "margin.registry"),
+    ("inference", "margin.inference"),
 ]
 
 
@@ -146,12 +147,13 @@ def redis_spec(home: Path) -> ProcessSpec:
     return ProcessSpec("redis", argv, port, "redis")
 
 
-def service_specs(home: Path, admin_key: str, redis_url: str) -> list[ProcessSpec]:
-    specs = []
-    for name, module in SERVICES:
-        port = free_port()
-        env = {"MARGIN_HOME": str(home), "MARGIN_GRPC_PORT": str(port), "MARGIN_GRPC_HOST": "127.0.0.1",
-               "MARGIN_METRICS_PORT": str(free_port()), "MARGIN_ADMIN_KEY": admin_key,
-               "MARGIN_LOG_FORMAT": "json", "MARGIN_REDIS_URL": redis_url}
-        specs.append(ProcessSpec(name, [sys.executable, "-m", module], port, "grpc", env))
-    return specs
+def service_specs(home: Path, admin_key: str, redis_url: str, triton_url: str) -> list[ProcessSpec]:
+    """Margin's services, each told where Redis, Triton and every other service are."""
+    ports = {name: free_port() for name, _ in SERVICES}
+    shared = {"MARGIN_HOME": str(home), "MARGIN_GRPC_HOST": "127.0.0.1", "MARGIN_ADMIN_KEY": admin_key,
+              "MARGIN_LOG_FORMAT": "json", "MARGIN_REDIS_URL": redis_url, "MARGIN_TRITON_URL": triton_url,
+              "MARGIN_MODEL_REPOSITORY": str(home / "model-repository"),
+              **{f"MARGIN_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()}}
+    return [ProcessSpec(name, [sys.executable, "-m", module], ports[name], "grpc",
+                        {**shared, "MARGIN_GRPC_PORT": str(ports[name]), "MARGIN_METRICS_PORT": str(free_port())})
+            for name, module in SERVICES]

@@ -12,6 +12,7 @@ from pathlib import Path
 from margin.cluster import state
 from margin.cluster.processes import ManagedProcess, redis_spec, service_specs
 from margin.common.logs import setup_logging
+from margin.inference.triton_process import triton_spec
 
 log = logging.getLogger("margin.supervisor")
 
@@ -42,7 +43,12 @@ class Supervisor:
         self.children.append(redis)
         redis.start(die_with_parent=True)
         redis.wait_healthy(START_TIMEOUT_S)
-        for spec in service_specs(self.home, state.admin_key(), f"redis://{redis.spec.address}/0"):
+        triton = ManagedProcess(triton_spec(self.home, self.home / "model-repository"), self.logs)
+        self.children.append(triton)
+        triton.start(die_with_parent=True)
+        triton.wait_healthy(START_TIMEOUT_S)
+        for spec in service_specs(self.home, state.admin_key(), f"redis://{redis.spec.address}/0",
+                                  triton.spec.address):
             child = ManagedProcess(spec, self.logs)
             self.children.append(child)
             child.start(die_with_parent=True)
