@@ -37,12 +37,20 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def __init__(self, authenticate: Authenticate | None, admin_methods: Iterable[str] = ()):
         self._authenticate = authenticate
         self._admin_methods = frozenset(admin_methods)
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None or method.startswith(OPEN_PREFIXES):
+                return handler
+            wrapped = self._wrapped.setdefault(method, self._wrap(method, handler))
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler with auth, error mapping and metrics around it; built once per method."""
         admin_only = method in self._admin_methods
 
         def enter(context: grpc.ServicerContext) -> None:
@@ -65,9 +73,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has details")
             return "INTERNAL"  # pragma: no cover - abort raises
 
+        seconds = RPC_SECONDS.labels(method)
+        counters: dict[str, object] = {}
+
         def observe(start: float, code: str) -> None:
-            RPC_REQUESTS.labels(method, code).inc()
-            RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
+            counter = counters.get(code) or counters.setdefault(code, RPC_REQUESTS.labels(method, code))
+            counter.inc()
+            seconds.observe(time.perf_counter() - start)
 
         def code_of(context: grpc.ServicerContext, exc: BaseException) -> str:
             if isinstance(exc, MarginError):

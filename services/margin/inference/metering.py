@@ -50,6 +50,7 @@ class Meter:
         self._lock = threading.Lock()
         self._open: dict[MeterKey, Usage] = defaultdict(Usage)
         self._pending: list[LedgerEntry] = []
+        self._counters: dict[tuple[str, str], tuple] = {}  # Prometheus children, looked up once
         self._instance = uuid.uuid4().hex[:12]
         self._seq = 0
         self._flush_lock = threading.Lock()
@@ -63,9 +64,14 @@ class Meter:
             usage.requests += 1
             usage.compute_us += compute_us
             usage.cost_micros += cost_micros
-        REQUESTS.labels(key.tenant, key.model).inc()
-        COMPUTE.labels(key.tenant, key.model).inc(compute_us / 1e6)
-        COST.labels(key.tenant, key.model).inc(cost_micros)
+        counters = self._counters.get((key.tenant, key.model))
+        if counters is None:
+            counters = self._counters[(key.tenant, key.model)] = (
+                REQUESTS.labels(key.tenant, key.model), COMPUTE.labels(key.tenant, key.model),
+                COST.labels(key.tenant, key.model))
+        counters[0].inc()
+        counters[1].inc(compute_us / 1e6)
+        counters[2].inc(cost_micros)
 
     def flush(self) -> int:
         """Write what was metered since the last flush; returns the number of entries written."""
