@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -21,6 +22,9 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 << 20
+SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                  ("grpc.so_reuseport", 0)]
 
 Register = Callable[[grpc.Server], None]
 
@@ -53,17 +57,13 @@ def build_server(register: Sequence[Register], service_names: Sequence[str], *, 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=list(interceptors),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)],
+        options=SERVER_OPTIONS,
     )
     for add in register:
         add(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+    reflection.enable_server_reflection(_reflected(service_names), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
@@ -74,7 +74,63 @@ def build_server(register: Sequence[Register], service_names: Sequence[str], *, 
     return running
 
 
-def serve_until_signal(running: RunningServer, grace: float, on_stop: Callable[[], None] | None = None) -> None:
+class AioRunningServer:
+    """An asyncio gRPC server on an event loop of its own thread, driven like :class:`RunningServer`.
+
+    Servicers with ``async def`` methods run on that loop; the rest of the process (cores, watchers,
+    tests) stays synchronous and talks to the server through these thread-safe methods."""
+
+    def __init__(self, register: Sequence[Register], service_names: Sequence[str], port: int, host: str,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor]):
+        self.service_names = tuple(service_names)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread.start()
+        self.server, self.port, self.health = self._run(self._start(register, port, host, interceptors))
+        self.set_serving(True)
+        log.info("serving %s on %s:%d (asyncio)", ", ".join(service_names), host, self.port)
+
+    async def _start(self, register, port, host, interceptors):
+        server = grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
+        for add in register:
+            add(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(_reflected(self.service_names), server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise RuntimeError(f"could not bind {host}:{port}")
+        await server.start()
+        return server, bound, health_servicer
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def apply() -> None:
+            for name in ("", *self.service_names):
+                await self.health.set(name, status)
+        self._run(apply())
+
+    def stop(self, grace: float | None = None) -> None:
+        self.set_serving(False)
+        self._run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def _reflected(service_names: Sequence[str]) -> tuple[str, ...]:
+    return (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+
+
+def serve_until_signal(running: RunningServer | AioRunningServer, grace: float,
+                       on_stop: Callable[[], None] | None = None) -> None:
     """Block until SIGTERM/SIGINT, then drain for at most ``grace`` seconds."""
     stop = threading.Event()
 

@@ -15,10 +15,10 @@ from sqlalchemy.orm import sessionmaker
 
 from margin.common import config
 from margin.common.db import make_engine, make_sessionmaker
-from margin.common.interceptor import ServiceInterceptor
+from margin.common.interceptor import AioServiceInterceptor, ServiceInterceptor
 from margin.common.logs import setup_logging
 from margin.common.metrics import start_metrics_endpoint
-from margin.common.server import Register, RunningServer, build_server, serve_until_signal
+from margin.common.server import AioRunningServer, Register, RunningServer, build_server, serve_until_signal
 from margin.common.tenancy import TenantStore
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,14 @@ class ServiceSpec:
     service_names: Sequence[str]
     admin_methods: Sequence[str] = ()
     on_stop: Callable[[], None] | None = None
-    on_started: Callable[[RunningServer], None] | None = None  # e.g. start a dependency watcher
+    on_started: Callable[[RunningServer | AioRunningServer], None] | None = None  # e.g. a dependency watcher
+    asyncio: bool = False  # servicer methods are coroutines: serve them on a grpc.aio server
     extra: dict = field(default_factory=dict)  # the core(s), for tests and benchmarks
 
 
 @dataclass
 class StartedService:
-    server: RunningServer
+    server: RunningServer | AioRunningServer
     spec: ServiceSpec
     context: ServiceContext
 
@@ -68,9 +69,13 @@ def start_service(build: Build, *, database_url: str, admin_key: str | None, por
     sessions = make_sessionmaker(engine)
     ctx = ServiceContext(engine, sessions, TenantStore(sessions, admin_key, auth_cache_seconds), admin_key)
     spec = build(ctx)
-    interceptor = ServiceInterceptor(ctx.tenants.authenticate, spec.admin_methods)
-    server = build_server(spec.register, spec.service_names, port=port, host=host,
-                          interceptors=[interceptor], max_workers=max_workers)
+    if spec.asyncio:
+        server = AioRunningServer(spec.register, spec.service_names, port, host,
+                                  [AioServiceInterceptor(ctx.tenants.authenticate, spec.admin_methods)])
+    else:
+        server = build_server(spec.register, spec.service_names, port=port, host=host,
+                              interceptors=[ServiceInterceptor(ctx.tenants.authenticate, spec.admin_methods)],
+                              max_workers=max_workers)
     if spec.on_started:
         spec.on_started(server)
     return StartedService(server, spec, ctx)

@@ -2,6 +2,7 @@
 meter and price the request. Routes and signatures are cached, so no registry call is on the hot path."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -73,13 +74,35 @@ class Gateway:
 
     def predict(self, principal: Principal, api_key: str, target: Target, inputs: Sequence[RawTensor],
                 outputs: Sequence[str]) -> Prediction:
-        deployment = self._route(principal.tenant_id, api_key, target)
+        deployment, wanted, rows = self._admit(principal, self._route(principal.tenant_id, api_key, target),
+                                               inputs, outputs)
+        start = time.perf_counter()
+        result = self._triton.infer(deployment.triton_name, inputs, wanted)
+        return self._charge(principal, deployment, rows, start, result)
+
+    async def predict_async(self, principal: Principal, api_key: str, target: Target, inputs: Sequence[RawTensor],
+                            outputs: Sequence[str]) -> Prediction:
+        """:meth:`predict` for an asyncio server: a cache miss resolves the route on a worker thread, and the
+        Triton call awaits instead of blocking."""
+        deployment = self._routes.get((principal.tenant_id, target))
+        if deployment is None:
+            deployment = await asyncio.to_thread(self._route, principal.tenant_id, api_key, target)
+        deployment, wanted, rows = self._admit(principal, deployment, inputs, outputs)
+        start = time.perf_counter()
+        result = await self._triton.infer_async(deployment.triton_name, inputs, wanted)
+        return self._charge(principal, deployment, rows, start, result)
+
+    def _admit(self, principal: Principal, deployment: Deployment, inputs: Sequence[RawTensor],
+               outputs: Sequence[str]) -> tuple[Deployment, list[str], int]:
+        """Validate against the signature and take the rows from the tenant's allowance."""
         validate_inputs(inputs, deployment.signature, deployment.batching.max_batch_size)
         wanted = validate_outputs(outputs, deployment.signature)
         rows = inputs[0].shape[0] if deployment.signature.batched else 1
         self._limiter.take(principal.tenant_id, rows)
-        start = time.perf_counter()
-        result = self._triton.infer(deployment.triton_name, inputs, wanted)
+        return deployment, wanted, rows
+
+    def _charge(self, principal: Principal, deployment: Deployment, rows: int, start: float,
+                result: list[RawTensor]) -> Prediction:
         compute_us = int((time.perf_counter() - start) * 1e6)
         cost = self._price(deployment, rows, compute_us)
         self._meter.record(MeterKey(principal.tenant_id, principal.tenant or "", deployment.name, deployment.model,

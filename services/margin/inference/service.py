@@ -86,7 +86,7 @@ def inference_builder(settings: InferenceSettings):
 
         return ServiceSpec(
             register=[lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)],
-            service_names=[SERVICE_NAME], on_stop=stop, on_started=watcher.start,
+            service_names=[SERVICE_NAME], on_stop=stop, on_started=watcher.start, asyncio=True,
             extra={"gateway": gateway, "meter": meter, "limiter": limiter, "watcher": watcher})
     return build
 

@@ -1,5 +1,8 @@
-"""The Inference gRPC servicer: thin — convert, call the gateway or the deployment manager, convert back."""
+"""The Inference gRPC servicer (asyncio): thin — convert, call the gateway or the deployment manager,
+convert back. Predict runs on the event loop; control calls (deploy, list…) run on worker threads."""
 from __future__ import annotations
+
+import asyncio
 
 from margin.common.auth import bearer_token, current_principal, current_tenant_id
 from margin.inference import convert
@@ -12,36 +15,38 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.gateway = gateway
         self.deployments = gateway.deployments
 
-    def Deploy(self, request, context):
-        tenant = current_tenant_id()
-        deployment = self.deployments.deploy(tenant, bearer_token(context.invocation_metadata()),
+    async def Deploy(self, request, context):
+        deployment = await asyncio.to_thread(self.deployments.deploy, current_tenant_id(),
+                                             bearer_token(context.invocation_metadata()),
                                              convert.deploy_spec(request))
         self.gateway.invalidate()
         return convert.deployment_to_proto(deployment)
 
-    def Undeploy(self, request, context):
-        deployment = self.deployments.undeploy(current_tenant_id(), request.name)
+    async def Undeploy(self, request, context):
+        deployment = await asyncio.to_thread(self.deployments.undeploy, current_tenant_id(), request.name)
         self.gateway.invalidate()
         return convert.deployment_to_proto(deployment)
 
-    def GetDeployment(self, request, context):
-        return convert.deployment_to_proto(self.deployments.get(current_tenant_id(), request.name))
+    async def GetDeployment(self, request, context):
+        return convert.deployment_to_proto(
+            await asyncio.to_thread(self.deployments.get, current_tenant_id(), request.name))
 
-    def ListDeployments(self, request, context):
-        items, token = self.deployments.list(current_tenant_id(), request.model, request.page_size, request.page_token)
+    async def ListDeployments(self, request, context):
+        items, token = await asyncio.to_thread(self.deployments.list, current_tenant_id(), request.model,
+                                               request.page_size, request.page_token)
         return inference_pb2.ListDeploymentsResponse(deployments=[convert.deployment_to_proto(d) for d in items],
                                                      next_page_token=token)
 
-    def Predict(self, request, context):
-        return self._predict(request, current_principal(), bearer_token(context.invocation_metadata()))
+    async def Predict(self, request, context):
+        return await self._predict(request, current_principal(), bearer_token(context.invocation_metadata()))
 
-    def PredictStream(self, request_iterator, context):
+    async def PredictStream(self, request_iterator, context):
         principal, key = current_principal(), bearer_token(context.invocation_metadata())
-        for request in request_iterator:
-            yield self._predict(request, principal, key)
+        async for request in request_iterator:
+            yield await self._predict(request, principal, key)
 
-    def _predict(self, request, principal, key):
+    async def _predict(self, request, principal, key):
         current_tenant_id()  # the admin key owns no deployments
-        prediction = self.gateway.predict(principal, key, convert.target(request), convert.inputs(request),
-                                          list(request.outputs))
+        prediction = await self.gateway.predict_async(principal, key, convert.target(request),
+                                                      convert.inputs(request), list(request.outputs))
         return convert.prediction_to_proto(prediction, request.request_id)

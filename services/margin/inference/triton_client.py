@@ -38,6 +38,8 @@ class TritonClient:
         self.infer_timeout_s = infer_timeout_s
         self._channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._aio_channel: grpc.aio.Channel | None = None
+        self._aio_stub = None
 
     def close(self) -> None:
         self._channel.close()
@@ -79,17 +81,39 @@ class TritonClient:
 
     # -- inference -------------------------------------------------------------------------------
     def infer(self, model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> list[RawTensor]:
-        request = service_pb2.ModelInferRequest(
-            model_name=model,
-            inputs=[service_pb2.ModelInferRequest.InferInputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
-                    for t in inputs],
-            outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
-            raw_input_contents=[t.raw for t in inputs])
         try:
-            reply = self._stub.ModelInfer(request, timeout=self.infer_timeout_s)
+            reply = self._stub.ModelInfer(_request(model, inputs, outputs), timeout=self.infer_timeout_s)
         except grpc.RpcError as err:
-            if err.code() in UNAVAILABLE_CODES:
-                raise Unavailable(f"Triton is unreachable: {err.details()}") from None
-            raise FailedPrecondition(f"Triton refused the request for {model}: {err.details()}") from None
-        return [RawTensor(o.name, o.datatype, tuple(o.shape), raw)
-                for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)]
+            raise _infer_error(model, err) from None
+        return _outputs(reply)
+
+    async def infer_async(self, model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> list[RawTensor]:
+        """The same call on the caller's event loop (one asyncio channel per loop, reused)."""
+        if self._aio_stub is None:
+            self._aio_channel = grpc.aio.insecure_channel(self.url, options=CHANNEL_OPTIONS)
+            self._aio_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._aio_channel)
+        try:
+            reply = await self._aio_stub.ModelInfer(_request(model, inputs, outputs), timeout=self.infer_timeout_s)
+        except grpc.RpcError as err:
+            raise _infer_error(model, err) from None
+        return _outputs(reply)
+
+
+def _request(model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> service_pb2.ModelInferRequest:
+    return service_pb2.ModelInferRequest(
+        model_name=model,
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                for t in inputs],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
+        raw_input_contents=[t.raw for t in inputs])
+
+
+def _outputs(reply: service_pb2.ModelInferResponse) -> list[RawTensor]:
+    return [RawTensor(o.name, o.datatype, tuple(o.shape), raw)
+            for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)]
+
+
+def _infer_error(model: str, err: grpc.RpcError) -> Exception:
+    if err.code() in UNAVAILABLE_CODES:
+        return Unavailable(f"Triton is unreachable: {err.details()}")
+    return FailedPrecondition(f"Triton refused the request for {model}: {err.details()}")
