@@ -9,7 +9,7 @@ from pathlib import Path
 import redis
 
 from margin.common import config, costs
-from margin.common.server import RunningServer
+from margin.common.server import AioRunningServer, RunningServer
 from margin.common.service import ServiceContext, ServiceSpec
 from margin.inference.deployments import DeploymentManager
 from margin.inference.gateway import Gateway
@@ -39,16 +39,18 @@ class InferenceSettings:
 
 class TritonWatcher:
     """Health follows Triton: NOT_SERVING while it is unreachable; when it comes back, every READY
-    deployment is loaded again (explicit model control starts empty) and health returns to SERVING."""
+    deployment is loaded again (explicit model control starts empty) and health returns to SERVING.
+    The service starts NOT_SERVING and does the same once, so deployments survive a restart of both."""
 
     def __init__(self, triton: TritonClient, deployments: DeploymentManager, every_s: float):
         self._triton, self._deployments, self._every = triton, deployments, every_s
         self._stop = threading.Event()
-        self._server: RunningServer | None = None
-        self.up = True
+        self._server: RunningServer | AioRunningServer | None = None
+        self.up = False
 
-    def start(self, server: RunningServer) -> None:
+    def start(self, server: RunningServer | AioRunningServer) -> None:
         self._server = server
+        server.set_serving(False)
         threading.Thread(target=self._loop, name="triton-watch", daemon=True).start()
 
     def _loop(self) -> None:
