@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
-from margin.cluster.processes import ManagedProcess, ProcessSpec, free_port, redis_spec
+from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, standalone_service_spec
 from margin.common.protoconv import signature_to_proto
 from margin.common.tensors import Signature, TensorSpec
 from margin.inference.triton_process import triton_spec
@@ -48,25 +48,13 @@ SIGNATURE = Signature((TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("log
 GOAL_RATIO = 0.9          # gateway req/s >= 0.9 x direct, at concurrency 8
 GOAL_P50_ADDED_MS = 1.0   # gateway p50 - direct p50 <= 1 ms, at concurrency 8
 GOAL_CONCURRENCY = 8
-SERVICES_DIR = Path(__file__).resolve().parent.parent / "services"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATHS = ("direct", "gateway")
 
 
 # -- processes -------------------------------------------------------------------------------------
 def service_spec(name: str, module: str, workdir: Path, admin_key: str, extra: dict[str, str]) -> ProcessSpec:
-    port = free_port()
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(SERVICES_DIR), os.environ.get("PYTHONPATH")])),
-           "MARGIN_HOME": str(workdir),
-           "DATABASE_URL": f"sqlite:///{workdir / 'margin.db'}",
-           "MARGIN_ARTIFACT_DIR": str(workdir / "artifacts"),
-           "MARGIN_GRPC_HOST": "127.0.0.1",
-           "MARGIN_GRPC_PORT": str(port),
-           "MARGIN_METRICS_PORT": "-1",
-           "MARGIN_ADMIN_KEY": admin_key,
-           "MARGIN_LOG_FORMAT": "text",
-           **extra}
-    return ProcessSpec(name, [sys.executable, "-m", module], port, "grpc", env)
+    return standalone_service_spec(name, module, workdir, admin_key, **extra)
 
 
 def start(spec: ProcessSpec, workdir: Path, started: list[ManagedProcess], timeout: float) -> ManagedProcess:

@@ -17,7 +17,6 @@ import platform
 import secrets
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-from margin.cluster.processes import ManagedProcess, ProcessSpec, free_port
+from margin.cluster.processes import ManagedProcess, standalone_service_spec
 from margin.sdk.channel import Connection, connect
 from margin.sdk.registry import CHUNK, RegistryClient
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
@@ -37,23 +36,12 @@ BLOCK = 8 << 20
 GOAL_MBPS = 100.0
 GOAL_RSS_GROWTH_MB = 100.0
 MODEL = "bench-model"
-SERVICES_DIR = Path(__file__).resolve().parent.parent / "services"
 
 
 def start_service(name: str, module: str, workdir: Path, admin_key: str, max_upload: int) -> ManagedProcess:
     """Start one Margin service as a real process and wait until its health check says SERVING."""
-    port = free_port()
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(SERVICES_DIR), os.environ.get("PYTHONPATH")])),
-           "MARGIN_HOME": str(workdir),
-           "DATABASE_URL": f"sqlite:///{workdir / 'margin.db'}",
-           "MARGIN_ARTIFACT_DIR": str(workdir / "artifacts"),
-           "MARGIN_GRPC_HOST": "127.0.0.1",
-           "MARGIN_GRPC_PORT": str(port),
-           "MARGIN_METRICS_PORT": "-1",
-           "MARGIN_ADMIN_KEY": admin_key,
-           "MARGIN_MAX_UPLOAD_BYTES": str(max_upload),
-           "MARGIN_LOG_FORMAT": "text"}
-    service = ManagedProcess(ProcessSpec(name, [sys.executable, "-m", module], port, "grpc", env), workdir)
+    service = ManagedProcess(standalone_service_spec(name, module, workdir, admin_key,
+                                                     MARGIN_MAX_UPLOAD_BYTES=str(max_upload)), workdir)
     service.start()
     service.wait_healthy(30.0)
     return service

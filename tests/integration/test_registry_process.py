@@ -4,14 +4,13 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from margin.cluster.processes import ManagedProcess, ProcessSpec, free_port
+from margin.cluster.processes import ManagedProcess, free_port, standalone_service_spec
 from margin.common.db import make_engine, make_sessionmaker
 from margin.common.tenancy import TenantStore
 from margin.sdk import RegistryClient, connect
@@ -19,11 +18,9 @@ from margin.v1 import common_pb2, registry_pb2
 
 
 def registry_process(tmp: Path, port: int) -> ManagedProcess:
-    env = {"DATABASE_URL": f"sqlite:///{tmp / 'margin.db'}", "MARGIN_ARTIFACT_DIR": str(tmp / "artifacts"),
-           "MARGIN_GRPC_PORT": str(port), "MARGIN_GRPC_HOST": "127.0.0.1", "MARGIN_METRICS_PORT": "-1",
-           "MARGIN_GRACE_SECONDS": "20", "MARGIN_LOG_FORMAT": "json",
-           "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = ManagedProcess(ProcessSpec("registry", [sys.executable, "-m", "margin.registry"], port, "grpc", env), tmp)
+    spec = standalone_service_spec("registry", "margin.registry", tmp, port=port, MARGIN_GRACE_SECONDS="20",
+                                   MARGIN_LOG_FORMAT="json")
+    child = ManagedProcess(spec, tmp)
     child.start()
     child.wait_healthy(30)
     return child

@@ -135,6 +135,20 @@ SERVICES: list[tuple[str, str]] = [
 ]
 
 
+def standalone_service_spec(name: str, module: str, workdir: Path, admin_key: str | None = None,
+                            port: int | None = None, **extra_env: str) -> ProcessSpec:
+    """One Margin service as its own process on a SQLite database in ``workdir`` — for benchmarks and
+    tests that need real processes without the whole local cluster."""
+    port = port or free_port()
+    services_dir = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [services_dir, os.environ.get("PYTHONPATH")])),
+           "MARGIN_HOME": str(workdir), "DATABASE_URL": f"sqlite:///{workdir / 'margin.db'}",
+           "MARGIN_ARTIFACT_DIR": str(workdir / "artifacts"), "MARGIN_GRPC_HOST": "127.0.0.1",
+           "MARGIN_GRPC_PORT": str(port), "MARGIN_METRICS_PORT": "-1", "MARGIN_LOG_FORMAT": "text",
+           **({"MARGIN_ADMIN_KEY": admin_key} if admin_key else {}), **extra_env}
+    return ProcessSpec(name, [sys.executable, "-m", module], port, "grpc", env)
+
+
 def redis_spec(home: Path) -> ProcessSpec:
     binary = shutil.which("redis-server")
     if binary is None:
