@@ -37,9 +37,10 @@ from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, st
 from margin.common.protoconv import signature_to_proto
 from margin.common.tensors import Signature, TensorSpec
 from margin.inference.triton_process import triton_spec
+from margin.sdk.admin import create_tenant_key
 from margin.sdk.channel import Connection, connect
 from margin.sdk.registry import RegistryClient
-from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 from rich.console import Console
 from rich.table import Table
 
@@ -135,12 +136,12 @@ class CpuProbe:
 
 # -- setup -----------------------------------------------------------------------------------------
 def setup_tenant(budget: ManagedProcess, admin_key: str) -> str:
-    with grpc.insecure_channel(budget.spec.address) as channel:
-        stub = budget_pb2_grpc.BudgetsStub(channel)
-        md = (("authorization", f"Bearer {admin_key}"),)
-        stub.CreateTenant(budget_pb2.CreateTenantRequest(name="bench"), metadata=md, timeout=10)
-        return stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant="bench", description="gateway bench"),
-                                 metadata=md, timeout=10).key
+    """Create a tenant and an API key through Budgets (admin key); return the tenant's key."""
+    conn = connect(budget.spec.address, admin_key)
+    try:
+        return create_tenant_key(conn, "bench", "gateway bench")
+    finally:
+        conn.close()
 
 
 def build_model(workdir: Path) -> tuple[torch.jit.ScriptModule, Path]:

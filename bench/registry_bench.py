@@ -23,11 +23,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 from margin.cluster.processes import ManagedProcess, standalone_service_spec
+from margin.sdk.admin import create_tenant_key
 from margin.sdk.channel import Connection, connect
 from margin.sdk.registry import CHUNK, RegistryClient
-from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2
+from margin.v1 import common_pb2, registry_pb2
 from rich.console import Console
 from rich.table import Table
 
@@ -87,12 +87,11 @@ def write_random_file(path: Path, size_bytes: int) -> None:
 
 def setup_tenant(budget: ManagedProcess, admin_key: str) -> str:
     """Create a tenant and an API key through Budgets (admin key); return the tenant's key."""
-    with grpc.insecure_channel(budget.spec.address) as channel:
-        stub = budget_pb2_grpc.BudgetsStub(channel)
-        md = (("authorization", f"Bearer {admin_key}"),)
-        stub.CreateTenant(budget_pb2.CreateTenantRequest(name="bench"), metadata=md, timeout=10)
-        return stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant="bench", description="registry bench"),
-                                 metadata=md, timeout=10).key
+    conn = connect(budget.spec.address, admin_key)
+    try:
+        return create_tenant_key(conn, "bench", "registry bench")
+    finally:
+        conn.close()
 
 
 def upload_meta() -> registry_pb2.UploadMetadata:

@@ -13,6 +13,7 @@ from margin.budget.service import build_budget
 from margin.common.service import StartedService, start_service
 from margin.registry.service import registry_builder
 from margin.sdk import RegistryClient, connect
+from margin.sdk.admin import create_tenant_key
 from margin.v1 import budget_pb2, budget_pb2_grpc
 
 MAX_UPLOAD = 8 << 20
@@ -55,11 +56,7 @@ def running_cluster(database_url: str, artifact_dir: Path) -> Iterator[Cluster]:
     registry = start_service(registry_builder(artifact_dir, MAX_UPLOAD), database_url=database_url,
                              admin_key=admin_key, auth_cache_seconds=0)
     conn = connect(budget.server.address, admin_key)
-    stub = budget_pb2_grpc.BudgetsStub(conn.channel)
-    keys = {}
-    for tenant in ("acme", "other"):
-        stub.CreateTenant(budget_pb2.CreateTenantRequest(name=tenant), metadata=conn.metadata)
-        keys[tenant] = stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=tenant), metadata=conn.metadata).key
+    keys = {tenant: create_tenant_key(conn, tenant) for tenant in ("acme", "other")}
     conn.close()
     try:
         yield Cluster(budget, registry, admin_key, keys, artifact_dir)

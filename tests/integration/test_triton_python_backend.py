@@ -37,7 +37,8 @@ pytestmark = [
 
 SIGNATURE = Signature(inputs=(TensorSpec("input", "FP32", (-1, 64)),),
                       outputs=(TensorSpec("logits", "FP32", (-1, 10)),))
-OPTIONS = TritonOptions(max_batch_size=32, max_queue_delay_microseconds=2000, backend="python")
+# A generous queue delay, so concurrent rows are batched even on a loaded 2-core machine.
+OPTIONS = TritonOptions(max_batch_size=32, max_queue_delay_microseconds=20000, backend="python")
 LOAD_TIMEOUT_S = 60.0
 
 

@@ -11,7 +11,8 @@ import grpc
 
 from margin.cluster import state
 from margin.sdk import connect
-from margin.v1 import budget_pb2, budget_pb2_grpc, registry_pb2, registry_pb2_grpc
+from margin.sdk.admin import create_tenant_key
+from margin.v1 import registry_pb2, registry_pb2_grpc
 
 DEMO_TENANT = "demo"
 
@@ -75,14 +76,7 @@ def ensure_demo_key(current: dict) -> str:
             conn.close()
     conn = connect(current["services"]["budget"]["address"], state.admin_key())
     try:
-        stub = budget_pb2_grpc.BudgetsStub(conn.channel)
-        try:
-            stub.CreateTenant(budget_pb2.CreateTenantRequest(name=DEMO_TENANT), metadata=conn.metadata, timeout=10)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-        key = stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=DEMO_TENANT, description="local demo"),
-                                metadata=conn.metadata, timeout=10).key
+        key = create_tenant_key(conn, DEMO_TENANT, "local demo", exist_ok=True)
     finally:
         conn.close()
     state.write_secret(path, key)
