@@ -280,3 +280,19 @@ def test_triton_down_is_unavailable_fast_then_recovers(stack):
             pass
         assert time.monotonic() < deadline, "the gateway did not recover after Triton came back"
         time.sleep(0.2)
+
+
+def test_predict_stream_answers_each_request_in_order(stack):
+    deploy(stack, 2)
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((i + 1, 64)).astype(np.float32) for i in range(5)]
+    requests = (inference_pb2.PredictRequest(version=common_pb2.VersionRef(model="digits", number=2),
+                                             inputs=[tensor(x)], request_id=f"r{i}") for i, x in enumerate(xs))
+    replies = list(stack.stub().PredictStream(requests, metadata=stack.md()))
+    assert [r.request_id for r in replies] == [f"r{i}" for i in range(5)]
+    for x, reply in zip(xs, replies, strict=True):
+        assert np.allclose(outputs(reply), stack.scripted[2](torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    bad = iter([inference_pb2.PredictRequest(version=common_pb2.VersionRef(model="digits", number=2),
+                                             inputs=[tensor(np.zeros((1, 3), np.float32))])])
+    code, details = code_of(lambda: list(stack.stub().PredictStream(bad, metadata=stack.md())))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input: FP32[-1, 64]" in details
