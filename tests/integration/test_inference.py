@@ -296,3 +296,18 @@ def test_predict_stream_answers_each_request_in_order(stack):
                                              inputs=[tensor(np.zeros((1, 3), np.float32))])])
     code, details = code_of(lambda: list(stack.stub().PredictStream(bad, metadata=stack.md())))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "input: FP32[-1, 64]" in details
+
+
+@pytest.mark.parametrize("request_fields, fragment", [
+    (dict(device_class="tpu-v9"), "known classes"),
+    (dict(batching=inference_pb2.BatchingConfig(max_batch_size=16, preferred_batch_sizes=[64])), "preferred"),
+    (dict(instances=-1), "instances"),
+    (dict(min_replicas=3, max_replicas=2), "replicas"),
+])
+def test_bad_deploy_requests_are_invalid_argument_and_leave_no_deployment(stack, request_fields, fragment):
+    before = stack.stub().ListDeployments(inference_pb2.ListDeploymentsRequest(), metadata=stack.md()).deployments
+    code, details = code_of(lambda: stack.stub().Deploy(inference_pb2.DeployRequest(
+        version=common_pb2.VersionRef(model="digits", number=3), **request_fields), metadata=stack.md()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in details, details
+    after = stack.stub().ListDeployments(inference_pb2.ListDeploymentsRequest(), metadata=stack.md()).deployments
+    assert [(d.name, d.state) for d in after] == [(d.name, d.state) for d in before]

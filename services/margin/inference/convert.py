@@ -19,7 +19,7 @@ def deploy_spec(req: inference_pb2.DeployRequest) -> DeploySpec:
         if req.HasField("batching") else Batching()
     return DeploySpec(model=req.version.model, number=req.version.number, alias=req.version.alias,
                       device_class=req.device_class or "cpu", instances=req.instances or 1, batching=batching,
-                      min_replicas=req.min_replicas or 1, max_replicas=max(req.max_replicas, req.min_replicas or 1))
+                      min_replicas=req.min_replicas or 1, max_replicas=req.max_replicas or (req.min_replicas or 1))
 
 
 def deployment_to_proto(d: Deployment) -> inference_pb2.Deployment:

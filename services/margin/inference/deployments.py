@@ -115,7 +115,10 @@ class DeploymentManager:
 
     # -- deploy / undeploy -------------------------------------------------------------------------
     def deploy(self, tenant_id: int, api_key: str, spec: DeploySpec) -> Deployment:
+        """Everything about the request is checked before anything is saved, so a bad request leaves no
+        deployment behind; a failure after that (download, export, load) leaves it FAILED with the reason."""
         self._check_spec(spec)
+        settings, options = self._settings(spec), self._options(spec)
         version = self._registry.version(api_key, spec.model, spec.number, spec.alias)
         if version.format != "torchscript":
             raise FailedPrecondition(f"{version.model} v{version.number} is {version.format}; deploy a torchscript "
@@ -127,13 +130,12 @@ class DeploymentManager:
         triton_name = f"t{tenant_id}--{name}"
         with self._lock(triton_name):
             existing = self._row(tenant_id, name, missing_ok=True)
-            settings = self._settings(spec)
             if existing and existing.state == READY and self._same(existing, settings) \
                     and self.triton.model_ready(triton_name):
                 return existing
             self._save(tenant_id, name, triton_name, version, settings, LOADING, "")
             try:
-                self._export(api_key, version, triton_name, spec)
+                self._export(api_key, version, triton_name, options)
                 self.triton.load(triton_name)
                 capacity, p50 = self._calibrate(triton_name, version.signature)
             except Exception as err:
@@ -196,7 +198,10 @@ class DeploymentManager:
             raise InvalidArgument("batching: max_batch_size and max_queue_delay_microseconds must be >= 0")
 
     def _settings(self, spec: DeploySpec) -> dict:
-        self._catalog.device(spec.device_class)  # unknown device class -> error listing the known ones
+        try:
+            self._catalog.device(spec.device_class)
+        except costs.UnknownDeviceClass as err:
+            raise InvalidArgument(str(err)) from None
         return {"device_class": spec.device_class, "instances": spec.instances,
                 "batching": dataclasses.asdict(spec.batching), "min_replicas": spec.min_replicas,
                 "max_replicas": spec.max_replicas}
@@ -208,12 +213,15 @@ class DeploymentManager:
             settings["device_class"], settings["instances"], settings["batching"], settings["min_replicas"],
             settings["max_replicas"])
 
-    def _export(self, api_key: str, version: VersionInfo, triton_name: str, spec: DeploySpec) -> None:
+    def _options(self, spec: DeploySpec) -> TritonOptions:
+        """Triton's settings for the deployment (validated: raises InvalidArgument)."""
         b = spec.batching
-        options = TritonOptions(backend="python", max_batch_size=b.max_batch_size,
-                                preferred_batch_sizes=tuple(b.preferred_batch_sizes),
-                                max_queue_delay_microseconds=b.max_queue_delay_us, instance_count=spec.instances,
-                                instance_kind=self._instance_kind)
+        return TritonOptions(backend="python", max_batch_size=b.max_batch_size,
+                             preferred_batch_sizes=tuple(b.preferred_batch_sizes),
+                             max_queue_delay_microseconds=b.max_queue_delay_us, instance_count=spec.instances,
+                             instance_kind=self._instance_kind)
+
+    def _export(self, api_key: str, version: VersionInfo, triton_name: str, options: TritonOptions) -> None:
         record = VersionRecord(model=version.model, number=version.number, format=version.format,
                                sha256=version.sha256, size_bytes=version.size_bytes, signature=version.signature,
                                architecture={}, parent=None, recipe={}, metrics=version.metrics, cost=None,
