@@ -171,6 +171,9 @@ BAD_UPLOADS = {
     "safetensors that is not one": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
                                                          architecture=_struct({"family": "mlp"})),
                                     grpc.StatusCode.INVALID_ARGUMENT, "not a safetensors file"),
+    "undefined dtype number": (lambda d: _data_msgs(d, signature=common_pb2.Signature(
+        inputs=[common_pb2.TensorSpec(name="x", dtype=99, shape=[-1, 4])])), grpc.StatusCode.INVALID_ARGUMENT,
+        "not a margin.v1.DType"),
     "bad dtype in signature": (lambda d: _data_msgs(d, signature=common_pb2.Signature(
         inputs=[common_pb2.TensorSpec(name="x", shape=[-1, 4])])), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
 }

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from margin.common.errors import InvalidArgument
 from margin.common.tensors import Signature, TensorSpec
 from margin.v1 import common_pb2
 
@@ -32,13 +33,26 @@ def money(micros: int, currency: str = "USD") -> common_pb2.Money:
     return common_pb2.Money(currency=currency, micros=micros)
 
 
+def dtype_name(value: int) -> str:
+    """``DTYPE_FP32`` (as sent) -> ``"FP32"``; a number the contract does not define is INVALID_ARGUMENT
+    (proto3 enums are open, so a raw client can send any integer)."""
+    try:
+        return common_pb2.DType.Name(value).removeprefix("DTYPE_")
+    except ValueError:
+        raise InvalidArgument(f"dtype {value} is not a margin.v1.DType") from None
+
+
+def dtype_value(name: str) -> int:
+    return common_pb2.DType.Value(f"DTYPE_{name}")
+
+
 def signature_from_proto(msg: common_pb2.Signature) -> Signature:
     def spec(t: common_pb2.TensorSpec) -> TensorSpec:
-        return TensorSpec(t.name, common_pb2.DType.Name(t.dtype).removeprefix("DTYPE_"), tuple(t.shape))
+        return TensorSpec(t.name, dtype_name(t.dtype), tuple(t.shape))
     return Signature(tuple(spec(t) for t in msg.inputs), tuple(spec(t) for t in msg.outputs))
 
 
 def signature_to_proto(sig: Signature) -> common_pb2.Signature:
     def spec(t: TensorSpec) -> common_pb2.TensorSpec:
-        return common_pb2.TensorSpec(name=t.name, dtype=common_pb2.DType.Value(f"DTYPE_{t.dtype}"), shape=t.shape)
+        return common_pb2.TensorSpec(name=t.name, dtype=dtype_value(t.dtype), shape=t.shape)
     return common_pb2.Signature(inputs=[spec(t) for t in sig.inputs], outputs=[spec(t) for t in sig.outputs])

@@ -48,14 +48,14 @@ def target(req: inference_pb2.PredictRequest) -> Target:
 def inputs(req: inference_pb2.PredictRequest) -> list[RawTensor]:
     if not req.inputs:
         raise InvalidArgument("a Predict request needs at least one input tensor")
-    return [RawTensor(t.name, common_pb2.DType.Name(t.dtype).removeprefix("DTYPE_"), tuple(t.shape), t.raw)
+    return [RawTensor(t.name, protoconv.dtype_name(t.dtype), tuple(t.shape), t.raw)
             for t in req.inputs]
 
 
 def prediction_to_proto(p: Prediction, request_id: str) -> inference_pb2.PredictResponse:
     d = p.deployment
     return inference_pb2.PredictResponse(
-        outputs=[common_pb2.Tensor(name=o.name, dtype=common_pb2.DType.Value(f"DTYPE_{o.datatype}"), shape=o.shape,
+        outputs=[common_pb2.Tensor(name=o.name, dtype=protoconv.dtype_value(o.datatype), shape=o.shape,
                                    raw=o.raw) for o in p.outputs],
         served_version=common_pb2.VersionRef(model=d.model, number=d.version), deployment=d.name,
         usage=inference_pb2.Usage(compute_microseconds=p.compute_us, cost=protoconv.money(round(p.cost_micros)),

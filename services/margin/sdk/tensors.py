@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from margin.common import protoconv
 from margin.v1 import common_pb2
 
 _TO_DTYPE = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.float64): "FP64",
@@ -16,12 +17,12 @@ def to_tensor(name: str, array: np.ndarray) -> common_pb2.Tensor:
     if array.dtype not in _TO_DTYPE:
         raise ValueError(f"{name}: dtype {array.dtype} is not supported; use one of {sorted(map(str, _TO_DTYPE))}")
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return common_pb2.Tensor(name=name, dtype=common_pb2.DType.Value(f"DTYPE_{_TO_DTYPE[array.dtype]}"),
+    return common_pb2.Tensor(name=name, dtype=protoconv.dtype_value(_TO_DTYPE[array.dtype]),
                              shape=array.shape, raw=little.tobytes())
 
 
 def from_tensor(tensor: common_pb2.Tensor) -> np.ndarray:
-    name = common_pb2.DType.Name(tensor.dtype).removeprefix("DTYPE_")
+    name = protoconv.dtype_name(tensor.dtype)
     if name not in _FROM_DTYPE:
         raise ValueError(f"{tensor.name}: dtype {name} has no numpy equivalent here")
     return np.frombuffer(tensor.raw, dtype=_FROM_DTYPE[name].newbyteorder("<")).reshape(tuple(tensor.shape))
