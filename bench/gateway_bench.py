@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
+from harness import tenant_key
 from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, standalone_service_spec
 from margin.common.protoconv import signature_to_proto
 from margin.common.tensors import Signature, TensorSpec
 from margin.inference.triton_process import triton_spec
-from margin.sdk.admin import create_tenant_key
 from margin.sdk.channel import Connection, connect
 from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
@@ -135,15 +135,6 @@ class CpuProbe:
 
 
 # -- setup -----------------------------------------------------------------------------------------
-def setup_tenant(budget: ManagedProcess, admin_key: str) -> str:
-    """Create a tenant and an API key through Budgets (admin key); return the tenant's key."""
-    conn = connect(budget.spec.address, admin_key)
-    try:
-        return create_tenant_key(conn, "bench", "gateway bench")
-    finally:
-        conn.close()
-
-
 def build_model(workdir: Path) -> tuple[torch.jit.ScriptModule, Path]:
     torch.manual_seed(0)
     module = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
@@ -464,7 +455,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
             "MARGIN_RATE_LIMIT_RPS": str(args.rate_limit), "MARGIN_RATE_LIMIT_BURST": str(args.rate_limit)}),
             workdir, started, 60)
 
-        key = setup_tenant(budget, admin_key)
+        key = tenant_key(budget, admin_key, "gateway bench")
         module, path = build_model(workdir)
         conn = connect(registry.spec.address, key)
         number = upload(conn, path)

@@ -23,8 +23,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from harness import tenant_key
 from margin.cluster.processes import ManagedProcess, standalone_service_spec
-from margin.sdk.admin import create_tenant_key
 from margin.sdk.channel import Connection, connect
 from margin.sdk.registry import CHUNK, RegistryClient
 from margin.v1 import common_pb2, registry_pb2
@@ -83,15 +83,6 @@ def write_random_file(path: Path, size_bytes: int) -> None:
             block = os.urandom(min(BLOCK, left))
             f.write(block)
             left -= len(block)
-
-
-def setup_tenant(budget: ManagedProcess, admin_key: str) -> str:
-    """Create a tenant and an API key through Budgets (admin key); return the tenant's key."""
-    conn = connect(budget.spec.address, admin_key)
-    try:
-        return create_tenant_key(conn, "bench", "registry bench")
-    finally:
-        conn.close()
 
 
 def upload_meta() -> registry_pb2.UploadMetadata:
@@ -180,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, module in (("budget", "margin.budget"), ("registry", "margin.registry")):
             services.append(start_service(name, module, workdir, admin_key, max_upload=2 * size + (64 << 20)))
         budget, registry = services
-        conn = connect(registry.spec.address, setup_tenant(budget, admin_key))
+        conn = connect(registry.spec.address, tenant_key(budget, admin_key, "registry bench"))
         client = RegistryClient(conn)
         client.create_model(MODEL, description="registry benchmark")
 

@@ -27,7 +27,7 @@ from margin.modelzoo.training import train_classifier
 from margin.registry.convert import cost_to_proto
 from margin.registry.domain import CostRecord
 from margin.sdk import RegistryClient, connect
-from margin.sdk.registry import all_pages
+from margin.sdk.pages import all_pages
 from margin.sdk.tensors import from_tensor, to_tensor
 from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 

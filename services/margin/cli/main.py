@@ -22,7 +22,8 @@ from margin.common.errors import MarginError
 from margin.common.tensors import Signature
 from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
-from margin.sdk.registry import DownloadError, all_pages
+from margin.sdk.pages import all_pages
+from margin.sdk.registry import DownloadError
 from margin.sdk.tensors import from_tensor, to_tensor
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 

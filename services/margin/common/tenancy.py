@@ -71,7 +71,7 @@ class ApiKeyInfo:
     expires_at: datetime | None
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def as_utc(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything here is UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -96,14 +96,14 @@ class TenantStore:
                 s.flush()
             except IntegrityError:
                 raise AlreadyExists(f"tenant {name!r} already exists") from None
-            return Tenant(row.id, row.name, _aware(row.created_at))
+            return Tenant(row.id, row.name, as_utc(row.created_at))
 
     def get_tenant(self, name: str) -> Tenant:
         with self._sessions() as s:
             row = s.scalar(select(TenantRow).where(TenantRow.name == name))
             if row is None:
                 raise NotFound(f"tenant {name!r} not found")
-            return Tenant(row.id, row.name, _aware(row.created_at))
+            return Tenant(row.id, row.name, as_utc(row.created_at))
 
     def create_api_key(self, tenant: str, description: str = "", ttl_seconds: int = 0) -> tuple[str, ApiKeyInfo]:
         """Make a new key for ``tenant``; the returned plaintext is never stored."""
@@ -120,7 +120,7 @@ class TenantStore:
                             description=description, expires_at=expires)
             s.add(row)
             s.flush()
-            return key, ApiKeyInfo(key_id, t.name, description, _aware(row.created_at), expires)
+            return key, ApiKeyInfo(key_id, t.name, description, as_utc(row.created_at), expires)
 
     # -- authentication -------------------------------------------------------------------------
     def authenticate(self, key: str | None) -> Principal:
@@ -153,7 +153,7 @@ class TenantStore:
             row = s.get(ApiKeyRow, parts[1])
             if row is None or not hmac.compare_digest(row.key_sha256, digest):
                 raise Unauthenticated("invalid API key")
-            expires = _aware(row.expires_at)
+            expires = as_utc(row.expires_at)
             if expires is not None and expires <= utcnow():
                 raise Unauthenticated(f"API key {row.id} expired at {expires.isoformat()}")
             tenant = s.get(TenantRow, row.tenant_id)

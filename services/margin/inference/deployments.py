@@ -24,7 +24,7 @@ from margin.common import costs
 from margin.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from margin.common.names import validate_name
 from margin.common.paging import decode_token, encode_token, page_size
-from margin.common.tenancy import _aware
+from margin.common.tenancy import as_utc
 from margin.common.tensors import Signature
 from margin.inference.registry_source import RegistrySource, VersionInfo
 from margin.inference.tables import DeploymentRow
@@ -95,7 +95,7 @@ def _record(row: DeploymentRow) -> Deployment:
         signature=Signature.from_dict(row.signature), metrics=dict(row.metrics or {}),
         price_micros_per_hour=row.price_micros_per_hour, capacity_rps=row.capacity_rps,
         cost_per_million_micros=row.cost_per_million_micros, latency_p50_ms=row.latency_p50_ms,
-        min_replicas=row.min_replicas, max_replicas=row.max_replicas, created_at=_aware(row.created_at),
+        min_replicas=row.min_replicas, max_replicas=row.max_replicas, created_at=as_utc(row.created_at),
         message=row.message, tenant_id=row.tenant_id)
 
 

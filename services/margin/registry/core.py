@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from margin.common.errors import AlreadyExists, InvalidArgument, NotFound
 from margin.common.names import validate_alias, validate_labels, validate_name
 from margin.common.paging import decode_token, encode_token, page_size
-from margin.common.tenancy import _aware
+from margin.common.tenancy import as_utc
 from margin.common.tensors import Signature
 from margin.registry.artifacts import LocalArtifactStore, PendingUpload
 from margin.registry.domain import (
@@ -251,7 +251,7 @@ class RegistryCore:
         aliases = dict(s.execute(select(AliasRow.alias, VersionRow.number)
                                  .join(VersionRow, VersionRow.id == AliasRow.version_id)
                                  .where(AliasRow.model_id == row.id)).all())
-        return ModelRecord(row.name, row.description, labels, _aware(row.created_at), row.latest_version, aliases)
+        return ModelRecord(row.name, row.description, labels, as_utc(row.created_at), row.latest_version, aliases)
 
     @staticmethod
     def _version_record(s: Session, row: VersionRow) -> VersionRecord:
@@ -267,7 +267,7 @@ class RegistryCore:
             model=model_name, number=row.number, format=row.format, sha256=row.sha256, size_bytes=row.size_bytes,
             signature=Signature.from_dict(row.signature), architecture=row.architecture or {}, parent=parent,
             recipe=row.recipe or {}, metrics=dict(row.metrics or {}),
-            cost=CostRecord(**row.cost) if row.cost else None, created_at=_aware(row.created_at),
+            cost=CostRecord(**row.cost) if row.cost else None, created_at=as_utc(row.created_at),
             aliases=aliases, description=row.description)
 
 

@@ -29,17 +29,6 @@ def file_chunks(path: Path, chunk: int = CHUNK, progress: Progress | None = None
             yield block
 
 
-def all_pages(call: Callable, request, field: str) -> list:
-    """Every item of a paginated List* call, following ``next_page_token`` to the end."""
-    items, token = [], ""
-    while True:
-        request.page_token = token
-        reply = call(request)
-        items += getattr(reply, field)
-        if not (token := reply.next_page_token):
-            return items
-
-
 class DownloadError(RuntimeError):
     """The bytes received do not hash to the version's sha256."""
 
