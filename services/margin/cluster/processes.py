@@ -19,10 +19,11 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 STOP_TIMEOUT_S = 15.0
+READY_FILE_ENV = "MARGIN_WORKER_READY_FILE"
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to send SIGTERM when the parent (the supervisor) dies."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -43,7 +44,7 @@ class ProcessSpec:
     name: str
     argv: list[str]
     port: int
-    kind: str                      # "grpc" | "redis" | "triton"
+    kind: str                      # "grpc" | "redis" | "triton" | "celery"
     env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)  # other ports it listens on, by use ("http", "metrics")
 
@@ -52,6 +53,8 @@ class ProcessSpec:
         return f"127.0.0.1:{self.port}"
 
     def healthy(self, timeout: float = 1.0) -> bool:
+        if self.kind == "celery":  # the worker writes this file once it consumes its queues
+            return Path(self.env[READY_FILE_ENV]).exists()
         if self.kind == "triton":
             return _triton_ready(self.address, timeout)
         try:
@@ -94,7 +97,7 @@ class ManagedProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.spec.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent if die_with_parent else None)
+                                         preexec_fn=die_with_parent if die_with_parent else None)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -122,7 +125,8 @@ class ManagedProcess:
             return ""
 
     def describe(self) -> dict:
-        return {"address": self.spec.address, "pid": self.proc.pid if self.proc else None, "log": str(self.log_path),
+        return {"address": self.spec.address if self.spec.port else "",
+                "pid": self.proc.pid if self.proc else None, "log": str(self.log_path),
                 "restarts": len(self.restarts), "up": bool(self.proc and self.proc.poll() is None),
                 "metrics_port": int(self.spec.env.get("MARGIN_METRICS_PORT", 0)) or self.spec.ports.get("metrics")}
 
@@ -131,6 +135,7 @@ class ManagedProcess:
 SERVICES: list[tuple[str, str]] = [
     ("budget", "margin.budget"),
     ("registry", "margin.registry"),
+    ("training", "margin.training"),
     ("inference", "margin.inference"),
 ]
 
@@ -168,6 +173,18 @@ def service_specs(home: Path, admin_key: str, redis_url: str, triton_url: str) -
               "MARGIN_LOG_FORMAT": "json", "MARGIN_REDIS_URL": redis_url, "MARGIN_TRITON_URL": triton_url,
               "MARGIN_MODEL_REPOSITORY": str(home / "model-repository"),
               **{f"MARGIN_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()}}
-    return [ProcessSpec(name, [sys.executable, "-m", module], ports[name], "grpc",
-                        {**shared, "MARGIN_GRPC_PORT": str(ports[name]), "MARGIN_METRICS_PORT": str(free_port())})
-            for name, module in SERVICES]
+    services = [ProcessSpec(name, [sys.executable, "-m", module], ports[name], "grpc",
+                            {**shared, "MARGIN_GRPC_PORT": str(ports[name]), "MARGIN_METRICS_PORT": str(free_port())})
+                for name, module in SERVICES]
+    return [*services, worker_spec(home, shared)]
+
+
+def worker_spec(home: Path, env: dict[str, str], queues: str = "train.cpu", name: str = "worker-cpu") -> ProcessSpec:
+    """One Celery worker consuming ``queues`` with one training process at a time (this machine's cores)."""
+    ready = home / "run" / f"{name}.ready"
+    ready.parent.mkdir(parents=True, exist_ok=True)
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "celery", "-A", "margin.worker.app", "worker", "-Q", queues, "--concurrency", "1",
+            "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--loglevel", "INFO"]
+    return ProcessSpec(name, argv, 0, "celery", {**env, READY_FILE_ENV: str(ready), "MARGIN_WORKER_QUEUES": queues})

@@ -28,6 +28,17 @@ def current_tenant_id() -> int:
     return principal.tenant_id
 
 
+ON_BEHALF_OF_HEADER = "x-margin-tenant"
+
+
+def on_behalf_of(metadata) -> str | None:
+    """The tenant an admin-key call acts for (``x-margin-tenant: <tenant name>``), or None."""
+    for key, value in metadata or ():
+        if key == ON_BEHALF_OF_HEADER:
+            return value.strip() or None
+    return None
+
+
 def bearer_token(metadata) -> str | None:
     """The key from ``authorization: Bearer <key>`` in call metadata, or None."""
     for key, value in metadata or ():

@@ -80,11 +80,28 @@ MODEL_REPOSITORY = Setting("MARGIN_MODEL_REPOSITORY", None,
 TRITON_INSTANCE_KIND = Setting("MARGIN_TRITON_INSTANCE_KIND", "KIND_CPU", "KIND_CPU or KIND_GPU for deployed models.")
 RATE_LIMIT_RPS = Setting("MARGIN_RATE_LIMIT_RPS", "1000", "Default per-tenant Predict rate (requests/s).")
 RATE_LIMIT_BURST = Setting("MARGIN_RATE_LIMIT_BURST", "2000", "Default per-tenant burst (requests).")
+TRAINING_ADDR = Setting("MARGIN_TRAINING_ADDR", "127.0.0.1:50052", "The training service's gRPC address (CLI).")
+CHECKPOINT_DIR = Setting("MARGIN_CHECKPOINT_DIR", None,
+                         "Where workers keep job checkpoints (a PVC or bucket mount in a cluster); "
+                         "default $MARGIN_HOME/checkpoints.")
+MAX_WORLD_SIZE = Setting("MARGIN_MAX_WORLD_SIZE", "8", "Largest world_size (DDP processes) a training job may ask for.")
+JOB_LEASE_SECONDS = Setting("MARGIN_JOB_LEASE_SECONDS", "30",
+                            "A running job's lease; a worker renews it every second, and a job whose lease "
+                            "lapsed (its whole worker died) is queued again.")
+JOB_MAX_ATTEMPTS = Setting("MARGIN_JOB_MAX_ATTEMPTS", "3",
+                           "Attempts a job gets before it ends FAILED (a poison job does not loop).")
+VISIBILITY_TIMEOUT = Setting("MARGIN_VISIBILITY_TIMEOUT", "7200",
+                             "Seconds Redis keeps an unacknowledged task before redelivering it; keep it longer "
+                             "than the longest checkpoint interval (one epoch).")
+WORKER_QUEUES = Setting("MARGIN_WORKER_QUEUES", "train.cpu",
+                        "Comma-separated Celery queues a worker consumes: one per device class "
+                        "(train.cpu, train.nvidia-a100, ...).")
 
 ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, GRPC_WORKERS, METRICS_PORT,
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
                 PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
-                RATE_LIMIT_RPS, RATE_LIMIT_BURST]
+                RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
+                JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, WORKER_QUEUES]
 
 
 def margin_home() -> Path:
@@ -98,6 +115,11 @@ def database_url() -> str:
 def artifact_dir() -> Path:
     raw = ARTIFACT_DIR.raw()
     return Path(raw).expanduser() if raw else margin_home() / "artifacts"
+
+
+def checkpoint_dir() -> Path:
+    raw = CHECKPOINT_DIR.raw()
+    return Path(raw).expanduser() if raw else margin_home() / "checkpoints"
 
 
 def admin_key() -> str:

@@ -28,7 +28,7 @@ from margin.common.tenancy import Principal
 log = logging.getLogger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-Authenticate = Callable[[str | None], Principal]
+Authenticate = Callable[[str | None, str | None], Principal]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class CallPolicy:
     def enter(self, context: grpc.ServicerContext) -> None:
         if self._authenticate is None:
             return
-        principal = self._authenticate(auth.bearer_token(context.invocation_metadata()))
+        metadata = context.invocation_metadata()
+        principal = self._authenticate(auth.bearer_token(metadata), auth.on_behalf_of(metadata))
         if self._admin_only and not principal.is_admin:
             raise PermissionDenied(f"{self.method} needs the admin key")
         auth.set_principal(principal)

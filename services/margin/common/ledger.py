@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, select
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from margin.common.db import Base
 from margin.common.tenancy import utcnow
@@ -49,17 +49,29 @@ class LedgerEntry:
     created_at: datetime = field(default_factory=utcnow)
 
 
-def append_entries(sessions: sessionmaker, entries: list[LedgerEntry]) -> tuple[int, int]:
-    """Append entries, skipping ids already in the ledger. Returns (written, duplicates)."""
-    if not entries:
-        return 0, 0
+def check_entries(entries: list[LedgerEntry]) -> None:
     for e in entries:
         if e.category not in CATEGORIES:
             raise ValueError(f"unknown spend category {e.category!r}")
         if e.micros < 0:
             raise ValueError("ledger amounts are never negative")
+
+
+def append_in(s: Session, entries: list[LedgerEntry]) -> int:
+    """Append entries inside the caller's transaction, skipping ids already present. Returns how many were new."""
+    check_entries(entries)
+    if not entries:
+        return 0
+    existing = set(s.scalars(select(LedgerRow.id).where(LedgerRow.id.in_([e.id for e in entries]))))
+    fresh = {e.id: e for e in entries if e.id not in existing}
+    s.add_all(LedgerRow(**vars(e)) for e in fresh.values())
+    return len(fresh)
+
+
+def append_entries(sessions: sessionmaker, entries: list[LedgerEntry]) -> tuple[int, int]:
+    """Append entries, skipping ids already in the ledger. Returns (written, duplicates)."""
+    if not entries:
+        return 0, 0
     with sessions.begin() as s:
-        existing = set(s.scalars(select(LedgerRow.id).where(LedgerRow.id.in_([e.id for e in entries]))))
-        fresh = {e.id: e for e in entries if e.id not in existing}
-        s.add_all(LedgerRow(**vars(e)) for e in fresh.values())
-    return len(fresh), len(entries) - len(fresh)
+        written = append_in(s, entries)
+    return written, len(entries) - written

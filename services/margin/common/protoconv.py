@@ -25,12 +25,31 @@ def struct(value: dict | None) -> struct_pb2.Struct:
     return msg
 
 
+def _plain(value):
+    """Struct numbers are doubles: give whole numbers back as ints (sizes, counts), recursively."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def from_struct(msg: struct_pb2.Struct) -> dict:
-    return json_format.MessageToDict(msg)
+    """A Struct as a dict, whole numbers as ints."""
+    return _plain(json_format.MessageToDict(msg))
 
 
 def money(micros: int, currency: str = "USD") -> common_pb2.Money:
     return common_pb2.Money(currency=currency, micros=micros)
+
+
+def cost(c: dict, currency: str = "USD") -> common_pb2.Cost:
+    """A Cost from a dict with total/compute/energy_micros, device_class, device_hours and energy_kwh."""
+    return common_pb2.Cost(total=money(c["total_micros"], currency), compute=money(c["compute_micros"], currency),
+                           energy=money(c["energy_micros"], currency), device_class=c["device_class"],
+                           device_hours=c["device_hours"], energy_kwh=c["energy_kwh"])
 
 
 def dtype_name(value: int) -> str:

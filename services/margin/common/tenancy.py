@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from margin.common.db import Base
-from margin.common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from margin.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from margin.common.names import validate_name
 
 
@@ -123,13 +123,22 @@ class TenantStore:
             return key, ApiKeyInfo(key_id, t.name, description, as_utc(row.created_at), expires)
 
     # -- authentication -------------------------------------------------------------------------
-    def authenticate(self, key: str | None) -> Principal:
-        """Map a bearer key to its principal, or raise :class:`Unauthenticated` saying what is wrong."""
+    def authenticate(self, key: str | None, on_behalf_of: str | None = None) -> Principal:
+        """Map a bearer key to its principal, or raise :class:`Unauthenticated` saying what is wrong.
+
+        Only the admin key may act on behalf of a tenant (``on_behalf_of``, the tenant's name): Margin's own
+        workers use that to register a job's result in the tenant's registry, like Kubernetes impersonation.
+        """
         if not key:
             raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
         digest = hashlib.sha256(key.encode()).hexdigest()
         if self._admin_sha and hmac.compare_digest(digest, self._admin_sha):
+            if on_behalf_of:
+                tenant = self.get_tenant(on_behalf_of)
+                return Principal(tenant.id, tenant.name, key_id=f"admin-as-{tenant.name}")
             return Principal(None, None, is_admin=True, key_id="admin")
+        if on_behalf_of:
+            raise PermissionDenied("only the admin key may act on behalf of a tenant")
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(digest)

@@ -26,12 +26,12 @@ from margin.common.names import validate_name
 from margin.common.paging import decode_token, encode_token, page_size
 from margin.common.tenancy import as_utc
 from margin.common.tensors import Signature
-from margin.inference.registry_source import RegistrySource, VersionInfo
 from margin.inference.tables import DeploymentRow
 from margin.inference.triton_client import RawTensor, TritonClient
 from margin.inference.validation import ITEM_SIZES
 from margin.registry.domain import VersionRecord
 from margin.registry.triton_export import TritonOptions, export_version
+from margin.sdk.registry_source import RegistrySource, VersionInfo
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from margin.common.tenancy import Principal
 from margin.inference.deployments import READY, Deployment, DeploymentManager
 from margin.inference.metering import Meter, MeterKey
 from margin.inference.ratelimit import RateLimiter
-from margin.inference.registry_source import RegistrySource
 from margin.inference.routing import Policy, choose
 from margin.inference.triton_client import RawTensor, TritonClient
 from margin.inference.validation import validate_inputs, validate_outputs
+from margin.sdk.registry_source import RegistrySource
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from margin.inference.deployments import DeploymentManager
 from margin.inference.gateway import Gateway
 from margin.inference.metering import Meter
 from margin.inference.ratelimit import Limits, RateLimiter
-from margin.inference.registry_source import RegistrySource
 from margin.inference.servicer import InferenceServicer
 from margin.inference.triton_client import TritonClient
+from margin.sdk.registry_source import RegistrySource
 from margin.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)

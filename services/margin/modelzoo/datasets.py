@@ -16,6 +16,41 @@ class Split:
     y_val: np.ndarray
 
 
+@dataclass(frozen=True)
+class Shape:
+    features: int
+    num_classes: int
+    rows: int
+
+    @property
+    def image_size(self) -> int:
+        return round(self.features ** 0.5)
+
+
+# Built-in datasets and their shapes, known without loading them (the service validates and estimates with it).
+BUILTIN_SHAPES = {"sklearn:digits": Shape(features=64, num_classes=10, rows=1797)}
+
+
+def load_npz(path) -> tuple[np.ndarray, np.ndarray]:
+    """An uploaded ``.npz`` dataset: arrays ``x`` (rows × features, numeric) and ``y`` (integer labels).
+    Loaded with ``allow_pickle=False``: an object array is refused, never unpickled."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise InvalidArgument(f"dataset needs arrays 'x' and 'y'; it has {sorted(data.files)}")
+            x, y = data["x"], data["y"]
+    except ValueError as err:
+        raise InvalidArgument(f"dataset is not a plain-array .npz: {err}") from None
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) < 2:
+        raise InvalidArgument(f"dataset shapes must be x: (n, features), y: (n,) with n >= 2; got {x.shape} and "
+                              f"{y.shape}")
+    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.integer):
+        raise InvalidArgument(f"dataset x must be numeric and y integer; got {x.dtype} and {y.dtype}")
+    if y.min() < 0:
+        raise InvalidArgument("dataset labels must be >= 0")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
 def load_builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Features (float32, scaled to [0, 1]) and integer labels of a built-in dataset."""
     if name == "sklearn:digits":

@@ -54,7 +54,8 @@ def upload_request(meta: registry_pb2.UploadMetadata) -> UploadRequest:
         architecture=protoconv.from_struct(meta.architecture),
         parent=selector(meta.parent) if meta.HasField("parent") else None,
         recipe=protoconv.from_struct(meta.recipe), metrics=dict(meta.metrics),
-        cost=cost_from_proto(meta.cost) if meta.HasField("cost") else None, description=meta.description)
+        cost=cost_from_proto(meta.cost) if meta.HasField("cost") else None, description=meta.description,
+        idempotency_key=meta.idempotency_key)
 
 
 def model_to_proto(m: ModelRecord) -> registry_pb2.Model:

@@ -112,7 +112,23 @@ class RegistryCore:
             parent_id = self._version_row(s, tenant_id, request.parent).id if request.parent else None
         return Upload(self, model.id, model.tenant_id, parent_id, request, self.store.start_upload())
 
+    def _existing_for_key(self, upload: Upload) -> VersionRecord | None:
+        """The version an earlier upload with the same idempotency key made in this model, if any."""
+        key = upload.request.idempotency_key
+        if not key:
+            return None
+        with self._sessions() as s:
+            row = s.scalar(select(VersionRow).where(VersionRow.model_id == upload.model_id,
+                                                    VersionRow.idempotency_key == key))
+            return self._version_record(s, row) if row is not None else None
+
     def _commit_upload(self, upload: Upload) -> VersionRecord:
+        existing = self._existing_for_key(upload)
+        if existing is not None:
+            upload.pending.discard()
+            log.info("upload with idempotency key %r returns %s v%d", upload.request.idempotency_key,
+                     existing.model, existing.number)
+            return existing
         key = f"t{upload.tenant_id}/m{upload.model_id}/{uuid.uuid4().hex}.bin"
         self.store.publish(upload.pending, key)
         req = upload.request
@@ -127,10 +143,16 @@ class RegistryCore:
                     size_bytes=upload.pending.size, artifact_key=key, signature=req.signature.to_dict(),
                     architecture=req.architecture, parent_id=upload.parent_id, recipe=req.recipe,
                     metrics=dict(req.metrics), cost=dataclasses.asdict(req.cost) if req.cost else None,
-                    description=req.description)
+                    description=req.description, idempotency_key=req.idempotency_key or None)
                 s.add(row)
                 s.flush()
                 record = self._version_record(s, row)
+        except IntegrityError:
+            self.store.delete(key)
+            existing = self._existing_for_key(upload)  # a concurrent upload with the same key won
+            if existing is None:
+                raise
+            return existing
         except BaseException:
             self.store.delete(key)
             raise

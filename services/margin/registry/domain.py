@@ -52,6 +52,7 @@ class UploadRequest:
     metrics: dict[str, float] = field(default_factory=dict)
     cost: CostRecord | None = None
     description: str = ""
+    idempotency_key: str = ""                # same key in the same model -> the same version
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ class LabelRow(Base):
 
 class VersionRow(Base):
     __tablename__ = "registry_versions"
-    __table_args__ = (UniqueConstraint("model_id", "number"),)
+    __table_args__ = (UniqueConstraint("model_id", "number"), UniqueConstraint("model_id", "idempotency_key"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("registry_models.id"), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     number: Mapped[int] = mapped_column(Integer)
     format: Mapped[str] = mapped_column(String(32))
     sha256: Mapped[str] = mapped_column(String(64))

@@ -1,4 +1,4 @@
-"""What the inference service needs from the registry, fetched over gRPC with the caller's own key,
+"""What a service needs from the registry (version info, downloads), fetched over gRPC with the caller's own key,
 so tenant isolation is the registry's: another tenant's version is NOT_FOUND here too."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import grpc
 from margin.common import protoconv
 from margin.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from margin.common.tensors import Signature
-from margin.sdk.channel import Connection
+from margin.sdk.channel import Connection, call_metadata
 from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, registry_pb2
 
@@ -30,6 +30,7 @@ class VersionInfo:
     metrics: dict[str, float]
     sha256: str
     size_bytes: int
+    architecture: dict
 
 
 def _domain_error(err: grpc.RpcError) -> Exception:
@@ -42,7 +43,7 @@ class RegistrySource:
         self._channel = grpc.insecure_channel(address)
 
     def _client(self, api_key: str) -> RegistryClient:
-        return RegistryClient(Connection(self._channel, (("authorization", f"Bearer {api_key}"),)))
+        return RegistryClient(Connection(self._channel, call_metadata(api_key)))
 
     def version(self, api_key: str, model: str, number: int = 0, alias: str = "") -> VersionInfo:
         client = self._client(api_key)
@@ -53,7 +54,8 @@ class RegistrySource:
         except grpc.RpcError as err:
             raise _domain_error(err) from None
         return VersionInfo(v.model, v.number, FORMATS.get(v.format, "unknown"),
-                           protoconv.signature_from_proto(v.signature), dict(v.metrics), v.sha256, v.size_bytes)
+                           protoconv.signature_from_proto(v.signature), dict(v.metrics), v.sha256, v.size_bytes,
+                           protoconv.from_struct(v.architecture))
 
     def download(self, api_key: str, model: str, number: int, path: Path) -> None:
         try:

@@ -1,0 +1,1 @@
+"""The TrainingJobs service: estimate, submit, watch and cancel training runs that Celery workers execute."""

@@ -1,0 +1,1 @@
+"""Celery workers that run training (and, later, compression) jobs on a device pool."""

@@ -1,0 +1,189 @@
+"""Rank 0's side of one attempt at a job: the lease, the meter, budget stops, cancels, checkpoints, events,
+and the end (a registered version, or a stop with a checkpoint).
+
+Cost accrues from the attempt's wall clock × devices (``device-seconds × price + energy``, via the price
+catalog), so start-up, data loading, checkpoints and registration are all paid for. Before each step the
+attempt projects the cost of the next step plus a final checkpoint; if that would cross the job's budget,
+it checkpoints and ends BUDGET_EXCEEDED, so spend stays at or under the budget.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+
+from margin.common.costs import run_cost
+from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, FAILED, RUNNING, SUCCEEDED, Lease, LeaseLost
+from margin.common.tenancy import utcnow
+from margin.modelzoo.spec import TrainSpec
+from margin.sdk.channel import Connection
+from margin.worker import publish
+from margin.worker.context import WorkerContext
+from margin.worker.loop import BUDGET, CANCEL, Decision, Position, Trainer
+
+log = logging.getLogger(__name__)
+
+FINAL_RESERVE_S = 0.25  # wall seconds kept back for the last checkpoint and the finishing writes
+
+
+class Attempt:
+    def __init__(self, ctx: WorkerContext, lease: Lease, spec: TrainSpec, registry: Connection,
+                 started: float, single_samples_per_s: float | None = None):
+        self.ctx, self.lease, self.spec, self.registry = ctx, lease, spec, registry
+        self.job_id = lease.job.id
+        self.started = started          # time.time() when this attempt began (before any process started)
+        self.world = spec.world_size
+        self.single_samples_per_s = single_samples_per_s
+        self.step_times: deque[float] = deque(maxlen=20)
+        self.last_step_at = time.perf_counter()
+        self.last_beat = 0.0
+        self.checkpoint_seconds = 0.05
+        self.loss = math.nan
+        self.total_epochs = spec.epochs
+
+    # -- the meter --------------------------------------------------------------------------------
+    def device_seconds(self, extra_wall_s: float = 0.0) -> float:
+        return (time.time() - self.started + extra_wall_s) * self.world
+
+    def _micros(self, device_seconds: float) -> int:
+        return self.lease.prior_micros + run_cost(self.ctx.catalog, self.spec.device_class,
+                                                  device_seconds / 3600.0).total_micros
+
+    def spent_micros(self) -> int:
+        return self._micros(self.device_seconds())
+
+    def budget_decision(self) -> Decision:
+        budget = self.lease.job.budget_micros
+        if not budget:
+            return Decision()
+        next_step = max(self.step_times, default=0.05) * 1.5
+        projected = self._micros(self.device_seconds(next_step + self.checkpoint_seconds * 1.5 + FINAL_RESERVE_S))
+        if projected > budget:
+            return Decision(BUDGET, f"stopped before a step that would cross the budget: spent "
+                                    f"{self.spent_micros()} of {budget} micros")
+        return Decision()
+
+    # -- reporting --------------------------------------------------------------------------------
+    def event(self, state: str, pos: Position | None, steps_left: int = 0, message: str = "",
+              metrics: dict | None = None) -> dict:
+        mean_step = sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+        event = {"state": state, "total_epochs": self.total_epochs, "loss": self.loss, "metrics": metrics or {},
+                 "cost_micros": self.spent_micros(), "eta_seconds": steps_left * mean_step,
+                 "time": utcnow().isoformat(), "message": message, "attempt": self.lease.fence}
+        if pos is not None:
+            event.update(epoch=pos.epoch, step=pos.step)
+        return event
+
+    def publish(self, event: dict, terminal: bool = False) -> None:
+        try:
+            self.ctx.events.publish(self.job_id, event, terminal)
+        except Exception:  # progress events are best effort; SQL has the truth
+            log.warning("could not publish an event for %s", self.job_id, exc_info=True)
+
+    def beat(self, pos: Position, steps_left: int, metrics: dict | None = None,
+             checkpoint: dict | None = None) -> bool:
+        """Renew the lease, store progress and cost; returns whether a cancel was requested."""
+        self.last_beat = time.perf_counter()
+        event = self.event(RUNNING, pos, steps_left, metrics=metrics)
+        progress = {"epoch": pos.epoch, "step": pos.step, "total_epochs": self.total_epochs,
+                    "loss": None if math.isnan(self.loss) else self.loss, "eta_seconds": event["eta_seconds"]}
+        _, cancel = self.ctx.store.heartbeat(self.lease, self.ctx.lease_seconds, device_seconds=self.device_seconds(),
+                                             progress=progress, metrics=metrics, checkpoint=checkpoint)
+        self.publish(event)
+        return cancel
+
+    # -- hooks the loop calls ---------------------------------------------------------------------
+    def before_training(self, pos: Position) -> Decision:
+        self.last_step_at = time.perf_counter()
+        self.beat(pos, 0)
+        return self.budget_decision()
+
+    def after_step(self, pos: Position, loss: float, steps_left: int) -> Decision:
+        now = time.perf_counter()
+        self.step_times.append(now - self.last_step_at)
+        self.last_step_at, self.loss = now, loss
+        if now - self.last_beat >= self.ctx.heartbeat_seconds and self.beat(pos, steps_left):
+            return Decision(CANCEL, "cancelled")
+        return self.budget_decision()
+
+    def end_of_epoch(self, pos: Position, metrics: dict[str, float], trainer: Trainer) -> Decision:
+        record = self.ctx.checkpoints.save(self.job_id, trainer.state(pos))
+        self.checkpoint_seconds = record["seconds"]
+        steps_left = (self.spec.epochs - pos.epoch) * trainer.batches_per_epoch
+        if self.beat(pos, steps_left, metrics=metrics, checkpoint=record):
+            return Decision(CANCEL, "cancelled")
+        self.last_step_at = time.perf_counter()  # evaluation and the checkpoint are not a step
+        return self.budget_decision()
+
+    def stopped(self, decision: Decision, pos: Position, trainer: Trainer) -> None:
+        record = self.ctx.checkpoints.save(self.job_id, trainer.state(pos))
+        state = CANCELLED if decision.code == CANCEL else BUDGET_EXCEEDED
+        reason = decision.message
+        if state == CANCELLED:
+            requested = self.ctx.store.get(None, self.job_id).message
+            reason = requested.replace("cancel requested", "cancelled", 1) if requested else "cancelled"
+        message = f"{reason}; checkpoint at epoch {pos.epoch}, step {pos.step}"
+        self.finish(state, pos, message, checkpoint=record)
+
+    def completed(self, trainer: Trainer, metrics: dict[str, float], train_seconds: float) -> None:
+        efficiency = self.efficiency(trainer, train_seconds)
+        all_metrics = {**metrics, "distributed_efficiency": efficiency["eta"],
+                       "scaling_efficiency": efficiency["scaling"], "epochs": float(self.spec.epochs)}
+        cost = self.cost_dict()
+        version = publish.register(self.registry, self.job_id, self.spec, trainer.model, all_metrics, cost,
+                                   self.ctx.catalog.currency)
+        self.record_throughput(trainer, train_seconds)
+        pos = Position(self.spec.epochs, 0, trainer.batches_per_epoch * self.spec.epochs)
+        self.ctx.store.heartbeat(self.lease, self.ctx.lease_seconds, device_seconds=self.device_seconds(),
+                                 efficiency=efficiency)
+        self.finish(SUCCEEDED, pos, f"registered {version.model} v{version.number}", metrics=all_metrics,
+                    result={"model": version.model, "number": version.number})
+
+    def fail(self, message: str) -> None:
+        try:
+            self.finish(FAILED, None, message)
+        except LeaseLost:
+            log.warning("job %s: not marking FAILED, a newer attempt holds it", self.job_id)
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self, state: str, pos: Position | None, message: str, **fields) -> None:
+        progress = {"epoch": pos.epoch, "step": pos.step, "eta_seconds": 0.0} if pos else None
+        job = self.ctx.store.finish(self.lease, state, device_seconds=self.device_seconds(), message=message,
+                                    progress=progress, **fields)
+        event = self.event(state, pos, message=message, metrics=job.metrics)
+        event["cost_micros"] = job.cost_micros
+        self.publish(event, terminal=True)
+        log.info("job %s ended %s: %s (cost %d micros over %d attempts)", self.job_id, state, message,
+                 job.cost_micros, job.attempts)
+
+    def cost_dict(self) -> dict:
+        now = run_cost(self.ctx.catalog, self.spec.device_class, self.device_seconds() / 3600.0)
+        job = self.ctx.store.get(None, self.job_id)
+        prior = [a for a in job.attempt_costs if a.attempt != self.lease.fence]
+        return {"total_micros": sum(a.total_micros for a in prior) + now.total_micros,
+                "compute_micros": sum(a.compute_micros for a in prior) + now.compute_micros,
+                "energy_micros": sum(a.energy_micros for a in prior) + now.energy_micros,
+                "device_hours": sum(a.device_seconds for a in prior) / 3600.0 + now.device_hours,
+                "energy_kwh": sum(a.energy_kwh for a in prior) + now.energy_kwh,
+                "device_class": self.spec.device_class}
+
+    def efficiency(self, trainer: Trainer, train_seconds: float) -> dict:
+        """η = T_single / T_distributed, with T_single from the single-process throughput measured just before
+        the ranks started; 1.0 for a single process."""
+        if self.world == 1 or not self.single_samples_per_s or train_seconds <= 0:
+            return {"eta": 1.0, "scaling": 1.0, "t_distributed_s": train_seconds}
+        samples = trainer.samples_trained * self.world
+        t_single = samples / self.single_samples_per_s
+        eta = t_single / train_seconds
+        return {"eta": eta, "scaling": eta / self.world, "t_single_s": t_single, "t_distributed_s": train_seconds,
+                "single_samples_per_s": self.single_samples_per_s}
+
+    def record_throughput(self, trainer: Trainer, train_seconds: float) -> None:
+        if self.lease.fence != 1 or train_seconds <= 0 or trainer.samples_trained == 0:
+            return  # only clean first attempts that trained feed the estimator
+        params = sum(p.numel() for p in trainer.model.parameters())
+        work = trainer.samples_trained * self.world * params / train_seconds
+        overhead = max(0.0, time.time() - self.started - train_seconds)
+        self.ctx.store.record_throughput(self.spec.family, self.spec.device_class, self.spec.precision, self.world,
+                                         work, overhead)

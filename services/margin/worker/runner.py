@@ -1,0 +1,93 @@
+"""Run one delivery of a training task: take the job's lease, train (one process or DDP ranks), end it.
+
+Everything here is plain Python (no Celery): the task in :mod:`margin.worker.app` is a one-line call, and tests
+and benchmarks can run a job in-process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from margin.common.jobs import Lease, LeaseLost, Refusal
+from margin.modelzoo.architectures import build_model
+from margin.modelzoo.spec import TrainSpec
+from margin.sdk.channel import Connection, connect
+from margin.worker import data as inputs
+from margin.worker.attempt import Attempt
+from margin.worker.context import WorkerContext
+from margin.worker.loop import Position, Trainer, device_for
+
+log = logging.getLogger(__name__)
+
+
+def registry_for(ctx: WorkerContext, lease: Lease) -> Connection:
+    """A registry connection acting for the job's tenant (admin key + x-margin-tenant)."""
+    return connect(ctx.registry_addr, ctx.admin_key, on_behalf_of=lease.job.tenant)
+
+
+def build_trainer(spec: TrainSpec, registry: Connection, rank: int = 0, world_size: int = 1) -> Trainer:
+    """Data, model (with a base version's weights and frozen layers when fine-tuning) and optimizer."""
+    torch.manual_seed(spec.seed)
+    split = inputs.load_split(spec, registry)
+    inputs.check_fits(spec, split)
+    model = build_model(spec.model_spec())
+    if spec.base:
+        reinitialized = inputs.load_base_weights(model, spec, registry)
+        if reinitialized:
+            log.info("fine-tuning: re-initialized %s (shapes differ from the base)", reinitialized)
+    inputs.freeze(model, spec.freeze_layers)
+    device = device_for(spec, rank if spec.on_gpu else 0)
+    return Trainer(spec, model, inputs.tensors(split, device), device, rank, world_size)
+
+
+def resume_position(ctx: WorkerContext, lease: Lease, trainer: Trainer) -> Position:
+    checkpoint = ctx.checkpoints.load(lease.job.id) if lease.job.checkpoint else None
+    if checkpoint is None:
+        return Position(0, 0, 0)
+    pos = trainer.restore(checkpoint)
+    log.info("job %s: resuming attempt %d from epoch %d, step %d", lease.job.id, lease.fence, pos.epoch, pos.step)
+    return pos
+
+
+def run_job(job_id: str, owner: str, ctx: WorkerContext) -> str:
+    """One delivery of job ``job_id``. Returns what happened, for the log."""
+    started = time.time()
+    lease = ctx.store.acquire(job_id, owner, ctx.lease_seconds, ctx.max_attempts)
+    if isinstance(lease, Refusal):
+        job = ctx.store.get(None, job_id) if "does not exist" not in lease.reason else None
+        if job is not None and job.terminal:
+            ctx.events.publish(job_id, {"state": job.state, "message": job.message,
+                                        "cost_micros": job.cost_micros}, terminal=True)
+        log.info("not running %s: %s", job_id, lease.reason)
+        return lease.reason
+    spec = TrainSpec.from_dict(lease.job.spec)
+    registry = registry_for(ctx, lease)
+    attempt = Attempt(ctx, lease, spec, registry, started)
+    attempt.publish(attempt.event("RUNNING", None, message=f"attempt {lease.fence} on {owner}"))
+    try:
+        if spec.world_size > 1:
+            from margin.worker import ddp
+
+            ddp.launch(ctx, lease, spec, started)
+        else:
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            trainer = build_trainer(spec, registry)
+            trainer.run(attempt, resume_position(ctx, lease, trainer))
+        return "ran"
+    except LeaseLost as err:
+        log.warning("job %s: %s", job_id, err)
+        return str(err)
+    except Exception as err:
+        log.exception("job %s failed", job_id)
+        attempt.fail(_reason(err))
+        return f"failed: {err}"
+    finally:
+        registry.close()
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip() or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:1500]

@@ -1,0 +1,91 @@
+"""A real training stack for tests and benchmarks: redis-server, budget + registry + training servers on
+port 0 over one SQLite database, and a real Celery worker process consuming ``train.cpu``."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, worker_spec
+from margin.common.service import StartedService, start_service
+from margin.sdk import connect
+from margin.training.service import training_builder
+from margin.v1 import training_pb2_grpc
+
+from tests.conftest import Cluster, running_cluster
+
+
+@dataclass
+class TrainingStack:
+    cluster: Cluster
+    training: StartedService
+    redis: ManagedProcess
+    home: Path
+    worker_env: dict[str, str]
+    workers: list[ManagedProcess] = field(default_factory=list)
+
+    def stub(self, tenant: str = "acme") -> tuple[training_pb2_grpc.TrainingJobsStub, tuple]:
+        conn = connect(self.training.server.address, self.cluster.keys[tenant])
+        return training_pb2_grpc.TrainingJobsStub(conn.channel), conn.metadata
+
+    def start_worker(self, name: str = "worker-cpu") -> ManagedProcess:
+        worker = ManagedProcess(worker_spec(self.home, self.worker_env, name=name), self.home)
+        worker.start()
+        worker.wait_healthy(60)
+        self.workers.append(worker)
+        return worker
+
+    def worker_children(self, worker: ManagedProcess) -> list[int]:
+        """The pool processes of a prefork worker (the ones that run tasks)."""
+        out = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children")
+        return [int(p) for p in out.read_text().split()] if out.exists() else []
+
+
+@contextmanager
+def training_stack(home: Path, max_world_size: int = 2, lease_seconds: float = 10.0,
+                   worker: bool = True) -> Iterator[TrainingStack]:
+    home.mkdir(parents=True, exist_ok=True)
+    db = f"sqlite:///{home / 'margin.db'}"
+    redis_proc = ManagedProcess(redis_spec(home), home)
+    redis_proc.start()
+    redis_proc.wait_healthy(30)
+    redis_url = f"redis://{redis_proc.spec.address}/0"
+    stack = None
+    try:
+        with running_cluster(db, home / "artifacts") as cluster:
+            training = start_service(training_builder(redis_url, cluster.registry.server.address, max_world_size,
+                                                      lease_seconds),
+                                     database_url=db, admin_key=cluster.admin_key, auth_cache_seconds=0)
+            services = str(Path(__file__).resolve().parents[2] / "services")
+            env = {"MARGIN_HOME": str(home), "DATABASE_URL": db, "MARGIN_REDIS_URL": redis_url,
+                   "MARGIN_REGISTRY_ADDR": cluster.registry.server.address, "MARGIN_ADMIN_KEY": cluster.admin_key,
+                   "MARGIN_CHECKPOINT_DIR": str(home / "checkpoints"), "MARGIN_LOG_FORMAT": "text",
+                   "MARGIN_JOB_LEASE_SECONDS": str(lease_seconds),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [services, os.environ.get("PYTHONPATH")]))}
+            stack = TrainingStack(cluster, training, redis_proc, home, env)
+            if worker:
+                stack.start_worker()
+            try:
+                yield stack
+            finally:
+                for w in stack.workers:
+                    w.stop()
+                training.stop()
+    finally:
+        redis_proc.stop()
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout}s")
+
+
+__all__ = ["ProcessSpec", "TrainingStack", "training_stack", "wait_for"]
