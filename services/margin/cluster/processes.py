@@ -23,7 +23,7 @@ READY_FILE_ENV = "MARGIN_WORKER_READY_FILE"
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def set_parent_death_signal() -> None:
     """In the child, before exec: ask Linux to send SIGTERM when the parent (the supervisor) dies."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -97,7 +97,7 @@ class ManagedProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.spec.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent if die_with_parent else None)
+                                         preexec_fn=set_parent_death_signal if die_with_parent else None)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

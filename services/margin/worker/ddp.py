@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from margin.cluster.processes import die_with_parent, free_port
+from margin.cluster.processes import free_port, set_parent_death_signal
 from margin.common.jobs import Lease, LeaseLost
 from margin.modelzoo.spec import TrainSpec
 from margin.worker import context
@@ -66,7 +66,7 @@ def launch(ctx: WorkerContext, lease: Lease, spec: TrainSpec, started: float) ->
                "WORLD_SIZE": str(spec.world_size), "LOCAL_RANK": str(rank), "MARGIN_DDP_PLAN": json.dumps(plan)}
         out = open(f"{logs}.rank{rank}.log", "ab")
         procs.append((subprocess.Popen([sys.executable, "-m", "margin.worker.ddp"], env=env, stdout=out,
-                                       stderr=subprocess.STDOUT, preexec_fn=die_with_parent), out))
+                                       stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal), out))
     failed = _wait_all([p for p, _ in procs])
     for _, out in procs:
         out.close()
