@@ -307,11 +307,13 @@ class JobStore:
             self._close_open_attempts(s, row, "worker lost")
             if row.cancel_requested:
                 row.state, row.ended_at = CANCELLED, now
+                self._bill(s, row)
                 return Refusal(f"job {job_id} was cancelled")
             if row.attempts >= max_attempts:
                 row.state, row.ended_at = FAILED, now
                 row.message = (f"gave up after {row.attempts} attempts: the worker was lost each time "
                                "(a poison job, or a node that keeps dying)")
+                self._bill(s, row)
                 return Refusal(row.message)
             row.attempts += 1
             row.fence += 1
