@@ -322,3 +322,10 @@ def test_when_the_whole_worker_dies_the_lapsed_lease_is_requeued_and_another_wor
     assert final.attempts == 2 and [v.number for v in versions(stack, "orphaned")] == [1]
     assert sum(r.micros for r in ledger(stack, job.id)) == final.cost.total.micros
     assert replacement.proc.poll() is None
+
+
+def test_bf16_autocast_trains_on_cpu(stack):
+    job = submit(stack, spec("bf16", "cnn", epochs=2, precision=training_pb2.PRECISION_BF16))
+    final = wait_state(stack, job.id, State.Value("JOB_STATE_SUCCEEDED"), State.Value("JOB_STATE_FAILED"))
+    assert State.Name(final.state) == "JOB_STATE_SUCCEEDED", final.message
+    assert final.spec.precision == training_pb2.PRECISION_BF16 and final.metrics["val_accuracy"] > 0.2
