@@ -1,39 +1,50 @@
 """``make demo``: the main job end to end on the local cluster.
 
-Now: train a small classifier on scikit-learn's digits, register it as safetensors + architecture
-(the trainable form) and as TorchScript (the servable form, a child of the first), point the
-``production`` alias at it, and print the versions and the lineage with what each step cost.
-Later issues extend this into train → compress → serve → cost report.
+Train a small CNN on scikit-learn's digits as a training job on the cluster's Celery worker: print the estimate
+(expected cost and range) first, follow the job with the CLI's progress bar, then print what it actually cost
+against the estimate. The job registers safetensors + architecture (the trainable form). The demo downloads those
+weights, exports TorchScript (the servable form, a child of the trained version), points the ``production`` alias
+at it, prints the versions and the lineage with what each step cost, deploys it on Triton and predicts the
+validation set through the gateway with the cost per request. A job that ends below 97 % validation accuracy
+fails the demo (non-zero exit).
 """
 from __future__ import annotations
 
-import tempfile
+import io
 import time
 from functools import partial
-from pathlib import Path
 
 import grpc
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
+from safetensors.torch import load
 
-from margin.cli import render
+from margin.cli import jobs, render
 from margin.cluster import local
 from margin.common import costs, protoconv
-from margin.common.tensors import Signature, TensorSpec
 from margin.modelzoo.architectures import build_model
 from margin.modelzoo.datasets import load_builtin, split
-from margin.modelzoo.training import train_classifier
 from margin.registry.convert import cost_to_proto
 from margin.registry.domain import CostRecord
-from margin.sdk import RegistryClient, connect
+from margin.sdk import Connection, RegistryClient, connect
 from margin.sdk.pages import all_pages
 from margin.sdk.tensors import from_tensor, to_tensor
-from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, training_pb2, training_pb2_grpc
 
 MODEL = "digits"
-ARCHITECTURE = {"family": "mlp", "input_dim": 64, "hidden": [128], "num_classes": 10}
-SIGNATURE = Signature((TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("logits__0", "FP32", (-1, 10)),))
+DATASET = "sklearn:digits"
+ARCHITECTURE = {"channels": [16, 32]}  # image_size and num_classes are filled in from the dataset
+EPOCHS = 40                            # measured: 30 epochs reach 97.8–98.9 %, 40 reach 98.9–99.2 % (seeds 0, 1)
+LEARNING_RATE = 0.003
+BATCH_SIZE = 64
+VALIDATION_FRACTION = 0.2
+SEED = 0
+TARGET_ACCURACY = 0.97
+BUDGET_DOLLARS = "0.05"                # the job's own cap; a run costs about $0.0002–0.002 on cpu
+
+
+class DemoFailed(RuntimeError):
+    """The demo did not get what it promises (a job that failed or missed the accuracy target)."""
 
 
 def measured_cost(catalog: costs.PriceCatalog, seconds: float, device_class: str = "cpu") -> CostRecord:
@@ -42,53 +53,28 @@ def measured_cost(catalog: costs.PriceCatalog, seconds: float, device_class: str
                       run.device_hours, run.energy_kwh)
 
 
-def run(console: Console | None = None, train_seconds: float = 5.0) -> None:
+def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
     console = console or Console()
-    with console.status("starting the local cluster (Redis, budget, registry)…"):
+    with console.status("starting the local cluster (Redis, Triton, budget, registry, training, worker)…"):
         cluster = local.up()
+    services = cluster["services"]
     key = local.state.demo_key_path().read_text().strip()
-    console.print(f"[green]local cluster ready[/] — registry at {cluster['services']['registry']['address']}")
-    client = RegistryClient(connect(cluster["services"]["registry"]["address"], key))
-    catalog = costs.PriceCatalog.load()
-
-    data = split(*load_builtin("sklearn:digits"), validation_fraction=0.2, seed=0)
-    model = build_model(ARCHITECTURE)
-    with console.status(f"training an MLP on digits for up to {train_seconds:.0f}s on cpu…"):
-        result = train_classifier(model, data, epochs=200, batch_size=64, lr=2e-3, max_seconds=train_seconds)
-    train_cost = measured_cost(catalog, result.seconds)
-    console.print(f"trained {result.epochs} epochs in {result.seconds:.1f}s: validation accuracy "
-                  f"{result.val_accuracy:.2%}, cost {costs.format_money(train_cost.total_micros)}")
-
+    console.print(f"[green]local cluster ready[/] — training at {services['training']['address']}, "
+                  f"registry at {services['registry']['address']}")
+    client = RegistryClient(connect(services["registry"]["address"], key))
     try:
         client.create_model(MODEL, "Handwritten digits classifier (scikit-learn digits, 8x8)",
                             {"task": "classification", "dataset": "sklearn-digits"})
     except grpc.RpcError as err:
         if err.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
-    metrics = {"val_accuracy": result.val_accuracy, "val_loss": result.val_loss, "epochs": float(result.epochs)}
-    signature = protoconv.signature_to_proto(SIGNATURE)
-    recipe = {"kind": "training", "family": "mlp", "dataset": "sklearn:digits", "epochs": result.epochs,
-              "batch_size": 64, "learning_rate": 2e-3, "seed": 0}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        trainable = client.upload_file(weights, registry_pb2.UploadMetadata(
-            model=MODEL, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS, signature=signature,
-            architecture=protoconv.struct(ARCHITECTURE), recipe=protoconv.struct(recipe), metrics=metrics,
-            cost=cost_to_proto(train_cost), description="trained weights + architecture spec"))
-
-        started = time.perf_counter()
-        scripted = torch.jit.script(model.eval())
-        servable_path = Path(tmp) / "model.pt"
-        scripted.save(str(servable_path))
-        export_cost = measured_cost(catalog, time.perf_counter() - started)
-        servable = client.upload_file(servable_path, registry_pb2.UploadMetadata(
-            model=MODEL, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, signature=signature,
-            architecture=protoconv.struct(ARCHITECTURE),
-            parent=common_pb2.VersionRef(model=MODEL, number=trainable.number),
-            recipe=protoconv.struct({"kind": "export", "to": "torchscript"}), metrics=metrics,
-            cost=cost_to_proto(export_cost), description="TorchScript for serving"))
+    training = connect(services["training"]["address"], key)
+    try:
+        job = train(console, training, epochs)
+    finally:
+        training.close()
+    servable = export(console, client, costs.PriceCatalog.load(), job.result_version)
 
     client.stub.SetAlias(registry_pb2.SetAliasRequest(model=MODEL, alias="production", number=servable.number),
                          metadata=client.metadata)
@@ -98,9 +84,54 @@ def run(console: Console | None = None, train_seconds: float = 5.0) -> None:
     lineage = client.stub.GetLineage(registry_pb2.GetLineageRequest(
         version=common_pb2.VersionRef(model=MODEL, alias="production")), metadata=client.metadata)
     console.print(render.lineage_table(lineage))
+    data = split(*load_builtin(DATASET), validation_fraction=VALIDATION_FRACTION, seed=SEED)  # the job's split
     serve(console, cluster, key, data)
-    console.print(f"[bold]production[/] → {MODEL}:{servable.number}. The cluster keeps running: "
+    console.print(f"[bold]production[/] → {MODEL}:{servable.number}. The cluster keeps running: `margin jobs list`, "
                   "`margin deployments`, `margin lineage digits@production`, `make down` to stop it.")
+
+
+def train(console: Console, conn: Connection, epochs: int) -> training_pb2.TrainingJob:
+    """Estimate, submit and follow the digits training job; returns it once it SUCCEEDED at ≥ 97 %."""
+    stub = training_pb2_grpc.TrainingJobsStub(conn.channel)
+    spec = training_pb2.TrainingSpec(
+        model=MODEL, family="cnn", architecture=protoconv.struct(ARCHITECTURE),
+        dataset=common_pb2.DatasetRef(builtin=DATASET), epochs=epochs, batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE, validation_fraction=VALIDATION_FRACTION, seed=SEED, device_class="cpu")
+    estimate = stub.EstimateCost(training_pb2.EstimateCostRequest(spec=spec), metadata=conn.metadata)
+    console.print(render.estimate_table(estimate, f"Estimate: a CNN on digits, {epochs} epochs on cpu"))
+    job = stub.SubmitJob(training_pb2.SubmitJobRequest(
+        spec=spec, budget=common_pb2.Money(micros=costs.to_micros(BUDGET_DOLLARS))), metadata=conn.metadata)
+    console.print(f"submitted training job [bold]{job.id}[/] (budget ${BUDGET_DOLLARS}; expected "
+                  f"{render.money(estimate.cost.expected)}, {render.money_range(estimate.cost)})")
+    job = jobs.watch(stub, conn.metadata, job.id, console)
+    succeeded = jobs.report(job, console)
+    accuracy = job.metrics.get("val_accuracy", 0.0)
+    if not succeeded:
+        raise DemoFailed(f"training job {job.id} ended {render.job_state(job.state)}: {job.message}")
+    if accuracy < TARGET_ACCURACY:
+        raise DemoFailed(f"training job {job.id} reached {accuracy:.2%} validation accuracy after {job.epoch} "
+                         f"epochs; the demo needs {TARGET_ACCURACY:.0%} (try more epochs: `margin demo --epochs N`)")
+    return job
+
+
+def export(console: Console, client: RegistryClient, catalog: costs.PriceCatalog,
+           trained: common_pb2.VersionRef) -> registry_pb2.ModelVersion:
+    """Download the job's safetensors version, script it and register the TorchScript as its child."""
+    started = time.perf_counter()
+    version, weights = client.download_bytes(common_pb2.VersionRef(model=trained.model, number=trained.number))
+    model = build_model(protoconv.from_struct(version.architecture))
+    model.load_state_dict(load(weights))
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model.eval()), buffer)
+    export_cost = measured_cost(catalog, time.perf_counter() - started)
+    servable = client.upload_bytes(buffer.getvalue(), registry_pb2.UploadMetadata(
+        model=MODEL, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, signature=version.signature,
+        architecture=version.architecture, parent=common_pb2.VersionRef(model=MODEL, number=version.number),
+        recipe=protoconv.struct({"kind": "export", "to": "torchscript"}), metrics=dict(version.metrics),
+        cost=cost_to_proto(export_cost), description="TorchScript for serving"))
+    console.print(f"exported {MODEL}:{version.number} to TorchScript as {MODEL}:{servable.number} "
+                  f"({render.human_bytes(servable.size_bytes)}, {costs.format_money(export_cost.total_micros)})")
+    return servable
 
 
 def serve(console: Console, cluster: dict, key: str, data) -> None:
@@ -129,6 +160,9 @@ def serve(console: Console, cluster: dict, key: str, data) -> None:
                   f"{costs.format_money(deployment.cost_per_million.micros)} per million requests on "
                   f"{deployment.device_class}")
     conn.close()
+    if correct / n < TARGET_ACCURACY:
+        raise DemoFailed(f"the served model scored {correct / n:.2%} on the validation set, below "
+                         f"{TARGET_ACCURACY:.0%}")
 
 
 if __name__ == "__main__":

@@ -2,28 +2,24 @@
 from __future__ import annotations
 
 import json
-import re
-import sys
-from functools import partial, wraps
+from functools import partial
 from pathlib import Path
 
-import grpc
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
 from margin.cli import render
 from margin.cli.context import admin_connection, connection
+from margin.cli.jobs import jobs_app, train_app
+from margin.cli.shared import KeyOpt, RegistryOpt, console, grpc_errors, parse_ref
 from margin.cluster import local
 from margin.common import config, protoconv
-from margin.common.errors import MarginError
 from margin.common.tensors import Signature
 from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
 from margin.sdk.pages import all_pages
-from margin.sdk.registry import DownloadError
 from margin.sdk.tensors import from_tensor, to_tensor
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
@@ -37,29 +33,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(versions_app, name="versions")
 app.add_typer(alias_app, name="alias")
 app.add_typer(admin_app, name="admin")
-console = Console(width=None if sys.stdout.isatty() else 150)
-
-RegistryOpt = typer.Option(None, "--registry", help="registry address (default: the local cluster's)")
-KeyOpt = typer.Option(None, "--api-key", help="API key (default: $MARGIN_API_KEY, else the demo key)")
-_REF = re.compile(r"^(?P<model>[^:@]+)(?::(?P<number>\d+)|@(?P<alias>.+))?$")
-
-
-def grpc_errors(fn):
-    """Print an error (from a service, or local: bad file, unwritable path) as one readable line and exit 1."""
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except grpc.RpcError as err:
-            console.print(f"[red]{err.code().name}[/]: {err.details()}")
-        except MarginError as err:
-            console.print(f"[red]{err.code_name}[/]: {err}")
-        except (OSError, ValueError, DownloadError) as err:  # bad local files, unsupported arrays
-            console.print(f"[red]error[/]: {err}")
-        raise typer.Exit(1)
-    return wrapper
-
-
+app.add_typer(train_app, name="train")
+app.add_typer(jobs_app, name="jobs")
 def pairs(items: list[str], option: str) -> dict[str, str]:
     """``["k=v", ...]`` → dict, or a usage error naming the option."""
     out = {}
@@ -76,14 +51,6 @@ def metrics(items: list[str]) -> dict[str, float]:
         return {k: float(v) for k, v in pairs(items, "--metric").items()}
     except ValueError:
         raise typer.BadParameter("metric values must be numbers, e.g. accuracy=0.97", param_hint="--metric") from None
-
-
-def parse_ref(text: str) -> common_pb2.VersionRef:
-    """``model``, ``model:3`` or ``model@production``."""
-    match = _REF.match(text)
-    if not match:
-        raise typer.BadParameter(f"{text!r}: use MODEL, MODEL:NUMBER or MODEL@ALIAS")
-    return common_pb2.VersionRef(model=match["model"], number=int(match["number"] or 0), alias=match["alias"] or "")
 
 
 def registry(address: str | None, key: str | None) -> RegistryClient:
@@ -137,11 +104,15 @@ def show_config() -> None:
 
 
 @app.command()
-def demo(train_seconds: float = typer.Option(5.0, help="how long to train")) -> None:
+def demo(epochs: int = typer.Option(40, help="epochs of the digits training job (it must reach 97% accuracy)")) -> None:
     """Run the main job end to end on the local cluster and print what it cost."""
     from margin import demo as demo_module
 
-    demo_module.run(console, train_seconds)
+    try:
+        demo_module.run(console, epochs)
+    except demo_module.DemoFailed as err:
+        console.print(f"[bold red]demo failed[/]: {err}")
+        raise typer.Exit(1) from None
 
 
 # -- tenants ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Rich tables for registry objects: what the CLI and the demo print."""
+"""Rich tables for registry objects and training jobs: what the CLI and the demo print."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -7,7 +7,7 @@ from rich.table import Table
 
 from margin.common.costs import format_money
 from margin.registry.convert import FORMAT_FROM_PROTO
-from margin.v1 import inference_pb2, registry_pb2
+from margin.v1 import common_pb2, inference_pb2, registry_pb2, training_pb2
 
 FORMAT_NAMES = FORMAT_FROM_PROTO
 
@@ -90,4 +90,98 @@ def lineage_table(lineage: registry_pb2.Lineage) -> Table:
         made_by = recipe.get("kind", "") or ", ".join(f"{k}={recipe[k]}" for k in list(recipe)[:3]) or "uploaded"
         table.add_row(f"{v.model}:{v.number}", FORMAT_NAMES.get(v.format, "?"), str(made_by),
                       _metrics(v.metrics) or "—", _cost(v))
+    return table
+
+
+# -- training jobs ---------------------------------------------------------------------------------------------
+def job_state(state: int) -> str:
+    """``JOB_STATE_SUCCEEDED`` → ``SUCCEEDED``."""
+    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+def money(m: common_pb2.Money) -> str:
+    return format_money(m.micros, m.currency or "USD")
+
+
+def money_range(r: common_pb2.MoneyRange) -> str:
+    return f"{money(r.low)} – {money(r.high)}"
+
+
+def _ref(ref: common_pb2.VersionRef) -> str:
+    return f"{ref.model}:{ref.number}" if ref.number else f"{ref.model}@{ref.alias}" if ref.alias else ref.model
+
+
+def _dataset(spec: training_pb2.TrainingSpec) -> str:
+    return spec.dataset.builtin if spec.dataset.WhichOneof("source") == "builtin" else _ref(spec.dataset.registry)
+
+
+def estimate_table(e: training_pb2.CostEstimate, title: str = "Cost estimate") -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("expected cost", money(e.cost.expected))
+    table.add_row("range", money_range(e.cost))
+    table.add_row("device-hours", f"{e.device_hours:.6f} ({e.device_hours_low:.6f} – {e.device_hours_high:.6f})"
+                  f" on {e.device_class}")
+    table.add_row("energy", f"{e.energy_kwh:.6f} kWh")
+    table.add_row("price per device-hour", money(e.price_per_device_hour))
+    table.add_row("basis", e.basis)
+    return table
+
+
+def _epochs(job: training_pb2.TrainingJob) -> str:
+    return f"{job.epoch}/{job.total_epochs or job.spec.epochs}"
+
+
+def jobs_table(jobs: list[training_pb2.TrainingJob]) -> Table:
+    table = Table(title="Training jobs")
+    for col, justify in (("id", "left"), ("state", "left"), ("model", "left"), ("epoch", "right"),
+                         ("cost", "right"), ("created", "left"), ("result", "left")):
+        table.add_column(col, justify=justify)
+    for j in jobs:
+        table.add_row(j.id, job_state(j.state), f"{j.spec.model} ({j.spec.family})", _epochs(j), money(j.cost.total),
+                      _when(j.create_time), _ref(j.result_version) if j.HasField("result_version") else "—")
+    return table
+
+
+def _attempt_cost(c: common_pb2.Cost) -> str:
+    return (f"{money(c.total)} (compute {money(c.compute)} + energy {money(c.energy)}, "
+            f"{c.device_hours:.6f} device-hours)")
+
+
+def job_table(job: training_pb2.TrainingJob) -> Table:
+    """One job in detail: spec, progress, estimate against actual cost, attempts, checkpoint, efficiency."""
+    s = job.spec
+    table = Table(title=f"Training job {job.id}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [("state", job_state(job.state) + (f" — {job.message}" if job.message else "")),
+            ("model", f"{s.model} ({s.family}"
+                      + (f", fine-tuned from {_ref(s.base_version)})" if s.HasField("base_version") else ")")),
+            ("dataset", _dataset(s)),
+            ("training", f"{s.epochs} epochs, batch {s.batch_size}, lr {s.learning_rate:g}, {s.optimizer}, "
+                         f"{training_pb2.Precision.Name(s.precision).removeprefix('PRECISION_').lower()}, "
+                         f"world size {s.world_size}, {s.device_class}"),
+            ("progress", f"epoch {_epochs(job)}, step {job.step}"
+                         + (f", loss {job.loss:.4f}" if job.step else "")),
+            ("created", _when(job.create_time)), ("started", _when(job.start_time) or "—"),
+            ("ended", _when(job.end_time) or "—"),
+            ("budget", money(job.budget) if job.budget.micros else "tenant budget only"),
+            ("estimate", f"{money(job.estimate.cost.expected)} (range {money_range(job.estimate.cost)})"
+                         if job.HasField("estimate") else "—"),
+            ("actual cost", _attempt_cost(job.cost)
+             + (f", {job.cost.total.micros / job.estimate.cost.expected.micros:.2f}× the estimate"
+                if job.estimate.cost.expected.micros else ""))]
+    rows += [(f"attempt {i}", _attempt_cost(c)) for i, c in enumerate(job.attempt_costs, 1)]
+    if job.HasField("checkpoint"):
+        c = job.checkpoint
+        rows.append(("checkpoint", f"{c.key} (epoch {c.epoch}, step {c.step}, {human_bytes(c.size_bytes)})"))
+    if job.distributed_efficiency:
+        rows.append(("efficiency", f"distributed {job.distributed_efficiency:.2f}, "
+                                   f"scaling {job.scaling_efficiency:.2f} (world size {s.world_size})"))
+    if job.metrics:
+        rows.append(("metrics", _metrics(job.metrics)))
+    rows.append(("result", _ref(job.result_version) if job.HasField("result_version") else "—"))
+    for name, value in rows:
+        table.add_row(name, value)
     return table
