@@ -27,6 +27,11 @@ def new_job(store: JobStore, key: str = "") -> str:
     return job.id
 
 
+def dead(_owner: str) -> bool:
+    """The lease holder is known to be dead (its worker process is gone)."""
+    return True
+
+
 def ledger(store: JobStore) -> list[LedgerRow]:
     with store.sessions() as s:
         return list(s.scalars(select(LedgerRow).order_by(LedgerRow.id)))
@@ -36,8 +41,11 @@ def test_a_newer_attempt_fences_out_the_older_one_which_can_neither_write_nor_fi
     job_id = new_job(store)
     first = store.acquire(job_id, "task-1", lease_seconds=30, max_attempts=3)
     assert isinstance(first, Lease) and first.fence == 1
-    # the same delivery redelivered (same task id) may take over at once; the old holder is fenced out
-    second = store.acquire(job_id, "task-1", lease_seconds=30, max_attempts=3)
+    # a live lease is not taken over unless its holder is known to be dead ...
+    assert isinstance(store.acquire(job_id, "task-1-again", lease_seconds=30, max_attempts=3), Refusal)
+    # ... then the new attempt takes it at once, and the old holder is fenced out
+    second = store.acquire(job_id, "task-1-again", lease_seconds=30, max_attempts=3,
+                           holder_gone=lambda owner: owner == "task-1")
     assert isinstance(second, Lease) and second.fence == 2
     with pytest.raises(LeaseLost):
         store.heartbeat(first, 30, device_seconds=5.0)
@@ -63,7 +71,7 @@ def test_each_attempt_is_billed_exactly_once_and_the_job_cost_is_their_sum(store
     job_id = new_job(store)
     a1 = store.acquire(job_id, "t", 30, 3)
     store.heartbeat(a1, 30, device_seconds=3600.0)  # an hour of cpu, then the worker dies
-    a2 = store.acquire(job_id, "t", 30, 3)
+    a2 = store.acquire(job_id, "t2", 30, 3, holder_gone=dead)
     assert a2.prior_micros == 170_000 + 3_750  # $0.17/h + 25 W x 1 h x $0.15/kWh
     store.heartbeat(a2, 30, device_seconds=1800.0)
     job = store.finish(a2, SUCCEEDED, device_seconds=1800.0)
@@ -76,9 +84,9 @@ def test_each_attempt_is_billed_exactly_once_and_the_job_cost_is_their_sum(store
 def test_a_job_that_keeps_losing_its_worker_ends_failed_after_max_attempts(store):
     job_id = new_job(store)
     for _ in range(2):
-        lease = store.acquire(job_id, "t", 30, max_attempts=2)
+        lease = store.acquire(job_id, "t", 30, max_attempts=2, holder_gone=dead)
         store.heartbeat(lease, 30, device_seconds=60.0)
-    refused = store.acquire(job_id, "t", 30, max_attempts=2)
+    refused = store.acquire(job_id, "t", 30, max_attempts=2, holder_gone=dead)
     assert isinstance(refused, Refusal) and "gave up after 2 attempts" in refused.reason
     job = store.get(None, job_id)
     assert job.state == FAILED and job.terminal
@@ -102,3 +110,18 @@ def test_the_same_idempotency_key_gives_the_same_job(store):
     first = new_job(store, key="k1")
     assert new_job(store, key="k1") == first
     assert new_job(store, key="k2") != first
+
+
+def test_a_lease_holder_is_gone_only_when_its_process_on_this_node_no_longer_exists():
+    import os
+    import subprocess
+
+    from margin.worker.runner import holder_gone, lease_owner
+
+    assert not holder_gone(lease_owner("t1"))  # this very process
+    child = subprocess.Popen(["true"])
+    child.wait()
+    host = lease_owner("x").split("/")[0]
+    assert holder_gone(f"{host}/{child.pid}/t1")
+    assert not holder_gone(f"another-node/{child.pid}/t1")  # cannot see another node's processes: wait for expiry
+    assert not holder_gone(f"{host}/not-a-pid/t1") and os.getpid() > 0

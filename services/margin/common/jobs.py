@@ -12,6 +12,7 @@ cost; a job's cost is the sum of its attempts, and each attempt is written to th
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -291,9 +292,14 @@ class JobStore:
             return [_job(s, r) for r in rows]
 
     # -- the worker side ------------------------------------------------------------------------
-    def acquire(self, job_id: str, owner: str, lease_seconds: float, max_attempts: int) -> Lease | Refusal:
+    def acquire(self, job_id: str, owner: str, lease_seconds: float, max_attempts: int,
+                holder_gone: Callable[[str], bool] = lambda _: False) -> Lease | Refusal:
         """Take the job for a new attempt (fence + 1), unless it ended, another live attempt holds it, or it
-        has used up ``max_attempts`` (then it ends FAILED: a poison job does not loop)."""
+        has used up ``max_attempts`` (then it ends FAILED: a poison job does not loop).
+
+        A live lease is taken over only when ``holder_gone(owner of the lease)`` says its holder is certainly
+        dead (a worker on the same node sees that the process is gone); otherwise the job waits for the lease to
+        lapse, so a duplicate delivery never runs beside a live attempt."""
         now = utcnow()
         with self._sessions.begin() as s:
             row = _row(s, job_id, lock=True)
@@ -302,7 +308,7 @@ class JobStore:
             if row.state in TERMINAL:
                 return Refusal(f"job {job_id} already ended {row.state}")
             lease_until = as_utc(row.lease_until)
-            if row.state == RUNNING and lease_until and lease_until > now and row.lease_owner != owner:
+            if row.state == RUNNING and lease_until and lease_until > now and not holder_gone(row.lease_owner):
                 return Refusal(f"job {job_id} is held by {row.lease_owner} until {lease_until.isoformat()}")
             self._close_open_attempts(s, row, "worker lost")
             if row.cancel_requested:

@@ -28,7 +28,7 @@ app = make_celery()
 
 @app.task(name=TRAIN_TASK, bind=True)
 def train(self, job_id: str) -> str:
-    return runner.run_job(job_id, owner=self.request.id or job_id, ctx=context.from_env())
+    return runner.run_job(job_id, task_id=self.request.id or job_id, ctx=context.from_env())
 
 
 @worker_process_init.connect

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 
 import torch
@@ -52,10 +53,32 @@ def resume_position(ctx: WorkerContext, lease: Lease, trainer: Trainer) -> Posit
     return pos
 
 
-def run_job(job_id: str, owner: str, ctx: WorkerContext) -> str:
+def lease_owner(task_id: str) -> str:
+    """Who holds a lease: node, process and task, so a worker can tell that a holder on its node is dead."""
+    return f"{socket.gethostname()}/{os.getpid()}/{task_id}"
+
+
+def holder_gone(owner: str) -> bool:
+    """True only when the lease holder ran on this node and its process no longer exists (e.g. a pool process
+    that was SIGKILLed, whose task Celery redelivered at once)."""
+    host, _, rest = owner.partition("/")
+    pid = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
     """One delivery of job ``job_id``. Returns what happened, for the log."""
     started = time.time()
-    lease = ctx.store.acquire(job_id, owner, ctx.lease_seconds, ctx.max_attempts)
+    owner = lease_owner(task_id)
+    lease = ctx.store.acquire(job_id, owner, ctx.lease_seconds, ctx.max_attempts, holder_gone)
     if isinstance(lease, Refusal):
         job = ctx.store.get(None, job_id) if "does not exist" not in lease.reason else None
         if job is not None and job.terminal:
