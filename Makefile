@@ -59,7 +59,7 @@ test: setup ## Run the whole test suite (unit, service, integration)
 lint: setup ## Ruff over the code
 	$(VENV)/bin/ruff check services tests bench
 
-bench: bench-registry bench-gateway ## Run every benchmark (tables printed, JSON in bench/results/)
+bench: bench-registry bench-gateway bench-training ## Run every benchmark (tables printed, JSON in bench/results/)
 
 bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
 	$(PY) bench/registry_bench.py --size-mb 200
@@ -67,7 +67,10 @@ bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writ
 bench-gateway: setup ## Predict through the gateway vs straight to Triton at concurrency 1/8/32; writes bench/results/gateway.json
 	$(PY) bench/gateway_bench.py
 
+bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2; writes bench/results/training.json
+	$(PY) bench/training_bench.py
+
 clean: down ## Remove generated code and the venv
 	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache
 
-.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway clean
+.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training clean

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import platform
 import secrets
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
-from harness import tenant_key
+from harness import cpu_model, cpu_seconds, machine_busy, process_tree, run_and_write, start, tenant_key
 from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, standalone_service_spec
 from margin.common.protoconv import signature_to_proto
 from margin.common.tensors import Signature, TensorSpec
@@ -49,63 +48,12 @@ SIGNATURE = Signature((TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("log
 GOAL_RATIO = 0.9          # gateway req/s >= 0.9 x direct, at concurrency 8
 GOAL_P50_ADDED_MS = 1.0   # gateway p50 - direct p50 <= 1 ms, at concurrency 8
 GOAL_CONCURRENCY = 8
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATHS = ("direct", "gateway")
 
 
 # -- processes -------------------------------------------------------------------------------------
 def service_spec(name: str, module: str, workdir: Path, admin_key: str, extra: dict[str, str]) -> ProcessSpec:
     return standalone_service_spec(name, module, workdir, admin_key, **extra)
-
-
-def start(spec: ProcessSpec, workdir: Path, started: list[ManagedProcess], timeout: float) -> ManagedProcess:
-    """Start a process, remember it (so the caller's finally stops it), and wait until it is healthy."""
-    process = ManagedProcess(spec, workdir)
-    started.append(process)
-    process.start(die_with_parent=True)
-    process.wait_healthy(timeout)
-    return process
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (Triton's python-backend stubs are its children)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the given processes (all their threads), in seconds."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5), counted after the ")"
-    return total / CLK_TCK
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]
-    return (sum(values[:8]) - idle) / CLK_TCK, sum(values[:8]) / CLK_TCK
 
 
 @dataclass
@@ -425,17 +373,6 @@ def report(result: dict, console: Console) -> None:
             console.print(f"  {row['share'] * 100:5.1f}%  {row['frame']}")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def run(args: argparse.Namespace, console: Console) -> dict:
     admin_key = secrets.token_urlsafe(32)
     workdir = Path(tempfile.mkdtemp(prefix="margin-gateway-bench-"))
@@ -541,12 +478,7 @@ def main() -> None:
     if args.seconds <= 0 or args.warmup < 0 or min(args.concurrency) < 1:
         parser.error("--seconds must be > 0, --warmup >= 0, --concurrency >= 1")
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    result = run(args, console)
-    report(result, console)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    run_and_write(run, report, args)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ JOB_MAX_ATTEMPTS = Setting("MARGIN_JOB_MAX_ATTEMPTS", "3",
 VISIBILITY_TIMEOUT = Setting("MARGIN_VISIBILITY_TIMEOUT", "7200",
                              "Seconds Redis keeps an unacknowledged task before redelivering it; keep it longer "
                              "than the longest checkpoint interval (one epoch).")
+TORCH_THREADS = Setting("MARGIN_TORCH_THREADS", "0",
+                        "CPU threads a training process uses (0 = every core). With several workers on one node, "
+                        "give each cores / workers so they do not oversubscribe the CPU (and bill waiting time).")
 WORKER_QUEUES = Setting("MARGIN_WORKER_QUEUES", "train.cpu",
                         "Comma-separated Celery queues a worker consumes: one per device class "
                         "(train.cpu, train.nvidia-a100, ...).")
@@ -101,7 +104,7 @@ ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, G
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
                 PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
                 RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
-                JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, WORKER_QUEUES]
+                JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES]
 
 
 def margin_home() -> Path:
@@ -120,6 +123,11 @@ def artifact_dir() -> Path:
 def checkpoint_dir() -> Path:
     raw = CHECKPOINT_DIR.raw()
     return Path(raw).expanduser() if raw else margin_home() / "checkpoints"
+
+
+def torch_threads() -> int:
+    """Threads for one training process: MARGIN_TORCH_THREADS, or every core when it is 0."""
+    return TORCH_THREADS.get_int() or os.cpu_count() or 1
 
 
 def admin_key() -> str:

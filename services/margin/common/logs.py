@@ -25,10 +25,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(service: str) -> None:
+def setup_logging(service: str, stream=None) -> None:
+    """Log to ``stream`` (default stderr). Celery pool processes pass ``sys.__stderr__``: their ``sys.stderr`` is
+    Celery's logging proxy, which drops records that come back through logging."""
+    stream = stream or sys.stderr
     fmt = LOG_FORMAT.get()
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if use_json else
                          logging.Formatter(f"%(asctime)s %(levelname)-7s {service} %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -1,6 +1,7 @@
 """Built-in datasets (shipped by packages, nothing downloaded) and a seeded train/validation split."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,8 +52,10 @@ def load_npz(path) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
+@functools.cache
 def load_builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float32, scaled to [0, 1]) and integer labels of a built-in dataset."""
+    """Features (float32, scaled to [0, 1]) and integer labels of a built-in dataset (read once per process;
+    callers index it, which copies, and never write to it)."""
     if name == "sklearn:digits":
         from sklearn.datasets import load_digits
 

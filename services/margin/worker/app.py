@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import sklearn.datasets  # noqa: F401 - imported before the pool forks, so each task starts warm
@@ -33,7 +34,7 @@ def train(self, job_id: str) -> str:
 
 @worker_process_init.connect
 def _child_started(**_) -> None:
-    setup_logging("worker")
+    setup_logging("worker", stream=sys.__stderr__)
     context.from_env.cache_clear()  # database and Redis connections are made afresh in each pool process
 
 

@@ -169,15 +169,16 @@ class Attempt:
                 "device_class": self.spec.device_class}
 
     def efficiency(self, trainer: Trainer, train_seconds: float) -> dict:
-        """η = T_single / T_distributed, with T_single from the single-process throughput measured just before
-        the ranks started; 1.0 for a single process."""
-        if self.world == 1 or not self.single_samples_per_s or train_seconds <= 0:
-            return {"eta": 1.0, "scaling": 1.0, "t_distributed_s": train_seconds}
-        samples = trainer.samples_trained * self.world
-        t_single = samples / self.single_samples_per_s
-        eta = t_single / train_seconds
-        return {"eta": eta, "scaling": eta / self.world, "t_single_s": t_single, "t_distributed_s": train_seconds,
-                "single_samples_per_s": self.single_samples_per_s}
+        """η = T_single / T_distributed in training-step time: T_distributed is what rank 0 spent in steps,
+        T_single the same samples at the single-process rate measured just before the ranks started. 1.0 for a
+        single process."""
+        if self.world == 1 or not self.single_samples_per_s or trainer.step_seconds <= 0:
+            return {"eta": 1.0, "scaling": 1.0, "t_distributed_s": trainer.step_seconds}
+        t_single = trainer.samples_trained * self.world / self.single_samples_per_s
+        eta = t_single / trainer.step_seconds
+        return {"eta": eta, "scaling": eta / self.world, "t_single_s": t_single,
+                "t_distributed_s": trainer.step_seconds, "single_samples_per_s": self.single_samples_per_s,
+                "train_loop_s": train_seconds}
 
     def record_throughput(self, trainer: Trainer, train_seconds: float) -> None:
         if self.lease.fence != 1 or train_seconds <= 0 or trainer.samples_trained == 0:

@@ -1,7 +1,8 @@
 """DistributedDataParallel: the worker launches ``world_size`` rank processes (gloo on CPU, nccl on GPU).
 
-Before the ranks start, the launcher times the same job in one process for a few steps, which gives T_single
-for η = T_single / T_distributed. Rank 0 carries the attempt (lease, cost, checkpoints, events, registration);
+Before the ranks start, the launcher times training steps of the same job in one process, which gives
+T_single for η = T_single / T_distributed, both counted in training-step time (evaluation, checkpoints and
+process start-up are left out of both). Rank 0 carries the attempt (lease, cost, checkpoints, events, registration);
 the other ranks train and follow its decisions. Ranks die with the launcher (PDEATHSIG), so a killed worker
 leaves no orphans, and a rank that fails takes the others down with it.
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from margin.cluster.processes import free_port, set_parent_death_signal
+from margin.common import config
 from margin.common.jobs import Lease, LeaseLost
 from margin.modelzoo.spec import TrainSpec
 from margin.worker import context
@@ -31,12 +33,16 @@ from margin.worker.loop import NoHooks
 log = logging.getLogger(__name__)
 
 CALIBRATION_STEPS = 20
+CALIBRATION_SECONDS = 0.5
+CALIBRATION_MAX_STEPS = 500
 
 
 def single_process_throughput(spec: TrainSpec, ctx: WorkerContext, lease: Lease) -> float:
-    """Samples per second of the same model, data and batch size in one process (after 3 warm-up steps)."""
+    """Training-step throughput (samples/s) of the same model, data and batch size in one process with every
+    thread the job may use: 3 warm-up steps, then at least 20 steps and half a second."""
     from margin.worker.runner import build_trainer, registry_for
 
+    torch.set_num_threads(config.torch_threads())
     registry = registry_for(ctx, lease)
     try:
         trainer = build_trainer(spec, registry)
@@ -45,13 +51,12 @@ def single_process_throughput(spec: TrainSpec, ctx: WorkerContext, lease: Lease)
     order = torch.randperm(len(trainer.x))
     batches = [order[i:i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
     for idx in batches[:3]:
-        trainer._step(idx)
-    start, samples = time.perf_counter(), 0
-    for i in range(CALIBRATION_STEPS):
-        idx = batches[(3 + i) % len(batches)]
-        trainer._step(idx)
-        samples += len(idx)
-    return samples / (time.perf_counter() - start)
+        trainer.step(idx)
+    trainer.step_seconds, trainer.samples_trained, i = 0.0, 0, 0
+    while i < CALIBRATION_MAX_STEPS and (i < CALIBRATION_STEPS or trainer.step_seconds < CALIBRATION_SECONDS):
+        trainer.step(batches[(3 + i) % len(batches)])
+        i += 1
+    return trainer.samples_trained / trainer.step_seconds
 
 
 def launch(ctx: WorkerContext, lease: Lease, spec: TrainSpec, started: float) -> None:
@@ -101,7 +106,7 @@ def rank_main() -> None:
     job = ctx.store.get(None, plan["job_id"])
     lease = Lease(job, plan["fence"], plan["owner"], plan["prior_micros"])
     spec = TrainSpec.from_dict(job.spec)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(max(1, config.torch_threads() // world))
     dist.init_process_group("nccl" if spec.on_gpu else "gloo", rank=rank, world_size=world)
     if spec.on_gpu:
         torch.cuda.set_device(rank)

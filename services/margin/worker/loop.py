@@ -94,6 +94,7 @@ class Trainer:
         self.per_rank = per_rank
         self.batches_per_epoch = max(1, math.ceil(per_rank / spec.batch_size))
         self.samples_trained = 0
+        self.step_seconds = 0.0  # time in training steps only (forward, backward, gradient all-reduce, update)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state(self, pos: Position) -> dict:
@@ -133,7 +134,9 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return decision if self.rank == 0 else Decision(int(flag.item()))
 
-    def _step(self, idx: torch.Tensor) -> float:
+    def step(self, idx: torch.Tensor) -> float:
+        """One optimizer step on the samples ``idx``; returns the loss."""
+        start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.spec, self.device):
             logits = self.net(self.x[idx])
@@ -145,8 +148,10 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
+        value = loss.item()
         self.samples_trained += len(idx)
-        return loss.item()
+        self.step_seconds += time.perf_counter() - start
+        return value
 
     def run(self, hooks: Hooks, start: Position) -> Decision:
         """Train from ``start`` to the last epoch, or until a hook says stop. Returns the final decision."""
@@ -163,7 +168,7 @@ class Trainer:
             loss_sum, seen = 0.0, 0
             for batch in range(pos.batch if epoch == start.epoch else 0, self.batches_per_epoch):
                 idx = order[batch * self.spec.batch_size:(batch + 1) * self.spec.batch_size]
-                loss = self._step(idx)
+                loss = self.step(idx)
                 loss_sum, seen = loss_sum + loss * len(idx), seen + len(idx)
                 pos = Position(epoch, batch + 1, pos.step + 1)
                 decision = self._agree(hooks.after_step(pos, loss, total_steps - pos.step))

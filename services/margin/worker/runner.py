@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from margin.common import config
 from margin.common.jobs import Lease, LeaseLost, Refusal
 from margin.modelzoo.architectures import build_model
 from margin.modelzoo.spec import TrainSpec
@@ -96,7 +97,7 @@ def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
 
             ddp.launch(ctx, lease, spec, started)
         else:
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            torch.set_num_threads(config.torch_threads())
             trainer = build_trainer(spec, registry)
             trainer.run(attempt, resume_position(ctx, lease, trainer))
         return "ran"

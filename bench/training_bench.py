@@ -1,0 +1,681 @@
+"""Training jobs benchmark: submit → RUNNING latency, a burst of small jobs, and DDP on CPU.
+
+Starts redis-server, ``margin.budget``, ``margin.registry`` and ``margin.training`` as real processes on one
+SQLite database in a temp dir, plus real Celery workers (``margin.cluster.processes.worker_spec``: one
+training process each, consuming ``train.cpu``), and drives them through the TrainingJobs gRPC API with a
+tenant key, as a user would. Triton and the inference gateway are not started: training does not use them,
+and on a small machine they would only take CPU from the workers.
+
+1. **Idle worker.** N tiny jobs (mlp, 1 epoch on sklearn:digits), one at a time: each is submitted only when
+   the previous one has ended and the worker is idle again. Per job: the SubmitJob call, the job's
+   ``start_time`` (set in SQL by the worker when it takes the lease) minus the moment the client started the
+   SubmitJob call, ``start_time - create_time`` (both server-side UTC), and when a WatchJob stream opened
+   right after SubmitJob returned delivered the RUNNING event.
+2. **Burst.** M small jobs (1 epoch, tiny hidden layer) submitted as fast as possible from T threads; one
+   burst per worker count in ``--burst-workers`` (default 1, then 2 worker processes). Checks that every job
+   SUCCEEDED exactly once: ``attempts == 1``, a distinct result version per job, the registry's ListVersions
+   holds exactly M versions whose recipes name M distinct jobs, one ledger entry per job (the ledger table,
+   read from SQLite: Budgets.ListLedger is not served yet), one attempt row per job, and no task received
+   twice (the Celery workers' logs). Reports ``start_time - create_time`` (which includes waiting behind
+   earlier jobs) and the dispatch latency proper: ``start_time - max(create_time, end_time of the previous
+   job on the same worker)``, i.e. how long a job waited while a worker was free.
+3. **DDP.** The same job (mlp [256, 256] on digits, 20 epochs, batch 64) with world_size 1 and 2 (gloo on
+   CPU), in A-B-B-A order. Reports wall times, the job's stored distributed_efficiency (η) and
+   scaling_efficiency, η = T1/T2 from the two runs' training-loop times and from their wall times, and cost.
+
+The default order is idle, DDP, burst, so the DDP runs have one worker to themselves.
+
+    PYTHONPATH=services python bench/training_bench.py
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from google.protobuf import json_format
+from harness import cpu_model, cpu_seconds, machine_busy, process_tree, run_and_write, start, tenant_key
+from margin.cluster.processes import ManagedProcess, redis_spec, standalone_service_spec, worker_spec
+from margin.common import protoconv
+from margin.sdk.channel import connect
+from margin.sdk.pages import all_pages
+from margin.v1 import common_pb2, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+GOAL_IDLE_P50_MS = 100.0      # idle worker: submit → RUNNING p50
+GOAL_BURST_P99_S = 2.0        # burst: submit → dispatch p99
+GOAL_DUPLICATES = 0
+TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED,
+            common_pb2.JOB_STATE_BUDGET_EXCEEDED}
+
+
+def state_name(value: int) -> str:
+    return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
+
+
+# -- processes -------------------------------------------------------------------------------------
+@dataclass
+class CpuProbe:
+    """CPU used between two snaps by this benchmark's processes (services, workers with their pool processes
+    and DDP ranks, the client) and by the whole machine: the difference is load from outside the benchmark."""
+    processes: list[ManagedProcess]
+
+    def snap(self) -> dict[str, float]:
+        ours = sum(cpu_seconds(process_tree(p.proc.pid), reaped_children=True) for p in self.processes if p.proc)
+        busy, total = machine_busy()
+        return {"ours": ours + sum(os.times()[:4]), "machine_busy": busy, "machine_total": total,
+                "wall": time.monotonic()}
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        d = {k: after[k] - before[k] for k in before}
+        wall = max(d.pop("wall"), 1e-9)
+        return {"wall_s": wall, "benchmark_cores": d["ours"] / wall, "machine_busy_cores": d["machine_busy"] / wall,
+                "machine_cores": d["machine_total"] / wall,
+                "outside_cores": max(0.0, d["machine_busy"] - d["ours"]) / wall}
+
+
+# -- the stack -------------------------------------------------------------------------------------
+class Stack:
+    """redis-server, budget, registry and training services, and Celery workers, in ``workdir``."""
+
+    def __init__(self, workdir: Path, admin_key: str, lease_seconds: float):
+        self.workdir, self.admin_key = workdir, admin_key
+        (workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.started: list[ManagedProcess] = []
+        self.redis = start(redis_spec(workdir), workdir, self.started, 30)
+        redis_url = f"redis://{self.redis.spec.address}/0"
+        # Budget first: each service creates its schema on start, and SQLite DDL from two processes can race.
+        self.budget = start(standalone_service_spec("budget", "margin.budget", workdir, admin_key),
+                            workdir, self.started, 60)
+        self.registry = start(standalone_service_spec("registry", "margin.registry", workdir, admin_key),
+                              workdir, self.started, 60)
+        common = {"MARGIN_REDIS_URL": redis_url, "MARGIN_REGISTRY_ADDR": self.registry.spec.address,
+                  "MARGIN_JOB_LEASE_SECONDS": str(lease_seconds), "MARGIN_MAX_WORLD_SIZE": "2"}
+        self.training = start(standalone_service_spec("training", "margin.training", workdir, admin_key, **common),
+                              workdir, self.started, 60)
+        # The worker sees what the training service sees (same database, Redis, registry, admin key).
+        env = dict(self.training.spec.env)
+        for key in ("MARGIN_GRPC_PORT", "MARGIN_GRPC_HOST", "MARGIN_METRICS_PORT"):
+            env.pop(key, None)
+        self.worker_env = {**env, "MARGIN_CHECKPOINT_DIR": str(workdir / "checkpoints")}
+        self.workers: list[ManagedProcess] = []
+
+    def add_worker(self) -> ManagedProcess:
+        name = "worker-cpu" if not self.workers else f"worker-cpu-{len(self.workers) + 1}"
+        worker = start(worker_spec(self.workdir, self.worker_env, name=name), self.workdir, self.started, 120)
+        self.workers.append(worker)
+        return worker
+
+    def check_alive(self) -> None:
+        for process in self.started:
+            if process.proc.poll() is not None:
+                raise RuntimeError(f"{process.spec.name} died during the run\n{process.log_tail()}")
+
+    def stop(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+
+    def sql(self, query: str, args: tuple = ()) -> list[tuple]:
+        """A read-only query on the stack's SQLite database (the ledger, stored job fields the API omits)."""
+        db = sqlite3.connect(f"file:{self.workdir / 'margin.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            return db.execute(query, args).fetchall()
+        finally:
+            db.close()
+
+
+class Client:
+    def __init__(self, stack: Stack, key: str):
+        self.training_conn = connect(stack.training.spec.address, key)
+        self.registry_conn = connect(stack.registry.spec.address, key)
+        self.md = self.training_conn.metadata
+        self.jobs = training_pb2_grpc.TrainingJobsStub(self.training_conn.channel)
+        self.registry = registry_pb2_grpc.ModelRegistryStub(self.registry_conn.channel)
+
+    def close(self) -> None:
+        self.training_conn.close()
+        self.registry_conn.close()
+
+    def get(self, job_id: str) -> training_pb2.TrainingJob:
+        return self.jobs.GetJob(training_pb2.GetJobRequest(id=job_id), metadata=self.md, timeout=30)
+
+    def all_jobs(self, state: int = common_pb2.JOB_STATE_UNSPECIFIED) -> list[training_pb2.TrainingJob]:
+        call = lambda r: self.jobs.ListJobs(r, metadata=self.md, timeout=60)  # noqa: E731
+        return all_pages(call, training_pb2.ListJobsRequest(page_size=500, state=state), "jobs")
+
+    def versions(self, model: str) -> list[registry_pb2.ModelVersion]:
+        call = lambda r: self.registry.ListVersions(r, metadata=self.md, timeout=60)  # noqa: E731
+        return all_pages(call, registry_pb2.ListVersionsRequest(model=model, page_size=500), "versions")
+
+
+def spec(model: str, hidden: list[int], epochs: int, batch: int, world_size: int = 1,
+         seed: int = 0) -> training_pb2.TrainingSpec:
+    return training_pb2.TrainingSpec(
+        model=model, family="mlp", architecture=protoconv.struct({"hidden": hidden}),
+        dataset=common_pb2.DatasetRef(builtin="sklearn:digits"), epochs=epochs, batch_size=batch,
+        world_size=world_size, seed=seed)
+
+
+def seconds(ts) -> float:
+    """A google.protobuf.Timestamp as POSIX seconds (0.0 when unset)."""
+    return ts.seconds + ts.nanos / 1e9
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+def dist_summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50": pct(values, 50), "p90": pct(values, 90), "p99": pct(values, 99),
+            "mean": float(np.mean(values)) if values else float("nan"),
+            "min": min(values, default=float("nan")), "max": max(values, default=float("nan"))}
+
+
+def wait_terminal(client: Client, job_id: str, timeout: float) -> training_pb2.TrainingJob:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job.state in TERMINAL:
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not end within {timeout:.0f}s")
+
+
+# -- 1. idle worker --------------------------------------------------------------------------------
+def one_idle_job(client: Client, model: str, settle_s: float) -> dict:
+    time.sleep(settle_s)  # the worker has acked the previous task and is back waiting on the queue
+    t_call = time.time()
+    job = client.jobs.SubmitJob(training_pb2.SubmitJobRequest(spec=spec(model, [32], 1, 64)),
+                                metadata=client.md, timeout=30)
+    t_return = time.time()
+    t_running_seen = None
+    for event in client.jobs.WatchJob(training_pb2.WatchJobRequest(id=job.id), metadata=client.md, timeout=120):
+        if t_running_seen is None and event.state == common_pb2.JOB_STATE_RUNNING:
+            t_running_seen = time.time()
+        if event.state in TERMINAL:
+            break
+    final = wait_terminal(client, job.id, 60)
+    start, create = seconds(final.start_time), seconds(final.create_time)
+    return {"id": job.id, "state": state_name(final.state), "attempts": final.attempts,
+            "submit_rpc_ms": (t_return - t_call) * 1000,
+            "call_to_running_ms": (start - t_call) * 1000,
+            "create_to_running_ms": (start - create) * 1000,
+            "call_to_create_ms": (create - t_call) * 1000,
+            "call_to_running_seen_ms": (t_running_seen - t_call) * 1000 if t_running_seen else None,
+            "run_s": seconds(final.end_time) - start}
+
+
+def idle_phase(client: Client, stack: Stack, args: argparse.Namespace, console: Console) -> dict:
+    model = "bench-idle"
+    warmup = [one_idle_job(client, model, args.settle) for _ in range(args.idle_warmup)]
+    probe = CpuProbe(stack.started)
+    before = probe.snap()
+    jobs = []
+    for i in range(args.idle_jobs):
+        jobs.append(one_idle_job(client, model, args.settle))
+        if (i + 1) % 10 == 0:
+            console.print(f"  idle: {i + 1}/{args.idle_jobs} jobs, last submit→RUNNING "
+                          f"{jobs[-1]['call_to_running_ms']:.1f} ms")
+    cpu = CpuProbe.delta(before, probe.snap())
+    loop_s = train_seconds(stack, [j["id"] for j in jobs])
+    for j in jobs:
+        j["train_loop_s"] = loop_s.get(j["id"])
+    seen = [j["call_to_running_seen_ms"] for j in jobs if j["call_to_running_seen_ms"] is not None]
+    return {"jobs": len(jobs), "warmup_jobs": warmup, "settle_s": args.settle,
+            "all_succeeded": all(j["state"] == "SUCCEEDED" for j in jobs + warmup),
+            "spec": "mlp hidden [32], 1 epoch, batch 64, sklearn:digits",
+            "call_to_running_ms": dist_summary([j["call_to_running_ms"] for j in jobs]),
+            "create_to_running_ms": dist_summary([j["create_to_running_ms"] for j in jobs]),
+            "submit_rpc_ms": dist_summary([j["submit_rpc_ms"] for j in jobs]),
+            "call_to_running_seen_ms": dist_summary(seen), "watch_running_events": len(seen),
+            "job_run_s": dist_summary([j["run_s"] for j in jobs]),
+            "job_train_loop_s": dist_summary([j["train_loop_s"] for j in jobs if j["train_loop_s"] is not None]),
+            "cpu": cpu, "per_job": jobs}
+
+
+# -- 2. burst --------------------------------------------------------------------------------------
+TASK_RECEIVED = re.compile(r"Task margin\.train\[([^\]]+)\] received")
+
+
+def tasks_received(workers: list[ManagedProcess], ids: set[str]) -> dict[str, list[str]]:
+    """Job id -> the workers that received a task for it, from the Celery main processes' logs (a task id is
+    the job id; a re-queue by the reaper appends ``.requeueN``). Two entries = a second delivery."""
+    received: dict[str, list[str]] = {}
+    for worker in workers:
+        text = worker.log_path.read_text(errors="replace") if worker.log_path.exists() else ""
+        for task_id in TASK_RECEIVED.findall(text):
+            job_id = task_id.split(".requeue")[0]
+            if job_id in ids:
+                received.setdefault(job_id, []).append(worker.spec.name)
+    return received
+
+
+def train_seconds(stack: Stack, ids: set[str] | list[str]) -> dict[str, float]:
+    """Job id -> seconds inside the training loop (``efficiency.t_distributed_s``, stored in SQL by the worker;
+    the API exposes only η), so a job's run time splits into training and everything around it."""
+    ids = list(ids)
+    marks = ",".join("?" * len(ids))
+    rows = stack.sql(f"SELECT id, efficiency FROM jobs WHERE id IN ({marks})", tuple(ids))
+    out = {}
+    for job_id, raw in rows:
+        value = json.loads(raw or "{}").get("t_distributed_s")
+        if value is not None:
+            out[job_id] = float(value)
+    return out
+
+
+def dispatch_latencies(jobs: list[training_pb2.TrainingJob], worker_of: dict[str, str]) -> list[float]:
+    """Per job: start_time - max(create_time, end_time of the previous job on the same worker), in seconds —
+    the time a job waited while its worker was free (worker start-up excluded: the first job on a worker
+    that started before the burst waits from its create_time)."""
+    by_worker: dict[str, list[training_pb2.TrainingJob]] = {}
+    for job in jobs:
+        by_worker.setdefault(worker_of.get(job.id, "?"), []).append(job)
+    out = []
+    for runs in by_worker.values():
+        runs.sort(key=lambda j: seconds(j.start_time))
+        free_at = 0.0
+        for job in runs:
+            out.append(seconds(job.start_time) - max(seconds(job.create_time), free_at))
+            free_at = seconds(job.end_time)
+    return out
+
+
+def burst_phase(client: Client, stack: Stack, args: argparse.Namespace, console: Console) -> dict:
+    """One burst per entry of ``--burst-workers`` (worker processes are added, never removed, so ascending)."""
+    runs = []
+    for workers in sorted(args.burst_workers):
+        while len(stack.workers) < workers:
+            stack.add_worker()
+        time.sleep(1.0)  # a new worker's first BRPOP is in place
+        console.print(f"  burst with {len(stack.workers)} worker process(es)")
+        runs.append(one_burst(client, stack, args, console, f"bench-burst-w{workers}"))
+        stack.check_alive()
+    return {"runs": runs}
+
+
+def one_burst(client: Client, stack: Stack, args: argparse.Namespace, console: Console, model: str) -> dict:
+    probe = CpuProbe(stack.started)
+    submitted: list[dict] = []
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def submit(i: int) -> None:
+        t0 = time.time()
+        try:
+            job = client.jobs.SubmitJob(training_pb2.SubmitJobRequest(
+                spec=spec(model, [args.burst_hidden], 1, 64, seed=i), idempotency_key=f"{model}-{i}"),
+                metadata=client.md, timeout=60)
+        except grpc.RpcError as err:
+            with lock:
+                errors.append(f"{i}: {err.code().name} {err.details()}")
+            return
+        with lock:
+            submitted.append({"i": i, "id": job.id, "t_call": t0, "t_return": time.time()})
+
+    before = probe.snap()
+    t_first = time.time()
+    with ThreadPoolExecutor(args.burst_threads) as pool:
+        list(pool.map(submit, range(args.burst_jobs)))
+    t_submitted = time.time()
+    cpu_submit = CpuProbe.delta(before, probe.snap())
+    console.print(f"  burst: {len(submitted)} jobs submitted in {t_submitted - t_first:.2f} s from "
+                  f"{args.burst_threads} threads ({len(errors)} refused); waiting for them to end")
+    deadline = time.monotonic() + args.burst_timeout
+    while time.monotonic() < deadline:
+        open_jobs = sum(len(client.all_jobs(s)) for s in (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING))
+        if open_jobs == 0:
+            break
+        time.sleep(1.0)
+    else:
+        raise TimeoutError(f"burst: jobs still open after {args.burst_timeout:.0f}s")
+    cpu = CpuProbe.delta(before, probe.snap())
+    ids = {s["id"] for s in submitted}
+    jobs = [j for j in client.all_jobs() if j.id in ids]
+    by_id = {j.id: j for j in jobs}
+    t_call = {s["id"]: s["t_call"] for s in submitted}
+
+    received = tasks_received(stack.workers, ids)
+    worker_of = {job_id: names[0] for job_id, names in received.items()}
+    attempt_rows: dict[str, int] = {}
+    for job_id, n in stack.sql(f"SELECT job_id, COUNT(*) FROM job_attempts WHERE job_id IN "
+                               f"({','.join('?' * len(ids))}) GROUP BY job_id", tuple(ids)):
+        attempt_rows[job_id] = n
+    versions = client.versions(model)
+    version_jobs = [json_format.MessageToDict(v.recipe).get("job_id", "") for v in versions]
+    registry_matches = all(job_id in by_id and by_id[job_id].result_version.number == v.number
+                           for job_id, v in zip(version_jobs, versions, strict=True))
+    result_versions = [(j.result_version.model, j.result_version.number) for j in jobs
+                       if j.state == common_pb2.JOB_STATE_SUCCEEDED]
+    marks = ",".join("?" * len(ids))
+    ledger = stack.sql(f"SELECT id, job_id, micros FROM ledger_entries WHERE job_id IN ({marks})", tuple(ids))
+    ledger_per_job: dict[str, int] = {}
+    for _, job_id, _ in ledger:
+        ledger_per_job[job_id] = ledger_per_job.get(job_id, 0) + 1
+    job_cost = sum(j.cost.total.micros for j in jobs)
+    ledger_cost = sum(m for _, _, m in ledger)
+
+    states: dict[str, int] = {}
+    for j in jobs:
+        states[state_name(j.state)] = states.get(state_name(j.state), 0) + 1
+    checks = {
+        "submitted": len(submitted), "refused_at_submit": errors, "states": states,
+        "all_succeeded": states.get("SUCCEEDED", 0) == args.burst_jobs,
+        "attempts_not_1": sum(1 for j in jobs if j.attempts != 1),
+        "distinct_result_versions": len(set(result_versions)),
+        "registry_versions": len(versions), "registry_versions_distinct_jobs": len(set(version_jobs)),
+        "registry_versions_of_burst_jobs": len(set(version_jobs) & ids),
+        "result_version_matches_registry": registry_matches,
+        "ledger_entries": len(ledger), "ledger_jobs": len(ledger_per_job),
+        "ledger_jobs_with_more_than_one_entry": sum(1 for n in ledger_per_job.values() if n > 1),
+        "ledger_micros": ledger_cost, "job_cost_micros": job_cost,
+        "attempt_rows": sum(attempt_rows.values()),
+        "jobs_with_more_than_one_attempt_row": sum(1 for n in attempt_rows.values() if n > 1),
+        "tasks_received": sum(len(v) for v in received.values()),
+        "tasks_received_more_than_once": sum(1 for v in received.values() if len(v) > 1),
+    }
+    duplicates = (checks["attempts_not_1"] + (args.burst_jobs - checks["distinct_result_versions"])
+                  + checks["jobs_with_more_than_one_attempt_row"]
+                  + max(0, checks["registry_versions"] - checks["registry_versions_distinct_jobs"])
+                  + checks["ledger_jobs_with_more_than_one_entry"] + checks["tasks_received_more_than_once"])
+    checks["duplicates"] = duplicates
+    checks["ok"] = (checks["all_succeeded"] and duplicates == 0 and checks["registry_versions"] == args.burst_jobs
+                    and checks["registry_versions_of_burst_jobs"] == args.burst_jobs
+                    and checks["result_version_matches_registry"] and checks["ledger_entries"] == args.burst_jobs
+                    and ledger_cost == job_cost)
+
+    done = [j for j in jobs if j.start_time.seconds]
+    create_to_running = [seconds(j.start_time) - seconds(j.create_time) for j in done]
+    call_to_running = [seconds(j.start_time) - t_call[j.id] for j in done]
+    dispatch = dispatch_latencies(done, worker_of)
+    last_end = max(seconds(j.end_time) for j in done)
+    run_s = [seconds(j.end_time) - seconds(j.start_time) for j in done]
+    loop_s = train_seconds(stack, ids)
+    per_worker: dict[str, int] = {}
+    for name in worker_of.values():
+        per_worker[name] = per_worker.get(name, 0) + 1
+    return {
+        "model": model, "jobs": args.burst_jobs, "threads": args.burst_threads, "workers": len(stack.workers),
+        "worker_concurrency": 1, "jobs_per_worker": per_worker,
+        "spec": f"mlp hidden [{args.burst_hidden}], 1 epoch, batch 64, sklearn:digits",
+        "submit_wall_s": t_submitted - t_first, "submit_rate_per_s": len(submitted) / (t_submitted - t_first),
+        "submit_rpc_ms": dist_summary([(s["t_return"] - s["t_call"]) * 1000 for s in submitted]),
+        "wall_s": last_end - t_first, "jobs_per_s": len(done) / (last_end - t_first),
+        "create_to_running_s": dist_summary(create_to_running),
+        "call_to_running_s": dist_summary(call_to_running),
+        "dispatch_latency_s": dist_summary(dispatch),
+        "job_run_s": dist_summary(run_s), "job_train_loop_s": dist_summary(list(loop_s.values())),
+        "job_outside_loop_s": dist_summary([seconds(j.end_time) - seconds(j.start_time) - loop_s[j.id]
+                                            for j in done if j.id in loop_s]),
+        "checks": checks, "cpu_during_submit": cpu_submit, "cpu": cpu,
+    }
+
+
+# -- 3. DDP ----------------------------------------------------------------------------------------
+def ddp_job(client: Client, stack: Stack, args: argparse.Namespace, world_size: int) -> dict:
+    probe = CpuProbe(stack.started)
+    before = probe.snap()
+    t0 = time.time()
+    job = client.jobs.SubmitJob(training_pb2.SubmitJobRequest(
+        spec=spec("bench-ddp", [256, 256], args.ddp_epochs, 64, world_size=world_size)),
+        metadata=client.md, timeout=30)
+    final = wait_terminal(client, job.id, 600)
+    t_done = time.time()
+    # The job is terminal once rank 0 wrote it; the worker's task ends when every rank process has exited.
+    names = tasks_received(stack.workers, {job.id}).get(job.id, [])
+    worker = next((w for w in stack.workers if names and w.spec.name == names[0]), None)
+    deadline = time.monotonic() + 60
+    while worker and len(process_tree(worker.proc.pid)) > 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the Celery main process and its pool process remain; DDP ranks are below them
+    t_free = time.time()
+    cpu = CpuProbe.delta(before, probe.snap())
+    efficiency = json.loads(stack.sql("SELECT efficiency FROM jobs WHERE id = ?", (job.id,))[0][0] or "{}")
+    start, end = seconds(final.start_time), seconds(final.end_time)
+    return {"id": job.id, "world_size": world_size, "state": state_name(final.state), "attempts": final.attempts,
+            "wall_s": end - start, "client_wall_s": t_done - t0, "worker": ",".join(names) or "?",
+            "end_to_worker_free_s": t_free - end,
+            "train_s": efficiency.get("t_distributed_s"),
+            "outside_loop_s": end - start - float(efficiency.get("t_distributed_s") or 0.0),
+            "efficiency": efficiency, "cpu": cpu,
+            "distributed_efficiency": final.distributed_efficiency, "scaling_efficiency": final.scaling_efficiency,
+            "cost_micros": final.cost.total.micros, "device_hours": final.cost.device_hours,
+            "currency": final.cost.total.currency,
+            "val_accuracy": final.metrics.get("val_accuracy"), "message": final.message}
+
+
+def ddp_phase(client: Client, stack: Stack, args: argparse.Namespace, console: Console) -> dict:
+    runs = []
+    order = [1, 2, 2, 1] * args.ddp_repeats
+    for world_size in order:  # A-B-B-A: linear drift affects both equally
+        run = ddp_job(client, stack, args, world_size)
+        runs.append(run)
+        console.print(f"  ddp: world_size {world_size} on {run['worker']}: {run['state']} wall {run['wall_s']:.2f} s, "
+                      f"train {run['train_s'] or float('nan'):.2f} s, stored η {run['distributed_efficiency']:.2f}")
+    summary = {}
+    for ws in (1, 2):
+        mine = [r for r in runs if r["world_size"] == ws]
+        summary[ws] = {
+            "runs": len(mine), "all_succeeded": all(r["state"] == "SUCCEEDED" for r in mine),
+            "wall_s": statistics.median(r["wall_s"] for r in mine),
+            "train_s": statistics.median(r["train_s"] for r in mine if r["train_s"] is not None),
+            "outside_loop_s": statistics.median(r["outside_loop_s"] for r in mine),
+            "outside_cores": statistics.median(r["cpu"]["outside_cores"] for r in mine),
+            "end_to_worker_free_s": statistics.median(r["end_to_worker_free_s"] for r in mine),
+            "single_samples_per_s": statistics.median(r["efficiency"].get("single_samples_per_s", 0) for r in mine),
+            "distributed_efficiency": statistics.median(r["distributed_efficiency"] for r in mine),
+            "scaling_efficiency": statistics.median(r["scaling_efficiency"] for r in mine),
+            "cost_micros": statistics.median(r["cost_micros"] for r in mine),
+            "device_hours": statistics.median(r["device_hours"] for r in mine),
+            "val_accuracy": statistics.median(r["val_accuracy"] for r in mine),
+            "currency": mine[0]["currency"]}
+    one, two = summary[1], summary[2]
+    return {"spec": f"mlp hidden [256, 256], {args.ddp_epochs} epochs, batch 64, sklearn:digits, fp32, gloo on CPU",
+            "order": order, "runs": runs, "by_world_size": {str(k): v for k, v in summary.items()},
+            "eta_train_measured": one["train_s"] / two["train_s"],
+            "eta_wall_measured": one["wall_s"] / two["wall_s"],
+            "cost_ratio_2_over_1": two["cost_micros"] / max(one["cost_micros"], 1)}
+
+
+# -- report ----------------------------------------------------------------------------------------
+def money(micros: float, currency: str = "USD") -> str:
+    return f"{micros / 1e6:.6f} {currency}"
+
+
+def report(result: dict, console: Console) -> None:
+    idle = result.get("idle")
+    if idle:
+        t = Table(title=f"Idle worker: submit → RUNNING, {idle['jobs']} jobs one at a time ({idle['spec']})",
+                  caption="call → RUNNING = job start_time (set by the worker in SQL) − client's SubmitJob call "
+                          "start; seen = RUNNING event received on WatchJob")
+        for col in ("measure", "p50 ms", "p90 ms", "p99 ms", "max ms"):
+            t.add_column(col, justify="right")
+        for label, key in (("SubmitJob call → RUNNING (start_time)", "call_to_running_ms"),
+                           ("create_time → start_time (server)", "create_to_running_ms"),
+                           ("SubmitJob call → RUNNING seen on WatchJob", "call_to_running_seen_ms"),
+                           ("SubmitJob RPC (client)", "submit_rpc_ms")):
+            d = idle[key]
+            t.add_row(label, f"{d['p50']:.1f}", f"{d['p90']:.1f}", f"{d['p99']:.1f}", f"{d['max']:.1f}")
+        console.print(t)
+        if idle["warmup_jobs"]:
+            cold = idle["warmup_jobs"][0]
+            console.print(f"  left out: the first job on the fresh worker (its pool process connects to SQL and "
+                          f"Redis): SubmitJob call → RUNNING {cold['call_to_running_ms']:.1f} ms. Job run time "
+                          f"p50 {idle['job_run_s']['p50'] * 1000:.0f} ms, of which training loop "
+                          f"{idle['job_train_loop_s']['p50'] * 1000:.0f} ms")
+    for burst in result.get("burst", {}).get("runs", []):
+        c = burst["checks"]
+        t = Table(title=f"Burst: {burst['jobs']} jobs from {burst['threads']} threads, {burst['workers']} worker "
+                        f"process(es) × concurrency 1 ({burst['spec']})")
+        for col in ("measure", "p50", "p90", "p99", "max"):
+            t.add_column(col, justify="right")
+        for label, key, unit, scale in (("create_time → start_time (incl. queueing)", "create_to_running_s", "s", 1),
+                                        ("dispatch latency (worker free → RUNNING)", "dispatch_latency_s", "ms", 1000),
+                                        ("SubmitJob RPC under the burst", "submit_rpc_ms", "ms", 1),
+                                        ("job run time (start → end)", "job_run_s", "s", 1),
+                                        ("  of which in the training loop", "job_train_loop_s", "s", 1),
+                                        ("  of which around it (data, checkpoint, register)", "job_outside_loop_s",
+                                         "s", 1)):
+            d = burst[key]
+            t.add_row(f"{label} [{unit}]", *(f"{d[q] * scale:.2f}" for q in ("p50", "p90", "p99", "max")))
+        console.print(t)
+        console.print(f"  submitted {c['submitted']} in {burst['submit_wall_s']:.2f} s "
+                      f"({burst['submit_rate_per_s']:.0f}/s); all ended after {burst['wall_s']:.1f} s → "
+                      f"{burst['jobs_per_s']:.2f} jobs/s; per worker {burst['jobs_per_worker']}")
+        console.print(f"  states {c['states']}; attempts≠1: {c['attempts_not_1']}; distinct result versions "
+                      f"{c['distinct_result_versions']}; registry versions {c['registry_versions']} "
+                      f"({c['registry_versions_of_burst_jobs']} distinct burst jobs); ledger entries "
+                      f"{c['ledger_entries']} over {c['ledger_jobs']} jobs, sum {c['ledger_micros']} = job costs "
+                      f"{c['job_cost_micros']}: {c['ledger_micros'] == c['job_cost_micros']}; tasks received "
+                      f"{c['tasks_received']} (twice: {c['tasks_received_more_than_once']}); attempt rows "
+                      f"{c['attempt_rows']}")
+        cpu = burst["cpu"]
+        console.print(f"  CPU over the burst: benchmark {cpu['benchmark_cores']:.2f} cores, whole machine "
+                      f"{cpu['machine_busy_cores']:.2f} of {cpu['machine_cores']:.0f} (outside the benchmark "
+                      f"{cpu['outside_cores']:.2f})")
+    ddp = result.get("ddp")
+    if ddp:
+        t = Table(title=f"DDP on CPU: {ddp['spec']}; medians of {ddp['by_world_size']['1']['runs']} runs each "
+                        "(A-B-B-A)",
+                  caption="stored η = the job's distributed_efficiency (T_single from a 20-step calibration in the "
+                          "launcher); measured η = T(world 1) / T(world 2) from the two runs")
+        for col in ("world_size", "wall s", "train loop s", "outside loop s", "stored η", "stored scaling", "cost",
+                    "device-h", "val acc"):
+            t.add_column(col, justify="right")
+        for ws, s in ddp["by_world_size"].items():
+            t.add_row(ws, f"{s['wall_s']:.2f}", f"{s['train_s']:.2f}", f"{s['outside_loop_s']:.2f}",
+                      f"{s['distributed_efficiency']:.2f}",
+                      f"{s['scaling_efficiency']:.2f}", money(s["cost_micros"], s["currency"]),
+                      f"{s['device_hours']:.6f}", f"{s['val_accuracy']:.3f}")
+        console.print(t)
+        stored = ", ".join(f"{r['distributed_efficiency']:.2f}" for r in ddp["runs"] if r["world_size"] == 2)
+        console.print(f"  measured η (train loop) = {ddp['eta_train_measured']:.2f}, η (job wall) = "
+                      f"{ddp['eta_wall_measured']:.2f}; cost world 2 / world 1 = {ddp['cost_ratio_2_over_1']:.2f}×; "
+                      f"stored η per world-2 run: {stored}")
+        two = ddp["by_world_size"]["2"]
+        console.print(f"  world 2: the worker is busy {two['end_to_worker_free_s']:.2f} s after the job's end_time "
+                      f"(rank processes exiting; not billed)")
+    for goal in result["goals"]:
+        mark = "[green]met[/]" if goal["met"] else "[red]missed[/]"
+        console.print(f"{mark}  {goal['name']}: {goal['goal']} - measured {goal['value']}")
+
+
+def goals(result: dict) -> list[dict]:
+    out = []
+    if "idle" in result:
+        v = result["idle"]["call_to_running_ms"]["p50"]
+        out.append({"name": "idle submit→RUNNING p50", "goal": f"<= {GOAL_IDLE_P50_MS:.0f} ms",
+                    "value": f"{v:.1f} ms", "met": v <= GOAL_IDLE_P50_MS})
+    for b in result.get("burst", {}).get("runs", []):
+        w = f"burst ({b['workers']} worker{'s' if b['workers'] > 1 else ''})"
+        v = b["create_to_running_s"]["p99"]
+        out.append({"name": f"{w} submit→dispatch p99 (start_time - create_time, incl. queueing)",
+                    "goal": f"<= {GOAL_BURST_P99_S:.0f} s", "value": f"{v:.2f} s", "met": v <= GOAL_BURST_P99_S})
+        d = b["dispatch_latency_s"]["p99"]
+        out.append({"name": f"{w} dispatch latency p99 (worker free → RUNNING, queueing excluded)",
+                    "goal": f"<= {GOAL_BURST_P99_S:.0f} s", "value": f"{d * 1000:.0f} ms",
+                    "met": d <= GOAL_BURST_P99_S})
+        dup = b["checks"]["duplicates"]
+        out.append({"name": f"{w} duplicates (second attempts, versions, ledger entries, deliveries)",
+                    "goal": f"== {GOAL_DUPLICATES} and all {b['jobs']} SUCCEEDED", "value": str(dup),
+                    "met": dup == GOAL_DUPLICATES and b["checks"]["ok"]})
+    return out
+
+
+def run(args: argparse.Namespace, console: Console) -> dict:
+    admin_key = secrets.token_urlsafe(32)
+    workdir = Path(tempfile.mkdtemp(prefix="margin-training-bench-"))
+    stack: Stack | None = None
+    client: Client | None = None
+    result: dict = {}
+    try:
+        t0 = time.monotonic()
+        stack = Stack(workdir, admin_key, args.lease_seconds)
+        stack.add_worker()
+        console.print(f"stack up in {time.monotonic() - t0:.1f} s (redis, budget, registry, training, 1 worker)")
+        client = Client(stack, tenant_key(stack.budget, admin_key, "training bench"))
+        phases: dict[str, Callable] = {"idle": idle_phase, "burst": burst_phase, "ddp": ddp_phase}
+        for name in args.phases:
+            console.print(f"[bold]{name}[/]")
+            result[name] = phases[name](client, stack, args, console)
+            stack.check_alive()
+    except Exception:
+        if stack:
+            for process in stack.started:
+                console.print(f"--- {process.spec.name} log tail ---\n{process.log_tail(30)}")
+        raise
+    finally:
+        if client:
+            client.close()
+        if stack:
+            stack.stop()
+        if args.keep:
+            console.print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    out = {
+        "machine": {"node": platform.node(), "cpu_count": os.cpu_count(), "cpu": cpu_model(),
+                    "python": platform.python_version(), "platform": platform.platform(),
+                    "grpcio": grpc.__version__, "torch": torch.__version__},
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "settings": {"phases": args.phases, "idle_jobs": args.idle_jobs, "idle_warmup": args.idle_warmup,
+                     "settle_s": args.settle, "burst_jobs": args.burst_jobs, "burst_threads": args.burst_threads,
+                     "burst_workers": args.burst_workers, "burst_hidden": args.burst_hidden,
+                     "ddp_epochs": args.ddp_epochs, "ddp_repeats": args.ddp_repeats,
+                     "lease_seconds": args.lease_seconds,
+                     "stack": "redis-server + margin.budget + margin.registry + margin.training (real processes, "
+                              "one SQLite database) + Celery workers (worker_spec: --concurrency 1 each)"},
+        **result,
+    }
+    out["goals"] = goals(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phases", nargs="+", choices=("idle", "burst", "ddp"), default=["idle", "ddp", "burst"],
+                        help="run in this order (DDP before the burst: it then runs with one worker)")
+    parser.add_argument("--idle-jobs", type=int, default=30)
+    parser.add_argument("--idle-warmup", type=int, default=2, help="jobs run first and left out of the figures")
+    parser.add_argument("--settle", type=float, default=0.25,
+                        help="seconds between a job's end and the next submit, so the worker is idle again")
+    parser.add_argument("--burst-jobs", type=int, default=200)
+    parser.add_argument("--burst-threads", type=int, default=8)
+    parser.add_argument("--burst-workers", type=int, nargs="+", default=[1, 2],
+                        help="one burst per entry: worker processes (each --concurrency 1); later phases keep "
+                             "the largest number")
+    parser.add_argument("--burst-hidden", type=int, default=8, help="hidden size of the burst's MLPs")
+    parser.add_argument("--burst-timeout", type=float, default=1800)
+    parser.add_argument("--ddp-epochs", type=int, default=20)
+    parser.add_argument("--ddp-repeats", type=int, default=2, help="A-B-B-A rounds (each: 2 runs per world size)")
+    parser.add_argument("--lease-seconds", type=float, default=30.0)
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/training.json"))
+    args = parser.parse_args()
+    if min(args.idle_jobs, args.burst_jobs, args.burst_threads, *args.burst_workers, args.ddp_epochs) < 1:
+        parser.error("counts must be >= 1")
+
+    run_and_write(run, report, args)
+
+
+if __name__ == "__main__":
+    main()
