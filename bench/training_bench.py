@@ -119,11 +119,22 @@ class Stack:
         self.worker_env = {**env, "MARGIN_CHECKPOINT_DIR": str(workdir / "checkpoints")}
         self.workers: list[ManagedProcess] = []
 
-    def add_worker(self) -> ManagedProcess:
+    def add_worker(self, threads: int = 0) -> ManagedProcess:
+        """One more worker; ``threads`` torch threads per training process (0 = every core)."""
         name = "worker-cpu" if not self.workers else f"worker-cpu-{len(self.workers) + 1}"
-        worker = start(worker_spec(self.workdir, self.worker_env, name=name), self.workdir, self.started, 120)
+        env = {**self.worker_env, "MARGIN_TORCH_THREADS": str(threads)}
+        worker = start(worker_spec(self.workdir, env, name=name), self.workdir, self.started, 120)
         self.workers.append(worker)
         return worker
+
+    def replace_workers(self, count: int) -> None:
+        """Stop every worker and start ``count`` fresh ones sharing the cores (cores // count threads each)."""
+        for worker in self.workers:
+            worker.stop()
+            self.started.remove(worker)
+        self.workers = []
+        for _ in range(count):
+            self.add_worker(threads=max(1, (os.cpu_count() or 1) // count))
 
     def check_alive(self) -> None:
         for process in self.started:
@@ -301,11 +312,10 @@ def dispatch_latencies(jobs: list[training_pb2.TrainingJob], worker_of: dict[str
 
 
 def burst_phase(client: Client, stack: Stack, args: argparse.Namespace, console: Console) -> dict:
-    """One burst per entry of ``--burst-workers`` (worker processes are added, never removed, so ascending)."""
+    """One burst per entry of ``--burst-workers``, each on fresh workers that split the cores between them."""
     runs = []
     for workers in sorted(args.burst_workers):
-        while len(stack.workers) < workers:
-            stack.add_worker()
+        stack.replace_workers(workers)
         time.sleep(1.0)  # a new worker's first BRPOP is in place
         console.print(f"  burst with {len(stack.workers)} worker process(es)")
         runs.append(one_burst(client, stack, args, console, f"bench-burst-w{workers}"))
