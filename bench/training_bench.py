@@ -565,8 +565,8 @@ def report(result: dict, console: Console) -> None:
     if ddp:
         t = Table(title=f"DDP on CPU: {ddp['spec']}; medians of {ddp['by_world_size']['1']['runs']} runs each "
                         "(A-B-B-A)",
-                  caption="stored η = the job's distributed_efficiency (T_single from a 20-step calibration in the "
-                          "launcher); measured η = T(world 1) / T(world 2) from the two runs")
+                  caption="stored η = the job's distributed_efficiency (T_single from the launcher's single-process "
+                          "calibration, in training-step time); measured η = T(world 1) / T(world 2) from the two runs")
         for col in ("world_size", "wall s", "train loop s", "outside loop s", "stored η", "stored scaling", "cost",
                     "device-h", "val acc"):
             t.add_column(col, justify="right")

@@ -116,7 +116,7 @@ class Exploding(registry_pb2_grpc.ModelRegistryServicer):
 
 @pytest.fixture()
 def exploding_server():
-    def authenticate(key: str | None) -> Principal:
+    def authenticate(key: str | None, on_behalf_of: str | None = None) -> Principal:
         return Principal(1, "t")
     servicer = Exploding()
     running = build_server([lambda s: registry_pb2_grpc.add_ModelRegistryServicer_to_server(servicer, s)],
@@ -154,3 +154,18 @@ def test_budget_rpcs_not_built_yet_say_so(cluster):
     md = (("authorization", f"Bearer {cluster.keys['acme']}"),)
     code, details = code_of(lambda: stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=md))
     assert code == grpc.StatusCode.UNIMPLEMENTED and "GetSpend is not available" in details
+
+
+def test_only_the_admin_key_acts_on_behalf_of_a_tenant(cluster):
+    cluster.client("acme").create_model("mine")
+    as_acme = RegistryClient(connect(cluster.registry.server.address, cluster.admin_key, on_behalf_of="acme"))
+    assert [m.name for m in as_acme.stub.ListModels(registry_pb2.ListModelsRequest(),
+                                                   metadata=as_acme.metadata).models] == ["mine"]
+    as_other = RegistryClient(connect(cluster.registry.server.address, cluster.admin_key, on_behalf_of="other"))
+    assert list(as_other.stub.ListModels(registry_pb2.ListModelsRequest(), metadata=as_other.metadata).models) == []
+    for key, tenant, code in ((cluster.keys["other"], "acme", grpc.StatusCode.PERMISSION_DENIED),
+                              (cluster.admin_key, "no-such-tenant", grpc.StatusCode.NOT_FOUND)):
+        client = RegistryClient(connect(cluster.registry.server.address, key, on_behalf_of=tenant))
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.ListModels(registry_pb2.ListModelsRequest(), metadata=client.metadata)
+        assert err.value.code() == code

@@ -65,6 +65,25 @@ def test_ten_concurrent_uploads_get_versions_1_to_10(cluster):
     assert model.latest_version == 10
 
 
+def test_uploads_with_the_same_idempotency_key_make_one_version_even_when_concurrent(cluster):
+    client = cluster.client()
+    client.create_model("m")
+    barrier = threading.Barrier(6)
+
+    def upload(i: int) -> registry_pb2.ModelVersion:
+        barrier.wait()
+        return client.upload_bytes(os.urandom(100_000), meta(idempotency_key="job:42"))
+
+    with ThreadPoolExecutor(6) as pool:
+        versions = list(pool.map(upload, range(6)))
+    assert {v.number for v in versions} == {1} and len({v.sha256 for v in versions}) == 1
+    assert client.upload_bytes(b"other", meta(idempotency_key="job:43")).number == 2
+    assert client.upload_bytes(b"again", meta(idempotency_key="job:42")).number == 1
+    listed = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model="m"), metadata=client.metadata)
+    assert [v.number for v in listed.versions] == [1, 2]
+    assert len(cluster.artifact_files()) == 2  # the duplicates' bytes were discarded
+
+
 def test_versions_carry_metadata_aliases_and_lineage(cluster):
     client = cluster.client()
     client.create_model("base")
