@@ -12,9 +12,12 @@ from celery import Celery
 from margin.common import config
 
 TRAIN_TASK = "margin.train"
+COMPRESS_TASK = "margin.compress"
+TASKS = {"training": TRAIN_TASK, "compression": COMPRESS_TASK}
 
 
 def train_queue(device_class: str) -> str:
+    """The queue of a device class's workers (training and compression jobs alike)."""
     return f"train.{device_class}"
 
 
@@ -46,8 +49,9 @@ class Dispatcher:
     def __init__(self, broker_url: str):
         self._app = make_celery(broker_url)
 
-    def train(self, job_id: str, device_class: str, task_id: str | None = None) -> None:
-        self._app.send_task(TRAIN_TASK, args=[job_id], queue=train_queue(device_class), task_id=task_id or job_id)
+    def send(self, kind: str, job_id: str, device_class: str, task_id: str | None = None) -> None:
+        """Queue job ``job_id`` of ``kind`` ("training" | "compression") for the workers of ``device_class``."""
+        self._app.send_task(TASKS[kind], args=[job_id], queue=train_queue(device_class), task_id=task_id or job_id)
 
     def close(self) -> None:
         self._app.close()

@@ -284,11 +284,12 @@ class JobStore:
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == QUEUED)
                       .values(state=FAILED, message=message, ended_at=utcnow()))
 
-    def expired_leases(self, grace_seconds: float = 0.0) -> list[Job]:
-        """RUNNING jobs whose worker stopped renewing its lease (the whole worker died)."""
+    def expired_leases(self, grace_seconds: float = 0.0, kind: str | None = None) -> list[Job]:
+        """RUNNING jobs (of ``kind``) whose worker stopped renewing its lease (the whole worker died)."""
         cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        query = select(JobRow).where(JobRow.state == RUNNING, JobRow.lease_until < cutoff)
         with self._sessions() as s:
-            rows = s.scalars(select(JobRow).where(JobRow.state == RUNNING, JobRow.lease_until < cutoff)).all()
+            rows = s.scalars(query.where(JobRow.kind == kind) if kind else query).all()
             return [_job(s, r) for r in rows]
 
     # -- the worker side ------------------------------------------------------------------------

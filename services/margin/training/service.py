@@ -1,12 +1,10 @@
 """Wires the training core into a gRPC service, with the reaper that re-queues jobs whose worker vanished."""
 from __future__ import annotations
 
-import logging
-import threading
-
 from margin.common import config
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
+from margin.common.jobcontrol import Reaper
 from margin.common.jobevents import JobEvents
 from margin.common.jobs import JobStore
 from margin.common.service import ServiceContext, ServiceSpec
@@ -15,30 +13,7 @@ from margin.training.core import TrainingCore
 from margin.training.servicer import TrainingServicer
 from margin.v1 import training_pb2, training_pb2_grpc
 
-log = logging.getLogger(__name__)
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingJobs"].full_name
-
-
-class Reaper:
-    """Every few seconds, re-queue RUNNING jobs whose lease lapsed (their whole worker is gone)."""
-
-    def __init__(self, core: TrainingCore, grace_seconds: float, interval_s: float = 5.0):
-        self._core, self._grace, self._interval = core, grace_seconds, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-reaper", daemon=True)
-
-    def start(self, _server=None) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self._core.requeue_expired(self._grace)
-            except Exception:
-                log.warning("reaper pass failed", exc_info=True)
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def training_builder(redis_url: str, registry_addr: str, max_world_size: int, lease_seconds: float):
@@ -48,7 +23,7 @@ def training_builder(redis_url: str, registry_addr: str, max_world_size: int, le
         dispatcher = Dispatcher(redis_url)
         registry = RegistrySource(registry_addr)
         core = TrainingCore(JobStore(ctx.sessions, catalog), events, dispatcher, registry, catalog, max_world_size)
-        reaper = Reaper(core, grace_seconds=lease_seconds)
+        reaper = Reaper(core.jobs, grace_seconds=lease_seconds)
 
         def stop() -> None:
             reaper.stop()

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from margin.common import auth
 from margin.common.errors import InvalidArgument
+from margin.common.jobcontrol import Caller
 from margin.common.jobs import Job
 from margin.training import convert
-from margin.training.core import Caller, TrainingCore
+from margin.training.core import TrainingCore
 from margin.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 
@@ -35,20 +36,20 @@ class TrainingServicer(training_pb2_grpc.TrainingJobsServicer):
                                           request.budget.micros, request.idempotency_key))
 
     def GetJob(self, request, context):
-        return self._job(self.core.get(auth.current_tenant_id(), request.id))
+        return self._job(self.core.jobs.get(auth.current_tenant_id(), request.id))
 
     def ListJobs(self, request, context):
         if request.state not in convert.STATE_FROM_PROTO and request.state != common_pb2.JOB_STATE_UNSPECIFIED:
             raise InvalidArgument(f"state {request.state} is not a job state")
-        jobs, token = self.core.list(auth.current_tenant_id(), convert.STATE_FROM_PROTO.get(request.state),
+        jobs, token = self.core.jobs.list(auth.current_tenant_id(), convert.STATE_FROM_PROTO.get(request.state),
                                      request.page_size, request.page_token)
         return training_pb2.ListJobsResponse(jobs=[self._job(j) for j in jobs], next_page_token=token)
 
     def CancelJob(self, request, context):
-        return self._job(self.core.cancel(auth.current_tenant_id(), request.id, request.reason))
+        return self._job(self.core.jobs.cancel(auth.current_tenant_id(), request.id, request.reason))
 
     def WatchJob(self, request, context):
-        for item in self.core.watch(auth.current_tenant_id(), request.id, context.is_active):
+        for item in self.core.jobs.watch(auth.current_tenant_id(), request.id, context.is_active):
             if isinstance(item, Job):
                 yield convert.snapshot_event(item, self.currency)
             else:
