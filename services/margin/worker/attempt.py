@@ -13,13 +13,13 @@ import math
 import time
 from collections import deque
 
-from margin.common.costs import run_cost
-from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, FAILED, RUNNING, SUCCEEDED, Lease, LeaseLost
+from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, Lease
 from margin.common.tenancy import utcnow
 from margin.modelzoo.spec import TrainSpec
 from margin.sdk.channel import Connection
 from margin.worker import publish
 from margin.worker.context import WorkerContext
+from margin.worker.jobrun import JobRun
 from margin.worker.loop import BUDGET, CANCEL, Decision, Position, Trainer
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,11 @@ log = logging.getLogger(__name__)
 FINAL_RESERVE_S = 0.25  # wall seconds kept back for the last checkpoint and the finishing writes
 
 
-class Attempt:
+class Attempt(JobRun):
     def __init__(self, ctx: WorkerContext, lease: Lease, spec: TrainSpec, registry: Connection,
                  started: float, single_samples_per_s: float | None = None):
-        self.ctx, self.lease, self.spec, self.registry = ctx, lease, spec, registry
-        self.job_id = lease.job.id
-        self.started = started          # time.time() when this attempt began (before any process started)
+        super().__init__(ctx, lease, spec.device_class, spec.world_size, started)
+        self.spec, self.registry = spec, registry
         self.world = spec.world_size
         self.single_samples_per_s = single_samples_per_s
         self.step_times: deque[float] = deque(maxlen=20)
@@ -42,23 +41,12 @@ class Attempt:
         self.loss = math.nan
         self.total_epochs = spec.epochs
 
-    # -- the meter --------------------------------------------------------------------------------
-    def device_seconds(self, extra_wall_s: float = 0.0) -> float:
-        return (time.time() - self.started + extra_wall_s) * self.world
-
-    def _micros(self, device_seconds: float) -> int:
-        return self.lease.prior_micros + run_cost(self.ctx.catalog, self.spec.device_class,
-                                                  device_seconds / 3600.0).total_micros
-
-    def spent_micros(self) -> int:
-        return self._micros(self.device_seconds())
-
     def budget_decision(self) -> Decision:
         budget = self.lease.job.budget_micros
         if not budget:
             return Decision()
         next_step = max(self.step_times, default=0.05) * 1.5
-        projected = self._micros(self.device_seconds(next_step + self.checkpoint_seconds * 1.5 + FINAL_RESERVE_S))
+        projected = self.micros(self.device_seconds(next_step + self.checkpoint_seconds * 1.5 + FINAL_RESERVE_S))
         if projected > budget:
             return Decision(BUDGET, f"stopped before a step that would cross the budget: spent "
                                     f"{self.spent_micros()} of {budget} micros")
@@ -140,33 +128,12 @@ class Attempt:
         self.finish(SUCCEEDED, pos, f"registered {version.model} v{version.number}", metrics=all_metrics,
                     result={"model": version.model, "number": version.number})
 
-    def fail(self, message: str) -> None:
-        try:
-            self.finish(FAILED, None, message)
-        except LeaseLost:
-            log.warning("job %s: not marking FAILED, a newer attempt holds it", self.job_id)
-
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, state: str, pos: Position | None, message: str, **fields) -> None:
         progress = {"epoch": pos.epoch, "step": pos.step, "eta_seconds": 0.0} if pos else None
-        job = self.ctx.store.finish(self.lease, state, device_seconds=self.device_seconds(), message=message,
-                                    progress=progress, **fields)
-        event = self.event(state, pos, message=message, metrics=job.metrics)
-        event["cost_micros"] = job.cost_micros
-        self.publish(event, terminal=True)
-        log.info("job %s ended %s: %s (cost %d micros over %d attempts)", self.job_id, state, message,
-                 job.cost_micros, job.attempts)
-
-    def cost_dict(self) -> dict:
-        now = run_cost(self.ctx.catalog, self.spec.device_class, self.device_seconds() / 3600.0)
-        job = self.ctx.store.get(None, self.job_id)
-        prior = [a for a in job.attempt_costs if a.attempt != self.lease.fence]
-        return {"total_micros": sum(a.total_micros for a in prior) + now.total_micros,
-                "compute_micros": sum(a.compute_micros for a in prior) + now.compute_micros,
-                "energy_micros": sum(a.energy_micros for a in prior) + now.energy_micros,
-                "device_hours": sum(a.device_seconds for a in prior) / 3600.0 + now.device_hours,
-                "energy_kwh": sum(a.energy_kwh for a in prior) + now.energy_kwh,
-                "device_class": self.spec.device_class}
+        job = self.end(state, message, self.event(state, pos, message=message, metrics=fields.get("metrics")),
+                       progress=progress, **fields)
+        log.debug("job %s metrics %s", self.job_id, job.metrics)
 
     def efficiency(self, trainer: Trainer, train_seconds: float) -> dict:
         """η = T_single / T_distributed in training-step time: T_distributed is what rank 0 spent in steps,
