@@ -102,13 +102,14 @@ def test_up_reports_ready_with_every_part_healthy(local_cluster: LocalCluster) -
     assert current["status"] == "ready", current
     assert current["home"] == str(local_cluster.home)
     assert state.pid_alive(current["supervisor_pid"])
-    assert set(current["services"]) == {"redis", "triton", "budget", "registry", "training", "inference", "worker-cpu"}
+    assert set(current["services"]) == {"redis", "triton", "budget", "registry", "training", "compression",
+                                        "inference", "worker-cpu"}
     for name, svc in current["services"].items():
         assert svc["up"] is True, (name, svc)
         assert state.pid_alive(svc["pid"]), (name, svc)
         assert svc["restarts"] == 0, (name, svc)
         assert Path(svc["log"]).is_file(), (name, svc)
-    for name in ("budget", "registry", "training", "inference"):
+    for name in ("budget", "registry", "training", "compression", "inference"):
         assert _health_status(local_cluster.address(name)) == health_pb2.HealthCheckResponse.SERVING, name
     assert current["redis_url"] == f"redis://{local_cluster.address('redis')}/0"
     client = redis.Redis.from_url(current["redis_url"], socket_timeout=3)

@@ -136,6 +136,7 @@ SERVICES: list[tuple[str, str]] = [
     ("budget", "margin.budget"),
     ("registry", "margin.registry"),
     ("training", "margin.training"),
+    ("compression", "margin.compression"),
     ("inference", "margin.inference"),
 ]
 

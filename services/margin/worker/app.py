@@ -18,7 +18,7 @@ import torch  # noqa: F401
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from margin.cluster.processes import READY_FILE_ENV
-from margin.common.dispatch import TRAIN_TASK, make_celery
+from margin.common.dispatch import COMPRESS_TASK, TRAIN_TASK, make_celery
 from margin.common.logs import setup_logging
 from margin.worker import context, runner
 
@@ -30,6 +30,13 @@ app = make_celery()
 @app.task(name=TRAIN_TASK, bind=True)
 def train(self, job_id: str) -> str:
     return runner.run_job(job_id, task_id=self.request.id or job_id, ctx=context.from_env())
+
+
+@app.task(name=COMPRESS_TASK, bind=True)
+def compress(self, job_id: str) -> str:
+    from margin.worker.compress import run_compression
+
+    return run_compression(job_id, task_id=self.request.id or job_id, ctx=context.from_env())
 
 
 @worker_process_init.connect

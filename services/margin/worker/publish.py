@@ -17,8 +17,8 @@ from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, registry_pb2
 
 
-def signature(spec: TrainSpec) -> Signature:
-    arch = spec.architecture
+def signature(arch: dict) -> Signature:
+    """A classifier's signature from its architecture: (batch, features) FP32 in, (batch, classes) logits out."""
     features = arch.get("input_dim") or arch["image_size"] ** 2
     return Signature((TensorSpec("input", "FP32", (-1, features)),),
                      (TensorSpec("logits__0", "FP32", (-1, arch["num_classes"])),))
@@ -35,7 +35,8 @@ def register(conn: Connection, job_id: str, spec: TrainSpec, model: nn.Module, m
     weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     meta = registry_pb2.UploadMetadata(
         model=spec.model, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
-        signature=protoconv.signature_to_proto(signature(spec)), architecture=protoconv.struct(spec.model_spec()),
+        signature=protoconv.signature_to_proto(signature(spec.architecture)),
+        architecture=protoconv.struct(spec.model_spec()),
         recipe=protoconv.struct({"kind": "training", "job_id": job_id, "spec": spec.to_dict()}),
         metrics=metrics, cost=protoconv.cost(cost, currency), idempotency_key=f"training-job:{job_id}",
         description=f"{spec.family} trained by job {job_id}")

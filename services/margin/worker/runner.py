@@ -75,10 +75,8 @@ def holder_gone(owner: str) -> bool:
     return False
 
 
-def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
-    """One delivery of job ``job_id``. Returns what happened, for the log."""
-    started = time.time()
-    owner = lease_owner(task_id)
+def take_lease(job_id: str, owner: str, ctx: WorkerContext) -> Lease | Refusal:
+    """Take the job's lease for a new attempt; when refused because the job ended, tell its watchers so."""
     lease = ctx.store.acquire(job_id, owner, ctx.lease_seconds, ctx.max_attempts, holder_gone)
     if isinstance(lease, Refusal):
         job = ctx.store.get(None, job_id) if "does not exist" not in lease.reason else None
@@ -86,6 +84,15 @@ def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
             ctx.events.publish(job_id, {"state": job.state, "message": job.message,
                                         "cost_micros": job.cost_micros}, terminal=True)
         log.info("not running %s: %s", job_id, lease.reason)
+    return lease
+
+
+def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
+    """One delivery of job ``job_id``. Returns what happened, for the log."""
+    started = time.time()
+    owner = lease_owner(task_id)
+    lease = take_lease(job_id, owner, ctx)
+    if isinstance(lease, Refusal):
         return lease.reason
     spec = TrainSpec.from_dict(lease.job.spec)
     registry = registry_for(ctx, lease)
@@ -106,12 +113,12 @@ def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
         return str(err)
     except Exception as err:
         log.exception("job %s failed", job_id)
-        attempt.fail(_reason(err))
+        attempt.fail(failure_reason(err))
         return f"failed: {err}"
     finally:
         registry.close()
 
 
-def _reason(err: Exception) -> str:
+def failure_reason(err: Exception) -> str:
     text = str(err).strip() or type(err).__name__
     return f"{type(err).__name__}: {text}"[:1500]

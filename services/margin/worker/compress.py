@@ -1,0 +1,200 @@
+"""Run one delivery of a compression job: every candidate recipe becomes a TorchScript variant in the registry,
+measured honestly — size and R from the two serialized files, quality recomputed from the saved artifact on held-out
+rows, latency at batch 1 and 32, cost per million inferences from the measured throughput and the device price —
+then the variant that best meets the floor under the objective is chosen, with the Pareto front reported.
+
+Between variants the attempt renews its lease, checks for a cancel, and stops before a variant that would cross the
+job's budget. Each variant is registered with the idempotency key ``compression-job:<job>:<index>``, so a resumed
+job never registers one twice.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from margin.common import config, protoconv
+from margin.common.costs import RunCost, cost_per_million_micros, run_cost
+from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, LeaseLost, Refusal
+from margin.compression.apply import apply_recipe
+from margin.compression.measure import accuracy, measure
+from margin.compression.quantize import serialized_bytes
+from margin.compression.recipe import Recipe
+from margin.modelzoo.architectures import build_model
+from margin.modelzoo.datasets import load_builtin, split
+from margin.sdk.channel import Connection
+from margin.sdk.registry import RegistryClient
+from margin.v1 import common_pb2, registry_pb2
+from margin.worker.context import WorkerContext
+from margin.worker.jobrun import JobRun
+from margin.worker.publish import signature
+from margin.worker.runner import failure_reason, lease_owner, registry_for, take_lease
+
+log = logging.getLogger(__name__)
+OBJECTIVE_KEYS = {"min_cost_per_million": "cost_per_million_micros", "min_latency": "latency_p50_ms_batch1",
+                  "min_size": "size_bytes"}
+
+
+class Stop(Exception):
+    def __init__(self, state: str, message: str):
+        super().__init__(message)
+        self.state = state
+
+
+class Compressor:
+    def __init__(self, run: JobRun, spec: dict, registry: Connection):
+        self.run, self.spec, self.registry = run, spec, RegistryClient(registry)
+        self.arch = spec["architecture"]
+        self.source = spec["source"]
+        self.price_micros_per_hour = run.ctx.catalog.device(spec["device_class"]).micros_per_hour
+        self.variant_seconds: list[float] = []
+
+    def load_source(self) -> torch.nn.Module:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "weights.safetensors"
+            self.registry.download_to(common_pb2.VersionRef(model=self.source["model"],
+                                                            number=self.source["number"]), path)
+            model = build_model(self.arch)
+            model.load_state_dict(load_file(path))
+        return model.eval()
+
+    def check(self, step: int, total: int) -> None:
+        """Renew the lease; stop for a cancel, or before a variant that would cross the budget."""
+        _, cancel = self.run.ctx.store.heartbeat(self.run.lease, self.run.ctx.lease_seconds,
+                                                 device_seconds=self.run.device_seconds(),
+                                                 progress={"stage": "variants", "step": step, "total_steps": total})
+        if cancel:
+            raise Stop(CANCELLED, "cancelled between variants")
+        budget = self.run.lease.job.budget_micros
+        next_s = max(self.variant_seconds, default=config.JOB_LEASE_SECONDS.get_float() / 10) * 1.5
+        if budget and self.run.micros(self.run.device_seconds(next_s)) > budget:
+            raise Stop(BUDGET_EXCEEDED, f"stopped before variant {step + 1} of {total} would cross the budget: "
+                                        f"spent {self.run.spent_micros()} of {budget} micros")
+
+    def report(self, module: torch.nn.Module, blob: bytes, data, recipe: dict, sparsity: float,
+               run_micros: int) -> dict:
+        """Measure what would be served: the TorchScript artifact, reloaded from its bytes."""
+        served = torch.jit.load(io.BytesIO(blob))
+        x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
+        m = measure(served, x_val[:1], x_val[:32], repeats=30)
+        quality = accuracy(served, x_val, y_val)
+        return {"recipe": recipe, "device_class": self.spec["device_class"], "size_bytes": len(blob),
+                "parameters": m.parameters, "sparsity": sparsity,
+                "latency_p50_ms_batch1": m.latency_p50_ms_batch1, "latency_p99_ms_batch1": m.latency_p99_ms_batch1,
+                "latency_p50_ms_batch32": m.latency_p50_ms_batch32,
+                "latency_p99_ms_batch32": m.latency_p99_ms_batch32, "throughput_per_second": m.throughput_per_second,
+                "quality_metric": "accuracy", "quality": quality,
+                "cost_per_million_micros": cost_per_million_micros(self.price_micros_per_hour,
+                                                                   m.throughput_per_second),
+                "run_cost_micros": run_micros}
+
+    def register(self, index: int, blob: bytes, report: dict, made: RunCost) -> dict:
+        meta = registry_pb2.UploadMetadata(
+            model=self.source["model"], format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+            signature=protoconv.signature_to_proto(signature(self.arch)),
+            parent=common_pb2.VersionRef(model=self.source["model"], number=self.source["number"]),
+            recipe=protoconv.struct({"kind": "compression", "job_id": self.run.job_id, "recipe": report["recipe"]}),
+            metrics={"accuracy": report["quality"], "val_accuracy": report["quality"],
+                     "compression_ratio": report["compression_ratio"],
+                     "cost_per_million_micros": float(report["cost_per_million_micros"]),
+                     "latency_p50_ms_batch1": report["latency_p50_ms_batch1"],
+                     "latency_p50_ms_batch32": report["latency_p50_ms_batch32"]},
+            cost=protoconv.cost(dataclasses.asdict(made), self.run.ctx.catalog.currency),
+            idempotency_key=f"compression-job:{self.run.job_id}:{index}",
+            description=f"{report['recipe'].get('name') or 'variant'} of {self.source['model']} "
+                        f"v{self.source['number']} (job {self.run.job_id})")
+        version = self.registry.upload_bytes(blob, meta)
+        return {"model": version.model, "number": version.number}
+
+    def compress(self) -> dict:
+        source = self.load_source()
+        data = split(*load_builtin(self.spec["eval_dataset"]), validation_fraction=0.2, seed=0)
+        example = torch.from_numpy(data.x_val[:1])
+        baseline_blob = serialized_bytes(copy.deepcopy(source), (example,))
+        baseline = self.report(source, baseline_blob, data, {"name": "source", "steps": []}, 0.0, 0)
+        candidates = self.spec["candidates"]
+        variants = []
+        for i, recipe in enumerate(candidates):
+            self.check(i, len(candidates))
+            start = time.time()
+            compressed = apply_recipe(copy.deepcopy(source), self.arch, Recipe.from_dict(recipe), data)
+            blob = serialized_bytes(compressed.model, (example,))
+            made = run_cost(self.run.ctx.catalog, self.spec["device_class"], (time.time() - start) / 3600)
+            micros = made.total_micros
+            report = self.report(compressed.model, blob, data, recipe, compressed.sparsity, micros)
+            report["compression_ratio"] = len(baseline_blob) / len(blob)
+            report["quality_delta"] = report["quality"] - baseline["quality"]
+            saving = baseline["cost_per_million_micros"] - report["cost_per_million_micros"]
+            report["break_even_inferences"] = int(micros * 1_000_000 / saving) if saving > 0 else -1
+            report["version"] = self.register(i, blob, report, made)
+            self.variant_seconds.append(time.time() - start)
+            variants.append(report)
+            self.run.publish({"state": RUNNING, "stage": "variant", "step": i + 1, "total_steps": len(candidates),
+                              "variant": {**report, "meets_floor": False, "pareto_optimal": False},
+                              "cost_micros": self.run.spent_micros(),
+                              "message": f"{recipe.get('name') or f'variant {i + 1}'}: accuracy "
+                                         f"{report['quality']:.4f}, R {report['compression_ratio']:.2f}"})
+        return choose(variants, baseline, self.spec.get("auto"))
+
+
+def choose(variants: list[dict], baseline: dict, auto: dict | None) -> dict:
+    """Mark the floor and the Pareto front (cost per million vs quality), and pick the best variant meeting the floor
+    under the objective — the best, not the first that passes."""
+    floor = (auto or {}).get("floor") or {}
+    minimum = float(floor.get("minimum", 0.0))
+    for v in variants:
+        v["meets_floor"] = v["quality"] >= minimum
+        v["pareto_optimal"] = not any(
+            (o["cost_per_million_micros"] <= v["cost_per_million_micros"] and o["quality"] >= v["quality"])
+            and (o["cost_per_million_micros"] < v["cost_per_million_micros"] or o["quality"] > v["quality"])
+            for o in variants)
+    objective = (auto or {}).get("objective") or "min_cost_per_million"
+    key = OBJECTIVE_KEYS[objective]
+    passing = [i for i, v in enumerate(variants) if v["meets_floor"]]
+    if not passing:
+        best = max(variants, key=lambda v: v["quality"]) if variants else None
+        outcome = (f"no variant meets the floor {floor.get('metric', 'accuracy')} ≥ {minimum}: the best reached "
+                   f"{best['quality']:.4f} ({best['recipe'].get('name')}); the source has {baseline['quality']:.4f}"
+                   if best else "no variant was made")
+        return {"variants": variants, "chosen": -1, "outcome": outcome, "baseline": baseline}
+    chosen = min(passing, key=lambda i: (variants[i][key], -variants[i]["quality"]))
+    v = variants[chosen]
+    outcome = (f"chose {v['recipe'].get('name') or f'variant {chosen + 1}'} ({objective}): "
+               f"{v['cost_per_million_micros']} µ$ per million vs {baseline['cost_per_million_micros']} for the "
+               f"source, accuracy {v['quality']:.4f} ({v['quality_delta']:+.4f}), R {v['compression_ratio']:.2f}; "
+               f"{len(passing)} of {len(variants)} variants meet the floor")
+    return {"variants": variants, "chosen": chosen, "outcome": outcome, "baseline": baseline}
+
+
+def run_compression(job_id: str, task_id: str, ctx: WorkerContext) -> str:
+    started = time.time()
+    lease = take_lease(job_id, lease_owner(task_id), ctx)
+    if isinstance(lease, Refusal):
+        return lease.reason
+    run = JobRun(ctx, lease, lease.job.spec["device_class"], 1, started)
+    run.publish({"state": RUNNING, "stage": "start", "message": f"attempt {lease.fence}"})
+    registry = registry_for(ctx, lease)
+    try:
+        torch.set_num_threads(config.torch_threads())
+        result = Compressor(run, lease.job.spec, registry).compress()
+        run.end(SUCCEEDED, result["outcome"], {"stage": "done"}, result=result)
+        return "ran"
+    except Stop as stop:
+        run.end(stop.state, str(stop), {"stage": "stopped"})
+        return str(stop)
+    except LeaseLost as err:
+        log.warning("job %s: %s", job_id, err)
+        return str(err)
+    except Exception as err:
+        log.exception("job %s failed", job_id)
+        run.fail(failure_reason(err))
+        return f"failed: {err}"
+    finally:
+        registry.close()
