@@ -1,5 +1,5 @@
-"""A real training stack for tests and benchmarks: redis-server, budget + registry + training servers on
-port 0 over one SQLite database, and a real Celery worker process consuming ``train.cpu``."""
+"""A real job stack for tests: redis-server, budget + registry + training + compression servers on port 0 over
+one SQLite database, and a real Celery worker process consuming ``train.cpu``."""
 from __future__ import annotations
 
 import os
@@ -11,9 +11,10 @@ from pathlib import Path
 
 from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, worker_spec
 from margin.common.service import StartedService, start_service
+from margin.compression.service import compression_builder
 from margin.sdk import connect
 from margin.training.service import training_builder
-from margin.v1 import training_pb2_grpc
+from margin.v1 import compression_pb2_grpc, training_pb2_grpc
 
 from tests.conftest import Cluster, running_cluster
 
@@ -22,6 +23,7 @@ from tests.conftest import Cluster, running_cluster
 class TrainingStack:
     cluster: Cluster
     training: StartedService
+    compression: StartedService
     redis: ManagedProcess
     home: Path
     worker_env: dict[str, str]
@@ -30,6 +32,10 @@ class TrainingStack:
     def stub(self, tenant: str = "acme") -> tuple[training_pb2_grpc.TrainingJobsStub, tuple]:
         conn = connect(self.training.server.address, self.cluster.keys[tenant])
         return training_pb2_grpc.TrainingJobsStub(conn.channel), conn.metadata
+
+    def compression_stub(self, tenant: str = "acme") -> tuple[compression_pb2_grpc.CompressionStub, tuple]:
+        conn = connect(self.compression.server.address, self.cluster.keys[tenant])
+        return compression_pb2_grpc.CompressionStub(conn.channel), conn.metadata
 
     def start_worker(self, name: str = "worker-cpu") -> ManagedProcess:
         worker = ManagedProcess(worker_spec(self.home, self.worker_env, name=name), self.home)
@@ -59,13 +65,15 @@ def training_stack(home: Path, max_world_size: int = 2, lease_seconds: float = 1
             training = start_service(training_builder(redis_url, cluster.registry.server.address, max_world_size,
                                                       lease_seconds),
                                      database_url=db, admin_key=cluster.admin_key, auth_cache_seconds=0)
+            compression = start_service(compression_builder(redis_url, cluster.registry.server.address, lease_seconds),
+                                        database_url=db, admin_key=cluster.admin_key, auth_cache_seconds=0)
             services = str(Path(__file__).resolve().parents[2] / "services")
             env = {"MARGIN_HOME": str(home), "DATABASE_URL": db, "MARGIN_REDIS_URL": redis_url,
                    "MARGIN_REGISTRY_ADDR": cluster.registry.server.address, "MARGIN_ADMIN_KEY": cluster.admin_key,
                    "MARGIN_CHECKPOINT_DIR": str(home / "checkpoints"), "MARGIN_LOG_FORMAT": "text",
                    "MARGIN_JOB_LEASE_SECONDS": str(lease_seconds),
                    "PYTHONPATH": os.pathsep.join(filter(None, [services, os.environ.get("PYTHONPATH")]))}
-            stack = TrainingStack(cluster, training, redis_proc, home, env)
+            stack = TrainingStack(cluster, training, compression, redis_proc, home, env)
             if worker:
                 stack.start_worker()
             try:
@@ -74,6 +82,7 @@ def training_stack(home: Path, max_world_size: int = 2, lease_seconds: float = 1
                 for w in stack.workers:
                     w.stop()
                 training.stop()
+                compression.stop()
     finally:
         redis_proc.stop()
 

@@ -1,0 +1,1 @@
+"""Model compression: pruning, quantization, distillation, sensitivity analysis and measurement."""

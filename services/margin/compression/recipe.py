@@ -1,0 +1,317 @@
+"""Compression recipes: an ordered list of prune / distill / quantize steps, validated before anything runs.
+
+The dataclasses mirror ``margin.v1.Recipe`` (``protos/margin/v1/compression.proto``). :meth:`Recipe.to_dict` gives
+the proto's JSON shape (``{"name": ..., "steps": [{"prune": {...}}, ...], "keep_sensitive_layers": k}``, snake_case
+field names, prune kinds as ``KIND_UNSTRUCTURED`` / ``KIND_STRUCTURED``), so the same dict serves job specs, the
+registry's recipe record and ``google.protobuf.json_format.ParseDict``. :meth:`Recipe.from_dict` also accepts the
+camelCase names ``MessageToDict`` writes, short kinds (``"unstructured"``) and the floats a ``Struct`` turns integers
+into.
+
+Fields missing from a dict take the dataclass defaults, chosen so that a proto field left at its zero value (which
+``MessageToDict`` omits) means the same as in the proto: no prune amount (rejected by :func:`validate`), an
+unspecified prune kind = unstructured, ``per_channel`` false, ``calibration_batches`` / ``group_size`` 0 = the
+runner's / scheme's default. A distill step's unset temperature, alpha, epochs and learning rate take the defaults
+below (so an explicit alpha of 0 must be sent through the Python API or a dict, not a proto).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from margin.common.errors import InvalidArgument
+from margin.modelzoo.architectures import FAMILIES
+
+PRUNE_KINDS = ("unstructured", "structured")
+STRUCTURED_FAMILIES = ("mlp", "cnn")
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    kind: str = "unstructured"  # "unstructured" (global magnitude) | "structured" (removes neurons / channels)
+    amount: float = 0.0  # fraction of weights (unstructured) or of each hidden layer's units (structured), in (0, 1)
+    finetune_epochs: int = 0
+    skip_layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantizeStep:
+    scheme: str = "dynamic_int8"
+    per_channel: bool = False  # the proto3 default: absent means per-tensor
+    calibration_batches: int = 8  # static schemes; 0 = the caller's default
+    skip_layers: tuple[str, ...] = ()
+    group_size: int = 0  # int4 group size; 0 = the scheme's default
+
+
+@dataclass(frozen=True)
+class DistillStep:
+    student_family: str = "mlp"
+    # Architecture of the student without "family"; input_dim / image_size / num_classes may be left out and are
+    # then taken from the data (see :func:`student_spec`).
+    student_architecture: dict = field(default_factory=dict)
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the soft-target loss
+    epochs: int = 20
+    learning_rate: float = 1e-3
+
+
+Step = PruneStep | QuantizeStep | DistillStep
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = ""
+    steps: tuple[Step, ...] = ()
+    keep_sensitive_layers: int = 0  # quantize: keep this many most sensitive layers at full precision
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "steps": [_step_to_dict(s) for s in self.steps],
+                "keep_sensitive_layers": self.keep_sensitive_layers}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Recipe:
+        if not isinstance(data, Mapping):
+            raise InvalidArgument(f"recipe must be an object, got {type(data).__name__}")
+        steps = _get(data, "steps", [])
+        if not isinstance(steps, (list, tuple)):
+            raise InvalidArgument("recipe.steps must be a list")
+        return cls(name=str(_get(data, "name", "")), steps=tuple(_step_from_dict(s, i) for i, s in enumerate(steps)),
+                   keep_sensitive_layers=_int(_get(data, "keep_sensitive_layers", 0), "recipe.keep_sensitive_layers"))
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return recipe.to_dict()
+
+
+def from_dict(data: Mapping) -> Recipe:
+    return Recipe.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def known_schemes() -> tuple[str, ...]:
+    from margin.compression.quantize import SCHEMES
+
+    return tuple(SCHEMES)
+
+
+def student_spec(step: DistillStep, *, input_dim: int, num_classes: int) -> dict:
+    """The student's full architecture spec: the step's architecture plus its family, with the data's input size and
+    number of classes filled in where the step leaves them out (``image_size`` for a cnn)."""
+    spec = {**step.student_architecture, "family": step.student_family}
+    spec.setdefault("num_classes", num_classes)
+    if step.student_family == "cnn":
+        spec.setdefault("image_size", math.isqrt(input_dim))
+    else:
+        spec.setdefault("input_dim", input_dim)
+    return spec
+
+
+def validate(recipe: Recipe, *, family: str, input_dim: int, num_classes: int) -> None:
+    """Raise :class:`InvalidArgument` naming the first problem, before any work is done.
+
+    ``family`` is the source model's family; ``input_dim`` and ``num_classes`` describe its data.
+    """
+    if not isinstance(recipe, Recipe):
+        raise InvalidArgument(f"expected a Recipe, got {type(recipe).__name__}")
+    if not recipe.steps:
+        raise InvalidArgument(f"recipe {recipe.name!r} has no steps")
+    if not isinstance(recipe.keep_sensitive_layers, int) or recipe.keep_sensitive_layers < 0:
+        raise InvalidArgument(f"keep_sensitive_layers must be >= 0, got {recipe.keep_sensitive_layers!r}")
+    current = family  # the family of the model each step receives
+    for i, step in enumerate(recipe.steps):
+        where = f"step {i + 1} ({type(step).__name__})"
+        if i > 0 and isinstance(recipe.steps[i - 1], QuantizeStep):
+            raise InvalidArgument(f"{where}: quantize must be the last step: a quantized model cannot be pruned, "
+                                  f"distilled or quantized again")
+        if isinstance(step, PruneStep):
+            _validate_prune(step, where, current)
+        elif isinstance(step, QuantizeStep):
+            _validate_quantize(step, where)
+        elif isinstance(step, DistillStep):
+            _validate_distill(step, where, current, input_dim=input_dim, num_classes=num_classes)
+            current = step.student_family
+        else:
+            raise InvalidArgument(f"step {i + 1}: unknown step type {type(step).__name__}")
+
+
+def _validate_prune(step: PruneStep, where: str, family: str) -> None:
+    if step.kind not in PRUNE_KINDS:
+        raise InvalidArgument(f"{where}: unknown prune kind {step.kind!r}; known: {list(PRUNE_KINDS)}")
+    if not _is_number(step.amount) or not 0.0 < step.amount < 1.0:
+        raise InvalidArgument(f"{where}: prune amount must be in (0, 1), got {step.amount!r}")
+    _non_negative(step.finetune_epochs, f"{where}: finetune_epochs")
+    _names(step.skip_layers, f"{where}: skip_layers")
+    if step.kind == "structured" and family not in STRUCTURED_FAMILIES:
+        raise InvalidArgument(f"{where}: structured pruning supports families {list(STRUCTURED_FAMILIES)}, "
+                              f"not {family!r}")
+
+
+def _validate_quantize(step: QuantizeStep, where: str) -> None:
+    schemes = known_schemes()
+    if step.scheme not in schemes:
+        raise InvalidArgument(f"{where}: unknown quantization scheme {step.scheme!r}; known: {list(schemes)}")
+    _non_negative(step.calibration_batches, f"{where}: calibration_batches")
+    _non_negative(step.group_size, f"{where}: group_size")
+    _names(step.skip_layers, f"{where}: skip_layers")
+
+
+def _validate_distill(step: DistillStep, where: str, teacher_family: str, *, input_dim: int, num_classes: int) -> None:
+    if teacher_family not in FAMILIES:
+        raise InvalidArgument(f"{where}: distillation needs a classifier teacher ({sorted(FAMILIES)}), "
+                              f"not {teacher_family!r}")
+    if step.student_family not in FAMILIES:
+        raise InvalidArgument(f"{where}: unknown student family {step.student_family!r}; known: {sorted(FAMILIES)}")
+    if not isinstance(step.student_architecture, Mapping):
+        raise InvalidArgument(f"{where}: student_architecture must be an object")
+    if step.student_architecture.get("family", step.student_family) != step.student_family:
+        raise InvalidArgument(f"{where}: student_architecture.family {step.student_architecture['family']!r} "
+                              f"contradicts student_family {step.student_family!r}")
+    if not _is_number(step.temperature) or step.temperature <= 0:
+        raise InvalidArgument(f"{where}: temperature must be > 0, got {step.temperature!r}")
+    if not _is_number(step.alpha) or not 0.0 <= step.alpha <= 1.0:
+        raise InvalidArgument(f"{where}: alpha must be in [0, 1], got {step.alpha!r}")
+    _non_negative(step.epochs, f"{where}: epochs")
+    if not _is_number(step.learning_rate) or step.learning_rate <= 0:
+        raise InvalidArgument(f"{where}: learning_rate must be > 0, got {step.learning_rate!r}")
+    spec = student_spec(step, input_dim=input_dim, num_classes=num_classes)
+    problems = []
+    if spec["num_classes"] != num_classes:
+        problems.append(f"it has {spec['num_classes']} classes, the data {num_classes}")
+    if step.student_family == "cnn":
+        size = spec["image_size"]
+        if not isinstance(size, (int, float)) or size * size != input_dim:
+            problems.append(f"its {size!r}x{size!r} images have {size * size if _is_number(size) else '?'} "
+                            f"inputs, the data {input_dim} features")
+    elif spec["input_dim"] != input_dim:
+        problems.append(f"it takes {spec['input_dim']} inputs, the data has {input_dim} features")
+    if problems:
+        raise InvalidArgument(f"{where}: student {step.student_family} {dict(step.student_architecture)} is "
+                              f"incompatible with the data: {'; '.join(problems)}")
+    from margin.modelzoo.architectures import build_model
+
+    try:
+        build_model(spec)
+    except InvalidArgument as err:
+        raise InvalidArgument(f"{where}: student architecture: {err}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _non_negative(value, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"{what} must be a non-negative integer, got {value!r}")
+
+
+def _names(values, what: str) -> None:
+    if not isinstance(values, (tuple, list)) or not all(isinstance(v, str) and v for v in values):
+        raise InvalidArgument(f"{what} must be a list of layer names")
+
+
+# ---------------------------------------------------------------------------------------------------- (de)serialize
+
+_KIND_TO_PROTO = {"unstructured": "KIND_UNSTRUCTURED", "structured": "KIND_STRUCTURED"}
+_KIND_FROM_PROTO = {**{v: k for k, v in _KIND_TO_PROTO.items()}, "unstructured": "unstructured",
+                    "structured": "structured", "KIND_UNSPECIFIED": "unstructured", 0: "unstructured",
+                    1: "unstructured", 2: "structured"}
+
+
+def _step_to_dict(step: Step) -> dict:
+    if isinstance(step, PruneStep):
+        return {"prune": {"kind": _KIND_TO_PROTO.get(step.kind, step.kind), "amount": step.amount,
+                          "finetune_epochs": step.finetune_epochs, "skip_layers": list(step.skip_layers)}}
+    if isinstance(step, QuantizeStep):
+        return {"quantize": {"scheme": step.scheme, "per_channel": step.per_channel,
+                             "calibration_batches": step.calibration_batches,
+                             "skip_layers": list(step.skip_layers), "group_size": step.group_size}}
+    if isinstance(step, DistillStep):
+        return {"distill": {"student_family": step.student_family,
+                            "student_architecture": dict(step.student_architecture),
+                            "temperature": step.temperature, "alpha": step.alpha, "epochs": step.epochs,
+                            "learning_rate": step.learning_rate}}
+    raise InvalidArgument(f"unknown step type {type(step).__name__}")
+
+
+def _step_from_dict(data, index: int) -> Step:
+    where = f"recipe.steps[{index}]"
+    if not isinstance(data, Mapping) or len(data) != 1:
+        raise InvalidArgument(f"{where} must be an object with exactly one of 'prune', 'quantize', 'distill'")
+    (technique, body), = data.items()
+    if not isinstance(body, Mapping):
+        raise InvalidArgument(f"{where}.{technique} must be an object")
+    if technique == "prune":
+        kind = _get(body, "kind", "KIND_UNSPECIFIED")
+        if not isinstance(kind, (str, int)) or isinstance(kind, bool) or kind not in _KIND_FROM_PROTO:
+            raise InvalidArgument(f"{where}: unknown prune kind {kind!r}; known: {list(PRUNE_KINDS)}")
+        return PruneStep(kind=_KIND_FROM_PROTO[kind], amount=_float(_get(body, "amount", 0.0), f"{where}.amount"),
+                         finetune_epochs=_int(_get(body, "finetune_epochs", 0), f"{where}.finetune_epochs"),
+                         skip_layers=_strs(_get(body, "skip_layers", []), f"{where}.skip_layers"))
+    if technique == "quantize":
+        return QuantizeStep(scheme=str(_get(body, "scheme", "dynamic_int8")),
+                            per_channel=bool(_get(body, "per_channel", False)),
+                            calibration_batches=_int(_get(body, "calibration_batches", 8),
+                                                     f"{where}.calibration_batches"),
+                            skip_layers=_strs(_get(body, "skip_layers", []), f"{where}.skip_layers"),
+                            group_size=_int(_get(body, "group_size", 0), f"{where}.group_size"))
+    if technique == "distill":
+        arch = _get(body, "student_architecture", {})
+        if not isinstance(arch, Mapping):
+            raise InvalidArgument(f"{where}.student_architecture must be an object")
+        defaults = DistillStep()
+        return DistillStep(student_family=str(_get(body, "student_family", defaults.student_family)),
+                           student_architecture=_integral(dict(arch)),
+                           temperature=_float(_get(body, "temperature", defaults.temperature), f"{where}.temperature"),
+                           alpha=_float(_get(body, "alpha", defaults.alpha), f"{where}.alpha"),
+                           epochs=_int(_get(body, "epochs", defaults.epochs), f"{where}.epochs"),
+                           learning_rate=_float(_get(body, "learning_rate", defaults.learning_rate),
+                                                f"{where}.learning_rate"))
+    raise InvalidArgument(f"{where}: unknown technique {technique!r}; known: ['prune', 'quantize', 'distill']")
+
+
+def _get(data: Mapping, key: str, default):
+    """``data[key]`` under its snake_case or camelCase name."""
+    if key in data:
+        return data[key]
+    head, *rest = key.split("_")
+    return data.get(head + "".join(p.title() for p in rest), default)
+
+
+def _int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidArgument(f"{what} must be an integer, got {value!r}")
+    try:
+        as_float = float(value)
+    except ValueError:
+        raise InvalidArgument(f"{what} must be an integer, got {value!r}") from None
+    if not math.isfinite(as_float) or as_float != int(as_float):
+        raise InvalidArgument(f"{what} must be an integer, got {value!r}")
+    return int(as_float)
+
+
+def _float(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidArgument(f"{what} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidArgument(f"{what} must be a number, got {value!r}") from None
+
+
+def _strs(values, what: str) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise InvalidArgument(f"{what} must be a list of strings")
+    return tuple(values)
+
+
+def _integral(value):
+    """Struct stores every number as a float: turn 128.0 back into 128 (recursively) so architectures rebuild."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
