@@ -59,7 +59,7 @@ test: setup ## Run the whole test suite (unit, service, integration)
 lint: setup ## Ruff over the code
 	$(VENV)/bin/ruff check services tests bench
 
-bench: bench-registry bench-gateway bench-training ## Run every benchmark (tables printed, JSON in bench/results/)
+bench: bench-registry bench-gateway bench-training bench-compression ## Run every benchmark (tables printed, JSON in bench/results/)
 
 bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
 	$(PY) bench/registry_bench.py --size-mb 200
@@ -70,7 +70,10 @@ bench-gateway: setup ## Predict through the gateway vs straight to Triton at con
 bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2; writes bench/results/training.json
 	$(PY) bench/training_bench.py
 
+bench-compression: setup ## Quantized MiniLM-L6 on CPU: size, cosine to fp32, latency; writes bench/results/compression.json
+	$(PY) bench/compression_bench.py --part all
+
 clean: down ## Remove generated code and the venv
 	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache
 
-.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training clean
+.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression clean

@@ -9,6 +9,7 @@ from margin.common.errors import InvalidArgument
 from margin.compression.quantize import (
     SCHEMES,
     Int8WeightOnlyLinear,
+    PerTokenInt8Linear,
     quantize,
     serialized_size,
 )
@@ -58,7 +59,8 @@ def _close(ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
 
 CPU_SCHEMES = [("dynamic_int8", {}), ("dynamic_int8", {"per_channel": False}),
                ("dynamic_int8", {"reduce_range": True}), ("dynamic_int8", {"reduce_range": False}),
-               ("weight_only_int8", {}), ("weight_only_int8", {"group_size": 32}), ("bf16", {}), ("fp16", {})]
+               ("dynamic_int8_per_token", {}), ("weight_only_int8", {}), ("weight_only_int8", {"group_size": 32}),
+               ("bf16", {}), ("fp16", {})]
 
 
 @pytest.mark.parametrize(("scheme", "kwargs"), CPU_SCHEMES)
@@ -90,9 +92,20 @@ def test_cnn_dynamic_and_weight_only(cnn, x):
         _close(ref, quantize(cnn, "weight_only_int8")(x), 0.05)
 
 
+def test_per_token_with_smoothquant_calibration(mlp, x):
+    ref = mlp(x).detach()
+    q = quantize(mlp, "dynamic_int8_per_token", calibration=[(torch.rand(16, 64),) for _ in range(3)])
+    assert isinstance(q[0], PerTokenInt8Linear) and bool((q[0].inv_s != 1).any())
+    with torch.no_grad():
+        _close(ref, q(x), 0.05)
+        _close(ref.reshape(4, 8, 10), q(x.reshape(4, 8, 64)), 0.05)  # (batch, tokens, features) inputs
+        scripted = torch.jit.script(q)
+        assert torch.allclose(scripted(x), q(x))
+
+
 def test_sizes_shrink(mlp, cnn, x):
     fp32 = serialized_size(mlp, x)
-    for scheme in ("dynamic_int8", "weight_only_int8"):
+    for scheme in ("dynamic_int8", "dynamic_int8_per_token", "weight_only_int8"):
         assert serialized_size(quantize(mlp, scheme), x) < 0.5 * fp32, scheme
     assert serialized_size(quantize(mlp, "bf16"), x) < 0.7 * fp32
     calib = [(torch.rand(16, 64),)]

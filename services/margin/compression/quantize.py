@@ -5,6 +5,10 @@
 - ``dynamic_int8``: ``nn.Linear`` weights int8 (per output channel, or per tensor), activations quantized on
   the fly per batch (per tensor); runs the int8 GEMM of the x86/fbgemm backend on CPU. Activations use the
   full 8 bits on CPUs with VNNI, 7 bits (torch's default) elsewhere; see ``reduce_range``.
+- ``dynamic_int8_per_token``: ``nn.Linear`` weights int8 per output channel, activations quantized on the fly
+  to int8 per token (per row), int8 × int8 → int32 with ``torch._int_mm``. With ``calibration`` batches it also
+  applies SmoothQuant (α = 0.5): per input channel, activation outliers are moved into the weights
+  (x / s, W · s), which keeps the error low in transformers whose activations have outlier channels.
 - ``static_int8``: weights and activations int8 with activation ranges from ``calibration`` batches (FX graph
   mode). CPU only.
 - ``embedding_int8``: ``nn.Embedding`` tables int8 per row (``float_qparams_weight_only_qconfig``).
@@ -15,8 +19,8 @@
 - ``torchao_int8`` / ``torchao_int4``: torchao weight-only kernels; need a CUDA device and torchao.
 
 Schemes compose by calling :func:`quantize` again on the result: ``embedding_int8`` only touches embeddings
-and ``dynamic_int8`` / ``weight_only_int8`` only touch float ``nn.Linear`` layers. ``skip_layers`` names module
-prefixes (as in ``named_modules()``) kept as they are.
+and ``dynamic_int8`` / ``dynamic_int8_per_token`` / ``weight_only_int8`` only touch float ``nn.Linear``
+layers. ``skip_layers`` names module prefixes (as in ``named_modules()``) kept as they are.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from margin.common.errors import InvalidArgument
 
 SCHEMES: tuple[str, ...] = (
     "dynamic_int8",
+    "dynamic_int8_per_token",
     "static_int8",
     "embedding_int8",
     "weight_only_int8",
@@ -102,6 +107,60 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class PerTokenInt8Linear(nn.Module):
+    """Linear with int8 weights (one scale per output row) and activations quantized to int8 per token.
+
+    ``y = (round(x·inv_s / a) @ Wqᵀ) · a · w_scale + b`` where ``a`` is each row's absmax / 127. ``inv_s`` is
+    the SmoothQuant factor (ones when not smoothed): the stored weight is ``W · s``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("qweight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("inv_s", torch.ones(in_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_absmax: torch.Tensor | None = None,
+                   alpha: float = 0.5) -> PerTokenInt8Linear:
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        w = linear.weight.detach().float()
+        if act_absmax is not None:
+            w_absmax = w.abs().amax(dim=0).clamp(min=1e-5)
+            # A channel (nearly) silent in calibration would get a tiny s, i.e. a huge 1/s that blows up the
+            # token's scale when it does fire later: floor its range at 1 % of the largest channel's.
+            act = act_absmax.float()
+            act = act.clamp(min=max(1e-5, 0.01 * float(act.max())))
+            s = (act ** alpha / w_absmax ** (1 - alpha)).clamp(min=1e-5)
+            w = w * s
+            q.inv_s.copy_(1.0 / s)
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        q.qweight_t.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).t())
+        q.w_scale.copy_(scale)
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().float().clone()
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = (x.reshape(-1, self.in_features) * self.inv_s).float()
+        a = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+        xq = torch.round(x2 / a).to(torch.int8)
+        y = torch._int_mm(xq, self.qweight_t).float() * (a * self.w_scale)
+        b = self.bias
+        if b is not None:
+            y = y + b
+        out_shape = list(x.shape[:-1])
+        out_shape.append(self.out_features)
+        return y.to(x.dtype).reshape(out_shape)
+
+    def extra_repr(self) -> str:
+        smoothed = bool((self.inv_s != 1).any())
+        return f"in_features={self.in_features}, out_features={self.out_features}, smoothed={smoothed}"
 
 
 class CastIO(nn.Module):
@@ -181,13 +240,46 @@ def _weight_only_int8(model: nn.Module, skip_layers: Sequence[str], group_size: 
     return model
 
 
-def _batches(calibration: Iterable | None) -> list[tuple]:
+def _batches(calibration: Iterable | None, scheme: str = "static_int8") -> list[tuple]:
     if calibration is None:
-        raise InvalidArgument("static_int8 needs calibration batches (an iterable of input tuples); none were given")
+        raise InvalidArgument(f"{scheme} needs calibration batches (an iterable of input tuples); none were given")
     batches = [b if isinstance(b, (tuple, list)) else (b,) for b in calibration]
     if not batches:
-        raise InvalidArgument("static_int8 needs at least one calibration batch; the iterable was empty")
+        raise InvalidArgument(f"{scheme} needs at least one calibration batch; the iterable was empty")
     return [tuple(b) for b in batches]
+
+
+def linear_input_absmax(model: nn.Module, names: Sequence[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
+    """Per input channel, the largest |activation| entering each named Linear over ``model(*batch)`` calls."""
+    absmax: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_mod, inputs, _out):
+            x = inputs[0].detach()
+            a = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            absmax[name] = torch.maximum(absmax[name], a) if name in absmax else a
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return absmax
+
+
+def _dynamic_int8_per_token(model: nn.Module, skip_layers: Sequence[str], calibration: Iterable | None,
+                            alpha: float = 0.5) -> nn.Module:
+    names = _targets(model, (nn.Linear,), skip_layers)
+    absmax = {}
+    if calibration is not None:
+        absmax = linear_input_absmax(model, names, _batches(calibration, "dynamic_int8_per_token (SmoothQuant)"))
+    for name in names:
+        _set_submodule(model, name, PerTokenInt8Linear.from_float(model.get_submodule(name), absmax.get(name), alpha))
+    return model
 
 
 def _static_int8(model: nn.Module, per_channel: bool, skip_layers: Sequence[str],
@@ -269,7 +361,8 @@ def quantize(
     """A quantized copy of ``model`` (in eval mode) under ``scheme``; ``model`` itself is not changed.
 
     ``per_channel`` applies to ``dynamic_int8`` and ``static_int8``; ``calibration`` (batches of positional
-    inputs) to ``static_int8``; ``group_size`` to ``weight_only_int8`` (0 = one scale per output row) and
+    inputs, each called as ``model(*batch)``) to ``static_int8`` (required) and ``dynamic_int8_per_token``
+    (optional: enables SmoothQuant); ``group_size`` to ``weight_only_int8`` (0 = one scale per output row) and
     ``torchao_int4`` (default 128). ``reduce_range`` (``dynamic_int8`` only): quantize activations to 7 bits as
     torch does by default (True), or to the full 8 bits (False: about half the error, but only safe on CPUs
     with VNNI); None picks False when this CPU has VNNI. Raises :class:`InvalidArgument` for an unknown scheme,
@@ -290,6 +383,8 @@ def quantize(
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
         if scheme == "dynamic_int8":
             return _dynamic_int8(model, per_channel, skip_layers, reduce_range)
+        if scheme == "dynamic_int8_per_token":
+            return _dynamic_int8_per_token(model, skip_layers, calibration)
         if scheme == "static_int8":
             return _static_int8(model, per_channel, skip_layers, calibration)
         if scheme == "embedding_int8":
