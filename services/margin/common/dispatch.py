@@ -16,7 +16,7 @@ COMPRESS_TASK = "margin.compress"
 TASKS = {"training": TRAIN_TASK, "compression": COMPRESS_TASK}
 
 
-def train_queue(device_class: str) -> str:
+def device_queue(device_class: str) -> str:
     """The queue of a device class's workers (training and compression jobs alike)."""
     return f"train.{device_class}"
 
@@ -31,7 +31,7 @@ def celery_settings(visibility_timeout_s: int) -> dict:
         "accept_content": ["json"],
         "broker_transport_options": {"visibility_timeout": visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
-        "task_default_queue": train_queue("cpu"),
+        "task_default_queue": device_queue("cpu"),
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
@@ -51,7 +51,7 @@ class Dispatcher:
 
     def send(self, kind: str, job_id: str, device_class: str, task_id: str | None = None) -> None:
         """Queue job ``job_id`` of ``kind`` ("training" | "compression") for the workers of ``device_class``."""
-        self._app.send_task(TASKS[kind], args=[job_id], queue=train_queue(device_class), task_id=task_id or job_id)
+        self._app.send_task(TASKS[kind], args=[job_id], queue=device_queue(device_class), task_id=task_id or job_id)
 
     def close(self) -> None:
         self._app.close()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from margin.common import config, protoconv
 from margin.common.costs import RunCost, cost_per_million_micros, run_cost
-from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, LeaseLost, Refusal
+from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, Refusal
 from margin.compression.apply import apply_recipe
 from margin.compression.measure import accuracy, measure
 from margin.compression.quantize import serialized_bytes
@@ -35,7 +35,7 @@ from margin.v1 import common_pb2, registry_pb2
 from margin.worker.context import WorkerContext
 from margin.worker.jobrun import JobRun
 from margin.worker.publish import signature
-from margin.worker.runner import failure_reason, lease_owner, registry_for, take_lease
+from margin.worker.runner import guarded, lease_owner, registry_for, take_lease
 
 log = logging.getLogger(__name__)
 OBJECTIVE_KEYS = {"min_cost_per_million": "cost_per_million_micros", "min_latency": "latency_p50_ms_batch1",
@@ -181,20 +181,15 @@ def run_compression(job_id: str, task_id: str, ctx: WorkerContext) -> str:
     run = JobRun(ctx, lease, lease.job.spec["device_class"], 1, started)
     run.publish({"state": RUNNING, "stage": "start", "message": f"attempt {lease.fence}"})
     registry = registry_for(ctx, lease)
-    try:
+
+    def compress() -> str:
         torch.set_num_threads(config.torch_threads())
-        result = Compressor(run, lease.job.spec, registry).compress()
+        try:
+            result = Compressor(run, lease.job.spec, registry).compress()
+        except Stop as stop:
+            run.end(stop.state, str(stop), {"stage": "stopped"})
+            return str(stop)
         run.end(SUCCEEDED, result["outcome"], {"stage": "done"}, result=result)
         return "ran"
-    except Stop as stop:
-        run.end(stop.state, str(stop), {"stage": "stopped"})
-        return str(stop)
-    except LeaseLost as err:
-        log.warning("job %s: %s", job_id, err)
-        return str(err)
-    except Exception as err:
-        log.exception("job %s failed", job_id)
-        run.fail(failure_reason(err))
-        return f"failed: {err}"
-    finally:
-        registry.close()
+
+    return guarded(job_id, compress, run.fail, registry)

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -98,7 +99,7 @@ def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
     registry = registry_for(ctx, lease)
     attempt = Attempt(ctx, lease, spec, registry, started)
     attempt.publish(attempt.event("RUNNING", None, message=f"attempt {lease.fence} on {owner}"))
-    try:
+    def train() -> str:
         if spec.world_size > 1:
             from margin.worker import ddp
 
@@ -108,12 +109,21 @@ def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
             trainer = build_trainer(spec, registry)
             trainer.run(attempt, resume_position(ctx, lease, trainer))
         return "ran"
+
+    return guarded(job_id, train, attempt.fail, registry)
+
+
+def guarded(job_id: str, body: Callable[[], str], fail: Callable[[str], None], registry: Connection) -> str:
+    """Run an attempt's ``body``: a lost lease ends it quietly (a newer attempt owns the job), any other error
+    ends the job FAILED with its reason; the registry connection is closed either way."""
+    try:
+        return body()
     except LeaseLost as err:
         log.warning("job %s: %s", job_id, err)
         return str(err)
     except Exception as err:
         log.exception("job %s failed", job_id)
-        attempt.fail(failure_reason(err))
+        fail(failure_reason(err))
         return f"failed: {err}"
     finally:
         registry.close()
