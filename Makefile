@@ -70,7 +70,7 @@ bench-gateway: setup ## Predict through the gateway vs straight to Triton at con
 bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2; writes bench/results/training.json
 	$(PY) bench/training_bench.py
 
-bench-compression: setup ## Quantized MiniLM-L6 on CPU: size, cosine to fp32, latency; writes bench/results/compression.json
+bench-compression: setup ## Quantized MiniLM-L6 on CPU; AutoCompress on the digits CNN and MLP (goal: ≥2× smaller, ≤0.5 pt drop); writes bench/results/compression.json
 	$(PY) bench/compression_bench.py --part all
 
 clean: down ## Remove generated code and the venv

@@ -4,32 +4,32 @@ Train a small CNN on scikit-learn's digits as a training job on the cluster's Ce
 (expected cost and range) first, follow the job with the CLI's progress bar, then print what it actually cost
 against the estimate. The job registers safetensors + architecture (the trainable form). The demo downloads those
 weights, exports TorchScript (the servable form, a child of the trained version), points the ``production`` alias
-at it, prints the versions and the lineage with what each step cost, deploys it on Triton and predicts the
-validation set through the gateway with the cost per request. A job that ends below 97 % validation accuracy
-fails the demo (non-zero exit).
+at it, then compresses the trained version with AutoCompress, deploys the chosen variant next to the original
+and predicts the validation set through the gateway both ways, printing the side-by-side cost report
+(:mod:`margin.demo_serving`). A job that ends below 97 % validation accuracy, or a compression that chooses no
+variant, fails the demo (non-zero exit).
 """
 from __future__ import annotations
 
 import io
 import time
-from functools import partial
 
 import grpc
 import torch
 from rich.console import Console
 from safetensors.torch import load
 
+from margin import demo_serving
 from margin.cli import jobs, render
 from margin.cluster import local
 from margin.common import costs, protoconv
+from margin.demo_serving import DemoFailed
 from margin.modelzoo.architectures import build_model
 from margin.modelzoo.datasets import load_builtin, split
 from margin.registry.convert import cost_to_proto
 from margin.registry.domain import CostRecord
 from margin.sdk import Connection, RegistryClient, connect
-from margin.sdk.pages import all_pages
-from margin.sdk.tensors import from_tensor, to_tensor
-from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, training_pb2, training_pb2_grpc
+from margin.v1 import common_pb2, registry_pb2, training_pb2, training_pb2_grpc
 
 MODEL = "digits"
 DATASET = "sklearn:digits"
@@ -41,10 +41,6 @@ VALIDATION_FRACTION = 0.2
 SEED = 0
 TARGET_ACCURACY = 0.97
 BUDGET_DOLLARS = "0.05"                # the job's own cap; a run costs about $0.0002–0.002 on cpu
-
-
-class DemoFailed(RuntimeError):
-    """The demo did not get what it promises (a job that failed or missed the accuracy target)."""
 
 
 def measured_cost(catalog: costs.PriceCatalog, seconds: float, device_class: str = "cpu") -> CostRecord:
@@ -78,16 +74,23 @@ def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
 
     client.stub.SetAlias(registry_pb2.SetAliasRequest(model=MODEL, alias="production", number=servable.number),
                          metadata=client.metadata)
-    versions = all_pages(partial(client.stub.ListVersions, metadata=client.metadata),
-                         registry_pb2.ListVersionsRequest(model=MODEL), "versions")
-    console.print(render.versions_table(MODEL, versions))
-    lineage = client.stub.GetLineage(registry_pb2.GetLineageRequest(
-        version=common_pb2.VersionRef(model=MODEL, alias="production")), metadata=client.metadata)
-    console.print(render.lineage_table(lineage))
     data = split(*load_builtin(DATASET), validation_fraction=VALIDATION_FRACTION, seed=SEED)  # the job's split
-    serve(console, cluster, key, data)
-    console.print(f"[bold]production[/] → {MODEL}:{servable.number}. The cluster keeps running: `margin jobs list`, "
-                  "`margin deployments`, `margin lineage digits@production`, `make down` to stop it.")
+    compression = connect(services["compression"]["address"], key)
+    inference = connect(services["inference"]["address"], key)
+    try:
+        compressed = demo_serving.compress(console, compression, job.result_version, job.metrics["val_accuracy"],
+                                           local.state.home() / "reports")
+        chosen = compressed.variants[compressed.chosen].version
+        lineage = client.stub.GetLineage(registry_pb2.GetLineageRequest(version=chosen), metadata=client.metadata)
+        console.print(render.lineage_table(lineage))
+        demo_serving.serve(console, inference, compressed, common_pb2.VersionRef(model=MODEL, alias="production"),
+                           data)
+    finally:
+        compression.close()
+        inference.close()
+    console.print(f"[bold]production[/] → {MODEL}:{servable.number}; compressed → {MODEL}:{chosen.number}. The "
+                  "cluster keeps running: `margin jobs list`, `margin compress list`, `margin deployments`, "
+                  f"`margin lineage {MODEL}:{chosen.number}`, `make down` to stop it.")
 
 
 def train(console: Console, conn: Connection, epochs: int) -> training_pb2.TrainingJob:
@@ -132,37 +135,6 @@ def export(console: Console, client: RegistryClient, catalog: costs.PriceCatalog
     console.print(f"exported {MODEL}:{version.number} to TorchScript as {MODEL}:{servable.number} "
                   f"({render.human_bytes(servable.size_bytes)}, {costs.format_money(export_cost.total_micros)})")
     return servable
-
-
-def serve(console: Console, cluster: dict, key: str, data) -> None:
-    """Deploy the production version on Triton and predict the validation set through the gateway."""
-    conn = connect(cluster["services"]["inference"]["address"], key)
-    stub = inference_pb2_grpc.InferenceStub(conn.channel)
-    with console.status("deploying digits@production on Triton (export, load, measure capacity)…"):
-        deployment = stub.Deploy(inference_pb2.DeployRequest(
-            version=common_pb2.VersionRef(model=MODEL, alias="production"),
-            batching=inference_pb2.BatchingConfig(max_batch_size=32, max_queue_delay_microseconds=500)),
-            metadata=conn.metadata)
-    console.print(render.deployments_table([deployment]))
-    correct, cost, compute_us, n = 0, 0.0, 0, len(data.x_val)
-    for i in range(0, n, 32):
-        batch = data.x_val[i:i + 32]
-        reply = stub.Predict(inference_pb2.PredictRequest(
-            version=common_pb2.VersionRef(model=MODEL, alias="production"), inputs=[to_tensor("input", batch)]),
-            metadata=conn.metadata)
-        correct += int((from_tensor(reply.outputs[0]).argmax(1) == data.y_val[i:i + 32]).sum())
-        cost += reply.usage.cost_micros
-        compute_us += reply.usage.compute_microseconds
-    requests = (n + 31) // 32
-    console.print(f"served {n} validation images in {requests} requests through the gateway: accuracy "
-                  f"{correct / n:.2%}, {compute_us / requests / 1000:.2f} ms per request, cost per request "
-                  f"{cost / requests:.4f} µ$ (${cost / requests / 1e6:.10f}); "
-                  f"{costs.format_money(deployment.cost_per_million.micros)} per million requests on "
-                  f"{deployment.device_class}")
-    conn.close()
-    if correct / n < TARGET_ACCURACY:
-        raise DemoFailed(f"the served model scored {correct / n:.2%} on the validation set, below "
-                         f"{TARGET_ACCURACY:.0%}")
 
 
 if __name__ == "__main__":

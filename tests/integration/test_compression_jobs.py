@@ -3,6 +3,7 @@ honestly, AutoCompress picking the best variant that meets the floor, bad recipe
 from __future__ import annotations
 
 import io
+import time
 
 import grpc
 import pytest
@@ -34,7 +35,8 @@ def stack(tmp_path_factory) -> TrainingStack:
 
 def finished(stack: TrainingStack, job_id: str) -> compression_pb2.CompressionJob:
     stub, md = stack.compression_stub()
-    ended = {State.Value(n) for n in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_BUDGET_EXCEEDED")}
+    ended = {State.Value(n) for n in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_BUDGET_EXCEEDED",
+                                      "JOB_STATE_CANCELLED")}
     return wait_for(lambda: (j := stub.GetCompressionJob(compression_pb2.GetCompressionJobRequest(id=job_id),
                                                          metadata=md)).state in ended and j, 180)
 
@@ -123,3 +125,98 @@ def test_another_tenants_source_is_not_found(stack):
         stub.SubmitCompression(compression_pb2.SubmitCompressionRequest(
             source=SOURCE, recipe=recipe("int8", {"quantize": {"scheme": "dynamic_int8"}})), metadata=md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def finetuning(count: int, epochs: int) -> list[compression_pb2.Recipe]:
+    """Candidates that each fine-tune for a while: a run long enough to cancel or to run out of budget."""
+    return [recipe(f"prune-{i}", {"prune": {"kind": "KIND_STRUCTURED", "amount": 0.3 + 0.05 * i,
+                                            "finetune_epochs": epochs}}) for i in range(count)]
+
+
+def job_variants(stack: TrainingStack, job_id: str) -> list[registry_pb2.ModelVersion]:
+    return [v for v in stack.versions("digits") if protoconv.from_struct(v.recipe).get("job_id") == job_id]
+
+
+def test_the_source_and_its_torchscript_export_carry_the_baseline_serving_figures(stack):
+    """Routing compares the original and its variants measured the same way: the job attaches its measurement of
+    the source to the source and to its TorchScript export."""
+    client = stack.cluster.client()
+    scripted = io.BytesIO()
+    torch.jit.save(torch.jit.script(torch.nn.Linear(64, 10)), scripted)  # the export's bytes do not matter here
+    export = client.upload_bytes(scripted.getvalue(), registry_pb2.UploadMetadata(
+        model="digits", format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, parent=SOURCE,
+        recipe=protoconv.struct({"kind": "export", "to": "torchscript"})))
+    stub, md = stack.compression_stub()
+    job = stub.SubmitCompression(compression_pb2.SubmitCompressionRequest(
+        source=SOURCE, recipe=recipe("int8", {"quantize": {"scheme": "dynamic_int8", "per_channel": True}})),
+        metadata=md)
+    final = finished(stack, job.id)
+    assert final.baseline.compression_ratio == 1.0 and final.baseline.version == SOURCE
+    assert final.baseline.size_bytes == pytest.approx(final.variants[0].size_bytes
+                                                      * final.variants[0].compression_ratio, abs=1)
+    for number in (SOURCE.number, export.number):
+        version = client.stub.GetVersion(registry_pb2.GetVersionRequest(
+            version=common_pb2.VersionRef(model="digits", number=number)), metadata=client.metadata)
+        assert version.metrics["cost_per_million_micros"] == final.baseline.cost_per_million.micros
+        assert version.metrics["latency_p50_ms_batch32"] == pytest.approx(final.baseline.latency_p50_ms_batch32)
+    assert final.estimate.low.micros <= final.estimate.expected.micros <= final.estimate.high.micros
+    assert final.estimate_basis
+
+
+def test_the_estimate_comes_from_history_after_a_run(stack):
+    stub, md = stack.compression_stub()
+    job = stub.SubmitCompression(compression_pb2.SubmitCompressionRequest(
+        source=SOURCE, recipe=recipe("int8", {"quantize": {"scheme": "weight_only_int8"}})), metadata=md)
+    assert job.estimate_basis.startswith("history: ") and "per variant" in job.estimate_basis
+    # one plain variant: a few seconds at most, so the high end is well under the first guess's 6 s × 4
+    assert job.estimate.high.micros < 24 * 173_750 / 3600
+    finished(stack, job.id)
+
+
+def test_cancel_between_variants_ends_cancelled_keeping_the_variants_made(stack):
+    stub, md = stack.compression_stub()
+    job = stub.AutoCompress(compression_pb2.AutoCompressRequest(
+        source=SOURCE, floor=common_pb2.QualityFloor(metric="accuracy", minimum=0.5),
+        candidates=finetuning(6, 30)), metadata=md)
+    for event in stub.WatchCompressionJob(compression_pb2.WatchCompressionJobRequest(id=job.id), metadata=md):
+        if event.stage == "variant":
+            break
+    asked = time.monotonic()
+    stub.CancelCompressionJob(compression_pb2.CancelCompressionJobRequest(id=job.id, reason="enough"), metadata=md)
+    final = finished(stack, job.id)
+    assert State.Name(final.state) == "JOB_STATE_CANCELLED", final.outcome
+    assert time.monotonic() - asked < 30 and "cancel" in final.outcome
+    made = job_variants(stack, job.id)
+    assert 1 <= len(made) < 6
+    assert final.cost.total.micros > 0 and sum(r.micros for r in stack.ledger(job.id)) == final.cost.total.micros
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CancelCompressionJob(compression_pb2.CancelCompressionJobRequest(id=job.id), metadata=md)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_budget_below_the_estimate_is_refused_and_one_that_runs_out_stops_the_run(stack):
+    stub, md = stack.compression_stub()
+
+    def auto(count: int, budget: int = 0) -> compression_pb2.AutoCompressRequest:
+        return compression_pb2.AutoCompressRequest(
+            source=SOURCE, floor=common_pb2.QualityFloor(metric="accuracy", minimum=0.5),
+            candidates=finetuning(count, 40), budget=common_pb2.Money(micros=budget))
+
+    listed = len(stub.ListCompressionJobs(compression_pb2.ListCompressionJobsRequest(page_size=100),
+                                          metadata=md).jobs)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.AutoCompress(auto(6, budget=1), metadata=md)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "estimate" in err.value.details()
+    assert len(stub.ListCompressionJobs(compression_pb2.ListCompressionJobsRequest(page_size=100),
+                                        metadata=md).jobs) == listed
+    # a short run of the same recipes gives the estimate its history; then a budget at the estimate's low end
+    finished(stack, stub.AutoCompress(auto(2), metadata=md).id)
+    estimate = stub.EstimateCompression(compression_pb2.EstimateCompressionRequest(auto=auto(6)), metadata=md)
+    assert estimate.variants == 6 and estimate.basis.startswith("history")
+    assert estimate.cost.low.micros < estimate.cost.expected.micros < estimate.cost.high.micros
+    job = stub.AutoCompress(auto(6, budget=estimate.cost.low.micros), metadata=md)
+    final = finished(stack, job.id)
+    assert State.Name(final.state) == "JOB_STATE_BUDGET_EXCEEDED", final.outcome
+    assert 0 < final.cost.total.micros <= estimate.cost.low.micros and "budget" in final.outcome
+    assert len(job_variants(stack, job.id)) < 6
+    assert sum(r.micros for r in stack.ledger(job.id)) == final.cost.total.micros

@@ -6,6 +6,7 @@ MARGIN_HOME; the tests run in file order (start, use, crash a child, stop)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -14,13 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from margin import demo
 from margin.cluster import local, state
-from margin.sdk import connect
-from margin.v1 import registry_pb2, registry_pb2_grpc
+from margin.sdk import RegistryClient, connect
+from margin.sdk.tensors import to_tensor
+from margin.v1 import (
+    common_pb2,
+    compression_pb2,
+    compression_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from rich.console import Console
 
 pytestmark = pytest.mark.slow
 
@@ -206,6 +219,44 @@ def test_supervisor_restarts_a_killed_registry_on_the_same_address(local_cluster
     assert dict(models[0].labels) == {"kept": "yes"}
 
 
+def test_the_demo_compresses_and_every_variant_deploys_with_routing_by_measured_cost(
+        local_cluster: LocalCluster) -> None:
+    """``make demo``'s job on this cluster: train, AutoCompress, deploy the chosen variant next to the original,
+    route. Then every variant of the search deploys through Deploy, and routing by the quality floor serves the one
+    whose measured cost per million is lowest among those meeting it."""
+    console = Console(record=True, width=240)
+    demo.run(console, epochs=40)
+    out = console.export_text()
+    job_id = re.search(r"AutoCompress job (cj-[0-9a-f]+)", out)[1]
+    key = local_cluster.demo_key()
+    compression, inference = (connect(local_cluster.address(n), key) for n in ("compression", "inference"))
+    registry = RegistryClient(connect(local_cluster.address("registry"), key))
+    try:
+        job = compression_pb2_grpc.CompressionStub(compression.channel).GetCompressionJob(
+            compression_pb2.GetCompressionJobRequest(id=job_id), metadata=compression.metadata)
+        assert job.chosen >= 0 and f"served by digits:{job.variants[job.chosen].version.number}, the cheapest" in out
+        stub = inference_pb2_grpc.InferenceStub(inference.channel)
+        for v in job.variants:
+            d = stub.Deploy(inference_pb2.DeployRequest(version=v.version), metadata=inference.metadata)
+            assert d.state == inference_pb2.DEPLOYMENT_STATE_READY and d.cost_per_million.micros > 0, d
+        floor = job.auto.floor.minimum
+        deployed = {d.version.number for d in stub.ListDeployments(
+            inference_pb2.ListDeploymentsRequest(model="digits"), metadata=inference.metadata).deployments}
+        figures = {n: registry.stub.GetVersion(registry_pb2.GetVersionRequest(
+            version=common_pb2.VersionRef(model="digits", number=n)), metadata=registry.metadata).metrics
+            for n in deployed}
+        meeting = {n: m["cost_per_million_micros"] for n, m in figures.items() if m["val_accuracy"] >= floor}
+        reply = stub.Predict(inference_pb2.PredictRequest(
+            version=common_pb2.VersionRef(model="digits"), inputs=[to_tensor("input", np.zeros((4, 64), "float32"))],
+            routing=inference_pb2.RoutingPolicy(floor=common_pb2.QualityFloor(metric="val_accuracy",
+                                                                              minimum=floor))),
+            metadata=inference.metadata)
+        assert meeting[reply.served_version.number] == min(meeting.values()), (reply.served_version, meeting)
+    finally:
+        for conn in (compression, inference):
+            conn.close()
+
+
 def test_down_stops_everything_and_second_down_is_a_no_op(local_cluster: LocalCluster) -> None:
     before = local_cluster.refresh()
     pids = [before["supervisor_pid"], *(s["pid"] for s in before["services"].values())]
@@ -233,7 +284,7 @@ def test_up_after_down_keeps_the_data_and_the_demo_key(local_cluster: LocalClust
     assert current["status"] == "ready"
     assert all(s["restarts"] == 0 and s["up"] for s in current["services"].values()), current["services"]
     assert local_cluster.demo_key() == key, "the demo key was replaced although it still works"
-    assert [m.name for m in _list_models(local_cluster.address("registry"), key)] == ["survivor"]
+    assert sorted(m.name for m in _list_models(local_cluster.address("registry"), key)) == ["digits", "survivor"]
     # the module fixture's teardown stops this second cluster and checks every pid
 
 

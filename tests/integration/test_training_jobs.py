@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 import torch
 from margin.common import protoconv
-from margin.common.ledger import LedgerRow
 from margin.modelzoo.datasets import load_builtin
 from margin.sdk.pages import all_pages
 from margin.v1 import common_pb2, registry_pb2, training_pb2
 from safetensors.torch import load
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
 
 from tests.integration.training_stack import TrainingStack, training_stack, wait_for
 
@@ -64,26 +61,6 @@ def wait_state(stack: TrainingStack, job_id: str, *states: int, timeout: float =
     return wait_for(lambda: (j := get(stack, job_id, tenant)).state in states and j, timeout)
 
 
-def ledger(stack: TrainingStack, job_id: str) -> list[LedgerRow]:
-    engine = create_engine(f"sqlite:///{stack.home / 'margin.db'}")
-    with Session(engine) as s:
-        rows = list(s.scalars(select(LedgerRow).where(LedgerRow.job_id == job_id)))
-    engine.dispose()
-    return rows
-
-
-def versions(stack: TrainingStack, model: str, tenant: str = "acme") -> list[registry_pb2.ModelVersion]:
-    """The model's versions; none when the model does not exist."""
-    client = stack.cluster.client(tenant)
-    try:
-        return all_pages(lambda r: client.stub.ListVersions(r, metadata=client.metadata),
-                         registry_pb2.ListVersionsRequest(model=model), "versions")
-    except grpc.RpcError as err:
-        if err.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        return []
-
-
 def code_of(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as err:
         call()
@@ -117,7 +94,7 @@ def test_submit_watch_succeeds_and_registers_a_version_with_lineage_recipe_metri
     assert version.metrics["val_accuracy"] == pytest.approx(final.metrics["val_accuracy"])
     assert 0 < version.cost.total.micros <= final.cost.total.micros
 
-    rows = ledger(stack, job.id)
+    rows = stack.ledger(job.id)
     assert [r.category for r in rows] == ["training"] and sum(r.micros for r in rows) == final.cost.total.micros
 
     late = watch(stack, job.id)  # a late subscriber gets the current (terminal) state, and the stream ends
@@ -135,8 +112,8 @@ def test_cancel_mid_run_ends_cancelled_within_seconds_with_a_checkpoint(stack):
     assert "changed my mind" in final.message and "checkpoint" in final.message
     assert final.checkpoint.epoch >= 1 and final.checkpoint.size_bytes > 0
     assert (stack.home / "checkpoints" / final.checkpoint.key).exists()
-    assert not final.HasField("result_version") and versions(stack, "cancelled") == []
-    assert sum(r.micros for r in ledger(stack, job.id)) == final.cost.total.micros > 0
+    assert not final.HasField("result_version") and stack.versions("cancelled") == []
+    assert sum(r.micros for r in stack.ledger(job.id)) == final.cost.total.micros > 0
     assert code_of(lambda: stub.CancelJob(training_pb2.CancelJobRequest(id=job.id), metadata=md))[0] == \
         grpc.StatusCode.FAILED_PRECONDITION
 
@@ -162,7 +139,7 @@ def test_a_budget_that_runs_out_mid_run_stops_the_job_with_spend_within_the_budg
     assert State.Name(final.state) == "JOB_STATE_BUDGET_EXCEEDED", final.message
     assert 0 < final.cost.total.micros <= budget
     assert final.checkpoint.step > 0 and "budget" in final.message
-    assert sum(r.micros for r in ledger(stack, job.id)) == final.cost.total.micros
+    assert sum(r.micros for r in stack.ledger(job.id)) == final.cost.total.micros
 
 
 def test_sigkill_of_the_worker_mid_epoch_resumes_from_the_checkpoint_one_version_cost_per_attempt(stack):
@@ -178,8 +155,8 @@ def test_sigkill_of_the_worker_mid_epoch_resumes_from_the_checkpoint_one_version
     assert final.attempts == 2 and len(final.attempt_costs) == 2
     assert all(a.total.micros > 0 for a in final.attempt_costs)
     assert final.cost.total.micros == sum(a.total.micros for a in final.attempt_costs)
-    assert [v.number for v in versions(stack, "resumed")] == [1]
-    rows = ledger(stack, job.id)
+    assert [v.number for v in stack.versions("resumed")] == [1]
+    rows = stack.ledger(job.id)
     assert sorted(r.id for r in rows) == [f"training:{job.id}:1", f"training:{job.id}:2"]
     assert sum(r.micros for r in rows) == final.cost.total.micros
     events = watch(stack, job.id)
@@ -196,7 +173,7 @@ def test_the_same_idempotency_key_returns_the_same_job(stack):
     assert again.id == first.id and other_tenant.id != first.id
     wait_state(stack, first.id, State.Value("JOB_STATE_SUCCEEDED"))
     wait_state(stack, other_tenant.id, State.Value("JOB_STATE_SUCCEEDED"), tenant="other")
-    assert len(versions(stack, "idem")) == 1
+    assert len(stack.versions("idem")) == 1
 
 
 def test_another_tenants_job_is_not_found(stack):
@@ -271,7 +248,7 @@ def test_ddp_world_size_two_trains_with_gloo_and_stores_eta(stack):
     ({"model": "a/b"}, grpc.StatusCode.INVALID_ARGUMENT, "spec.model"),
 ])
 def test_bad_specs_get_a_clear_status_and_create_no_job(stack, fields, code, fragment):
-    if "base_version" in fields and not versions(stack, "theirs", tenant="other"):
+    if "base_version" in fields and not stack.versions("theirs", tenant="other"):
         other = submit(stack, spec("theirs", epochs=1), tenant="other")
         wait_state(stack, other.id, State.Value("JOB_STATE_SUCCEEDED"), tenant="other")
     stub, md = stack.stub()
@@ -319,8 +296,8 @@ def test_when_the_whole_worker_dies_the_lapsed_lease_is_requeued_and_another_wor
     final = wait_state(stack, job.id, State.Value("JOB_STATE_SUCCEEDED"), State.Value("JOB_STATE_FAILED"),
                        timeout=120)
     assert State.Name(final.state) == "JOB_STATE_SUCCEEDED", final.message
-    assert final.attempts == 2 and [v.number for v in versions(stack, "orphaned")] == [1]
-    assert sum(r.micros for r in ledger(stack, job.id)) == final.cost.total.micros
+    assert final.attempts == 2 and [v.number for v in stack.versions("orphaned")] == [1]
+    assert sum(r.micros for r in stack.ledger(job.id)) == final.cost.total.micros
     assert replacement.proc.poll() is None
 
 

@@ -9,12 +9,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, worker_spec
+from margin.common.ledger import LedgerRow
 from margin.common.service import StartedService, start_service
 from margin.compression.service import compression_builder
 from margin.sdk import connect
+from margin.sdk.pages import all_pages
 from margin.training.service import training_builder
-from margin.v1 import compression_pb2_grpc, training_pb2_grpc
+from margin.v1 import compression_pb2_grpc, registry_pb2, training_pb2_grpc
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
 
 from tests.conftest import Cluster, running_cluster
 
@@ -43,6 +48,25 @@ class TrainingStack:
         worker.wait_healthy(60)
         self.workers.append(worker)
         return worker
+
+    def ledger(self, job_id: str) -> list[LedgerRow]:
+        """The ledger entries a job billed."""
+        engine = create_engine(f"sqlite:///{self.home / 'margin.db'}")
+        with Session(engine) as s:
+            rows = list(s.scalars(select(LedgerRow).where(LedgerRow.job_id == job_id)))
+        engine.dispose()
+        return rows
+
+    def versions(self, model: str, tenant: str = "acme") -> list[registry_pb2.ModelVersion]:
+        """The model's versions; none when the model does not exist."""
+        client = self.cluster.client(tenant)
+        try:
+            return all_pages(lambda r: client.stub.ListVersions(r, metadata=client.metadata),
+                             registry_pb2.ListVersionsRequest(model=model), "versions")
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return []
 
     def worker_children(self, worker: ManagedProcess) -> list[int]:
         """The pool processes of a prefork worker (the ones that run tasks)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ def calibration_batches_of(data: Split, batches: int, batch_size: int = 32) -> l
 
 
 def apply_recipe(model: nn.Module, arch: dict, recipe: Recipe, data: Split, *, calibration_batches: int = 8,
-                 seed: int = 0) -> Compressed:
+                 seed: int = 0, after_epoch: Callable[[int], None] | None = None) -> Compressed:
     """Validate ``recipe`` against ``arch`` and ``data``, then run its steps on a copy of ``model``.
 
     - prune: unstructured (global magnitude; sparsity reported) or structured (a smaller ``arch``); then
@@ -43,7 +44,8 @@ def apply_recipe(model: nn.Module, arch: dict, recipe: Recipe, data: Split, *, c
       schemes calibrate on the step's ``calibration_batches`` (or this call's) training batches. Afterwards
       ``arch`` is None.
 
-    ``notes`` says, step by step, what was done and the validation accuracy it left.
+    ``notes`` says, step by step, what was done and the validation accuracy it left. ``after_epoch`` runs after
+    every epoch of fine-tuning or distillation (the worker's cancel and budget check).
     """
     if not isinstance(arch, dict) or "family" not in arch:
         raise InvalidArgument("arch must be an architecture spec with a 'family'")
@@ -66,13 +68,13 @@ def apply_recipe(model: nn.Module, arch: dict, recipe: Recipe, data: Split, *, c
                 notes.append(f"step {number}: unstructured prune {step.amount:g}: sparsity {achieved:.4f}, "
                              f"validation accuracy {accuracy(model, data.x_val, data.y_val):.4f}")
             if step.finetune_epochs:
-                result = pruning.finetune(model, data, step.finetune_epochs, seed=seed)
+                result = pruning.finetune(model, data, step.finetune_epochs, seed=seed, after_epoch=after_epoch)
                 notes.append(f"step {number}: fine-tuned {result.epochs} epochs, validation accuracy "
                              f"{result.val_accuracy:.4f}")
         elif isinstance(step, DistillStep):
             student, spec = build_student(step, input_dim=input_dim, num_classes=num_classes)
             model = distill(model, student, data, temperature=step.temperature, alpha=step.alpha,
-                            epochs=step.epochs, lr=step.learning_rate, seed=seed)
+                            epochs=step.epochs, lr=step.learning_rate, seed=seed, after_epoch=after_epoch)
             arch = spec
             notes.append(f"step {number}: distilled into {spec} (T={step.temperature:g}, alpha={step.alpha:g}, "
                          f"{step.epochs} epochs), validation accuracy {accuracy(model, data.x_val, data.y_val):.4f}")

@@ -46,12 +46,19 @@ def job_to_proto(job: Job, currency: str) -> compression_pb2.CompressionJob:
         chosen=result.get("chosen", -1), outcome=result.get("outcome", "") or job.message,
         cost=protoconv.cost(job.total_cost(), currency), budget=protoconv.money(job.budget_micros, currency),
         create_time=protoconv.timestamp(job.created_at), end_time=protoconv.timestamp(job.ended_at),
-        idempotency_key=job.idempotency_key)
+        idempotency_key=job.idempotency_key, estimate_basis=job.estimate.get("basis", ""))
+    if job.estimate:
+        msg.estimate.CopyFrom(common_pb2.MoneyRange(
+            **{k: protoconv.money(job.estimate[f"{k}_micros"], currency) for k in ("low", "expected", "high")}))
+    if result.get("baseline"):
+        msg.baseline.CopyFrom(variant_to_proto(result["baseline"], currency))
     if spec.get("recipe"):
         msg.recipe.CopyFrom(recipe_to_proto(spec["recipe"]))
     if spec.get("auto"):
         msg.auto.CopyFrom(json_format.ParseDict(spec["auto"], compression_pb2.AutoCompressRequest(),
                                                 ignore_unknown_fields=True))
+        if not msg.auto.candidates:  # the built-in search space: say which recipes it tries
+            msg.auto.candidates.extend(recipe_to_proto(c) for c in spec["candidates"])
     return msg
 
 

@@ -2,15 +2,17 @@
 and admit it under its budget (the shared :class:`~margin.common.jobcontrol.JobControl` queues and reports)."""
 from __future__ import annotations
 
-from margin.common.costs import PriceCatalog, run_cost
+from dataclasses import dataclass, field
+
+from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
 from margin.common.errors import InvalidArgument
 from margin.common.jobcontrol import Admission, Caller, JobControl, check_request
 from margin.common.jobevents import JobEvents
 from margin.common.jobs import Job, JobStore
 from margin.compression import recipe as recipes
+from margin.compression.estimate import CompressionEstimator
 from margin.modelzoo.datasets import BUILTIN_SHAPES
-from margin.modelzoo.spec import TrainSpec, parameter_count
 from margin.sdk.registry_source import RegistrySource
 
 KIND = "compression"
@@ -25,6 +27,9 @@ SEARCH_SPACE: tuple[dict, ...] = (
     {"name": "prune-50-structured+int8", "steps": [
         {"prune": {"kind": "KIND_STRUCTURED", "amount": 0.5, "finetune_epochs": 5}},
         {"quantize": {"scheme": "dynamic_int8", "per_channel": True}}]},
+    {"name": "prune-50-structured+int8-static", "steps": [
+        {"prune": {"kind": "KIND_STRUCTURED", "amount": 0.5, "finetune_epochs": 5}},
+        {"quantize": {"scheme": "static_int8", "calibration_batches": 8}}]},
     {"name": "prune-75-structured+int8", "steps": [
         {"prune": {"kind": "KIND_STRUCTURED", "amount": 0.75, "finetune_epochs": 8}},
         {"quantize": {"scheme": "dynamic_int8", "per_channel": True}}]},
@@ -34,11 +39,19 @@ SEARCH_SPACE: tuple[dict, ...] = (
         {"quantize": {"scheme": "dynamic_int8", "per_channel": True}}]},
 )
 
-# First guesses for the estimate (documented, replaced by measurements as they accrue): fixed seconds per variant
-# (load, evaluate, benchmark at batch 1 and 32, register) and training throughput for fine-tuning/distillation.
-SECONDS_PER_VARIANT = 6.0
-TRAIN_WORK_PER_S = 1.0e9       # sample-parameters per second on one CPU device
-GUESS_RANGE = (0.25, 4.0)
+@dataclass(frozen=True)
+class CompressionRequest:
+    """An explicit recipe (``recipe``) or an AutoCompress search (``auto``, over ``candidates`` or the built-in
+    search space)."""
+    source: tuple[str, int, str]  # model, number, alias
+    recipe: dict | None = None
+    candidates: list[dict] = field(default_factory=list)
+    auto: dict | None = None
+    eval_dataset: str = ""
+    quality_metric: str = ""
+    device_class: str = ""
+    budget_micros: int = 0
+    idempotency_key: str = ""
 
 
 class CompressionCore:
@@ -46,6 +59,7 @@ class CompressionCore:
                  catalog: PriceCatalog):
         self.jobs = JobControl(KIND, store, events, dispatcher)
         self.registry, self.catalog = registry, catalog
+        self.estimator = CompressionEstimator(store, catalog)
 
     def _source(self, caller: Caller, model: str, number: int, alias: str) -> tuple[dict, dict]:
         v = self.registry.version(caller.api_key, model, number, alias)
@@ -77,42 +91,32 @@ class CompressionCore:
             raise InvalidArgument(f"unknown device class {device_class!r}; known: {known}")
         return device_class
 
-    def estimate(self, arch: dict, rows: int, candidates: list[dict], device_class: str) -> dict:
-        params = parameter_count(TrainSpec(model="m", family=arch["family"],
-                                           architecture={k: v for k, v in arch.items() if k != "family"}))
-        seconds = 0.0
-        for data in candidates:
-            epochs = sum(int(body.get("finetune_epochs", 0) or body.get("epochs", 0) if name != "quantize" else 0)
-                         for step in data["steps"] for name, body in step.items())
-            seconds += SECONDS_PER_VARIANT + epochs * rows * 0.8 * params / TRAIN_WORK_PER_S
-        low, high = seconds * GUESS_RANGE[0], seconds * GUESS_RANGE[1]
-        cost = {s: run_cost(self.catalog, device_class, s / 3600.0) for s in (low, seconds, high)}
-        return {"low_micros": cost[low].total_micros, "expected_micros": cost[seconds].total_micros,
-                "high_micros": cost[high].total_micros, "seconds": seconds, "device_class": device_class,
-                "basis": f"first guess: {SECONDS_PER_VARIANT:.0f}s per variant + fine-tuning at "
-                         f"{TRAIN_WORK_PER_S:.0e} sample-params/s, range ×{GUESS_RANGE[0]}–×{GUESS_RANGE[1]}"}
-
-    def submit(self, caller: Caller, *, source: tuple[str, int, str], recipe: dict | None, candidates: list[dict],
-               auto: dict | None, eval_dataset: str, quality_metric: str, device_class: str, budget_micros: int,
-               idempotency_key: str) -> Job:
-        """An explicit recipe (``recipe``) or an AutoCompress search (``auto`` + ``candidates``)."""
-        check_request(budget_micros, idempotency_key)
-        existing = self.jobs.existing(caller, idempotency_key)
-        if existing is not None:
-            return existing
-        quality_metric = quality_metric or "accuracy"
+    def _admission(self, caller: Caller, r: CompressionRequest) -> Admission:
+        """Everything about the request checked, the candidates resolved, and the run estimated."""
+        quality_metric = r.quality_metric or "accuracy"
         if quality_metric not in QUALITY_METRICS:
             raise InvalidArgument(f"quality_metric must be one of {list(QUALITY_METRICS)}, got {quality_metric!r}")
-        src, arch = self._source(caller, *source)
-        rows = self._dataset(eval_dataset, arch)
-        device_class = self._device(device_class)
-        if recipe is not None:
-            candidates = [self._recipe(recipe, arch)]
+        src, arch = self._source(caller, *r.source)
+        rows = self._dataset(r.eval_dataset, arch)
+        device_class = self._device(r.device_class)
+        if r.recipe is not None:
+            candidates = [self._recipe(r.recipe, arch)]
         else:
-            candidates = [self._recipe(c, arch) for c in (candidates or SEARCH_SPACE)]
-        spec = {"source": src, "architecture": arch, "eval_dataset": eval_dataset or "sklearn:digits",
+            candidates = [self._recipe(c, arch) for c in (r.candidates or SEARCH_SPACE)]
+        spec = {"source": src, "architecture": arch, "eval_dataset": r.eval_dataset or "sklearn:digits",
                 "quality_metric": quality_metric, "device_class": device_class, "candidates": candidates,
-                "recipe": candidates[0] if recipe is not None else None, "auto": auto}
-        return self.jobs.admit(caller, Admission(spec, device_class, self.estimate(arch, rows, candidates,
-                                                                                     device_class)),
-                               budget_micros, idempotency_key)
+                "recipe": candidates[0] if r.recipe is not None else None, "auto": r.auto}
+        return Admission(spec, device_class, self.estimator.estimate(arch, rows, candidates, device_class))
+
+    def estimate(self, caller: Caller, r: CompressionRequest) -> dict:
+        """What submitting ``r`` would be expected to cost (the estimate admission compares with the budget)."""
+        admission = self._admission(caller, r)
+        return {**admission.estimate, "variants": len(admission.spec["candidates"])}
+
+    def submit(self, caller: Caller, r: CompressionRequest) -> Job:
+        """An explicit recipe (``recipe``) or an AutoCompress search (``auto`` + ``candidates``)."""
+        check_request(r.budget_micros, r.idempotency_key)
+        existing = self.jobs.existing(caller, r.idempotency_key)
+        if existing is not None:
+            return existing
+        return self.jobs.admit(caller, self._admission(caller, r), r.budget_micros, r.idempotency_key)

@@ -1,6 +1,8 @@
 """Knowledge distillation: train a smaller student on a teacher's softened outputs plus the hard labels."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -30,7 +32,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def distill(teacher: nn.Module, student: nn.Module, data: Split, *, temperature: float, alpha: float, epochs: int,
-            lr: float, batch_size: int = 64, seed: int = 0) -> nn.Module:
+            lr: float, batch_size: int = 64, seed: int = 0,
+            after_epoch: Callable[[int], None] | None = None) -> nn.Module:
     """Train ``student`` in place (Adam) against the fixed ``teacher`` on ``data``'s training rows; returns it in
     eval mode. The teacher runs in eval mode once over the training data (its logits are cached)."""
     if temperature <= 0:
@@ -53,7 +56,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: Split, *, temperature:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         student.train()
         order = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x), batch_size):
@@ -63,5 +66,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: Split, *, temperature:
                                      alpha=alpha)
             loss.backward()
             optimizer.step()
+        if after_epoch is not None:
+            after_epoch(epoch)
     student.eval()
     return student

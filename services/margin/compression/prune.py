@@ -12,7 +12,7 @@ built, smaller model of the same family, so the file, the parameter count and th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -254,7 +254,8 @@ def _shrink_cnn(model: SmallCNN, arch: dict, keeps: list[torch.Tensor]):
 
 
 def finetune(model: nn.Module, data: Split, epochs: int, lr: float = 1e-3, seed: int = 0, *,
-             keep_zeros: bool = True, batch_size: int = 64) -> TrainResult:
+             keep_zeros: bool = True, batch_size: int = 64,
+             after_epoch: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` in place for ``epochs`` with :func:`train_classifier`.
 
     With ``keep_zeros`` (the default) every Linear / Conv weight that is zero now stays zero: a mask is attached for
@@ -269,7 +270,8 @@ def finetune(model: nn.Module, data: Split, epochs: int, lr: float = 1e-3, seed:
                 torch_prune.custom_from_mask(module, "weight", (module.weight != 0).to(module.weight.dtype))
                 masked.append(module)
     try:
-        return train_classifier(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        return train_classifier(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                after_epoch=after_epoch)
     finally:
         for module in masked:
             torch_prune.remove(module, "weight")

@@ -1,12 +1,12 @@
 """The Compression gRPC servicer: convert, call the core, convert back."""
 from __future__ import annotations
 
-from margin.common import auth
+from margin.common import auth, protoconv
 from margin.common.errors import InvalidArgument
 from margin.common.jobcontrol import Caller
 from margin.common.jobs import Job
 from margin.compression import convert
-from margin.compression.core import CompressionCore
+from margin.compression.core import CompressionCore, CompressionRequest
 from margin.training.convert import STATE_FROM_PROTO
 from margin.v1 import common_pb2, compression_pb2, compression_pb2_grpc
 
@@ -28,6 +28,32 @@ def _dataset(ref: common_pb2.DatasetRef) -> str:
     return ref.builtin
 
 
+def _explicit(request: compression_pb2.SubmitCompressionRequest) -> CompressionRequest:
+    if not request.recipe.steps:
+        raise InvalidArgument("recipe.steps: a recipe needs at least one step")
+    return CompressionRequest(
+        source=_source(request.source), recipe=convert.to_dict(request.recipe),
+        eval_dataset=_dataset(request.eval_dataset), quality_metric=request.quality_metric,
+        device_class=request.device_class, budget_micros=request.budget.micros,
+        idempotency_key=request.idempotency_key)
+
+
+def _auto(request: compression_pb2.AutoCompressRequest) -> CompressionRequest:
+    if not request.HasField("floor") or not request.floor.metric:
+        raise InvalidArgument("floor: AutoCompress needs a quality floor, e.g. {metric: accuracy, minimum: 0.97}")
+    if len(request.device_classes) > 1:
+        raise InvalidArgument("device_classes: one device class per AutoCompress job for now")
+    auto = convert.to_dict(request)
+    auto["objective"] = convert.OBJECTIVES.get(request.objective, "")
+    if not auto["objective"]:
+        raise InvalidArgument(f"objective {request.objective} is not a known objective")
+    return CompressionRequest(
+        source=_source(request.source), candidates=[convert.to_dict(c) for c in request.candidates], auto=auto,
+        eval_dataset=_dataset(request.eval_dataset), quality_metric=request.floor.metric,
+        device_class=request.device_classes[0] if request.device_classes else "cpu",
+        budget_micros=request.budget.micros, idempotency_key=request.idempotency_key)
+
+
 class CompressionServicer(compression_pb2_grpc.CompressionServicer):
     def __init__(self, core: CompressionCore):
         self.core = core
@@ -37,29 +63,22 @@ class CompressionServicer(compression_pb2_grpc.CompressionServicer):
         return convert.job_to_proto(job, self.currency)
 
     def SubmitCompression(self, request, context):
-        if not request.recipe.steps:
-            raise InvalidArgument("recipe.steps: a recipe needs at least one step")
-        return self._job(self.core.submit(
-            _caller(context), source=_source(request.source), recipe=convert.to_dict(request.recipe), candidates=[],
-            auto=None, eval_dataset=_dataset(request.eval_dataset), quality_metric=request.quality_metric,
-            device_class=request.device_class, budget_micros=request.budget.micros,
-            idempotency_key=request.idempotency_key))
+        return self._job(self.core.submit(_caller(context), _explicit(request)))
 
     def AutoCompress(self, request, context):
-        if not request.HasField("floor") or not request.floor.metric:
-            raise InvalidArgument("floor: AutoCompress needs a quality floor, e.g. {metric: accuracy, minimum: 0.97}")
-        if len(request.device_classes) > 1:
-            raise InvalidArgument("device_classes: one device class per AutoCompress job for now")
-        auto = convert.to_dict(request)
-        auto["objective"] = convert.OBJECTIVES.get(request.objective, "")
-        if not auto["objective"]:
-            raise InvalidArgument(f"objective {request.objective} is not a known objective")
-        return self._job(self.core.submit(
-            _caller(context), source=_source(request.source), recipe=None,
-            candidates=[convert.to_dict(c) for c in request.candidates], auto=auto,
-            eval_dataset=_dataset(request.eval_dataset), quality_metric=request.floor.metric,
-            device_class=request.device_classes[0] if request.device_classes else "cpu",
-            budget_micros=request.budget.micros, idempotency_key=request.idempotency_key))
+        return self._job(self.core.submit(_caller(context), _auto(request)))
+
+    def EstimateCompression(self, request, context):
+        which = request.WhichOneof("request")
+        if which is None:
+            raise InvalidArgument("request: set submit (an explicit recipe) or auto (an AutoCompress search)")
+        r = _explicit(request.submit) if which == "submit" else _auto(request.auto)
+        e = self.core.estimate(_caller(context), r)
+        return compression_pb2.CompressionEstimate(
+            cost=common_pb2.MoneyRange(**{k: protoconv.money(e[f"{k}_micros"], self.currency)
+                                          for k in ("low", "expected", "high")}),
+            seconds=e["seconds"], seconds_low=e["seconds_low"], seconds_high=e["seconds_high"],
+            variants=e["variants"], device_class=e["device_class"], basis=e["basis"])
 
     def GetCompressionJob(self, request, context):
         return self._job(self.core.jobs.get(auth.current_tenant_id(), request.id))
@@ -70,6 +89,9 @@ class CompressionServicer(compression_pb2_grpc.CompressionServicer):
         jobs, token = self.core.jobs.list(auth.current_tenant_id(), STATE_FROM_PROTO.get(request.state),
                                           request.page_size, request.page_token)
         return compression_pb2.ListCompressionJobsResponse(jobs=[self._job(j) for j in jobs], next_page_token=token)
+
+    def CancelCompressionJob(self, request, context):
+        return self._job(self.core.jobs.cancel(auth.current_tenant_id(), request.id, request.reason))
 
     def WatchCompressionJob(self, request, context):
         for item in self.core.jobs.watch(auth.current_tenant_id(), request.id, context.is_active):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +33,10 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, flo
 
 
 def train_classifier(model: nn.Module, data: Split, *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
-                     seed: int = 0, max_seconds: float | None = None) -> TrainResult:
-    """Adam on cross-entropy; stops after ``epochs`` or once ``max_seconds`` have passed."""
+                     seed: int = 0, max_seconds: float | None = None,
+                     after_epoch: Callable[[int], None] | None = None) -> TrainResult:
+    """Adam on cross-entropy; stops after ``epochs`` or once ``max_seconds`` have passed. ``after_epoch(n)`` runs
+    after each epoch (a caller's cancel or budget check: it may raise to stop the training)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -51,6 +54,8 @@ def train_classifier(model: nn.Module, data: Split, *, epochs: int, batch_size: 
             optimizer.step()
             total += loss.item() * len(idx)
         train_loss, done = total / len(x), done + 1
+        if after_epoch is not None:
+            after_epoch(done)
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     val_loss, val_accuracy = evaluate(model, data.x_val, data.y_val)

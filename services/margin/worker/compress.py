@@ -3,9 +3,10 @@ measured honestly — size and R from the two serialized files, quality recomput
 rows, latency at batch 1 and 32, cost per million inferences from the measured throughput and the device price —
 then the variant that best meets the floor under the objective is chosen, with the Pareto front reported.
 
-Between variants the attempt renews its lease, checks for a cancel, and stops before a variant that would cross the
-job's budget. Each variant is registered with the idempotency key ``compression-job:<job>:<index>``, so a resumed
-job never registers one twice.
+Between variants, and after every epoch of fine-tuning or distillation, the attempt renews its lease (at most once a
+second), checks for a cancel, and stops before work that would cross the job's budget (the next piece is assumed to
+take 1.5× what the last one took). Each variant is registered with the idempotency key
+``compression-job:<job>:<index>``, so a resumed job never registers one twice.
 """
 from __future__ import annotations
 
@@ -15,21 +16,25 @@ import io
 import logging
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from margin.common import config, protoconv
-from margin.common.costs import RunCost, cost_per_million_micros, run_cost
+from margin.common.costs import RunCost, cost_per_million_micros, format_money, run_cost
 from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, Refusal
 from margin.compression.apply import apply_recipe
-from margin.compression.measure import accuracy, measure
+from margin.compression.estimate import CompressionEstimator, source_parameters, variant_work
+from margin.compression.measure import accuracy, measure, parameter_count
 from margin.compression.quantize import serialized_bytes
 from margin.compression.recipe import Recipe
 from margin.modelzoo.architectures import build_model
 from margin.modelzoo.datasets import load_builtin, split
 from margin.sdk.channel import Connection
+from margin.sdk.pages import all_pages
 from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, registry_pb2
 from margin.worker.context import WorkerContext
@@ -38,6 +43,9 @@ from margin.worker.publish import signature
 from margin.worker.runner import guarded, lease_owner, registry_for, take_lease
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+BUDGET_MARGIN = 1.5  # the next piece of work is assumed to take up to 1.5× what it took last time
+SERVING_FIGURES = ("cost_per_million_micros", "latency_p50_ms_batch1", "latency_p50_ms_batch32")
 OBJECTIVE_KEYS = {"min_cost_per_million": "cost_per_million_micros", "min_latency": "latency_p50_ms_batch1",
                   "min_size": "size_bytes"}
 
@@ -55,6 +63,9 @@ class Compressor:
         self.source = spec["source"]
         self.price_micros_per_hour = run.ctx.catalog.device(spec["device_class"]).micros_per_hour
         self.variant_seconds: list[float] = []
+        self.variant_work: list[float] = []
+        self.fixed_seconds = 0.0  # measuring the source: the fixed part of a variant without training
+        self.last_beat = 0.0
 
     def load_source(self) -> torch.nn.Module:
         with tempfile.TemporaryDirectory() as tmp:
@@ -65,18 +76,34 @@ class Compressor:
             model.load_state_dict(load_file(path))
         return model.eval()
 
-    def check(self, step: int, total: int) -> None:
-        """Renew the lease; stop for a cancel, or before a variant that would cross the budget."""
-        _, cancel = self.run.ctx.store.heartbeat(self.run.lease, self.run.ctx.lease_seconds,
-                                                 device_seconds=self.run.device_seconds(),
-                                                 progress={"stage": "variants", "step": step, "total_steps": total})
-        if cancel:
-            raise Stop(CANCELLED, "cancelled between variants")
+    def check(self, step: int, total: int, next_seconds: float, *, between: bool = True) -> None:
+        """Renew the lease (at most once a second inside a variant); stop for a cancel, or before work expected to
+        take ``next_seconds`` would cross the budget."""
+        now = time.monotonic()
+        if between or now - self.last_beat >= HEARTBEAT_S:
+            self.last_beat = now
+            _, cancel = self.run.ctx.store.heartbeat(
+                self.run.lease, self.run.ctx.lease_seconds, device_seconds=self.run.device_seconds(),
+                progress={"stage": "variants", "step": step, "total_steps": total})
+            if cancel:
+                raise Stop(CANCELLED, f"cancelled {'between variants' if between else f'during variant {step + 1}'}"
+                                      f" of {total}")
         budget = self.run.lease.job.budget_micros
-        next_s = max(self.variant_seconds, default=config.JOB_LEASE_SECONDS.get_float() / 10) * 1.5
-        if budget and self.run.micros(self.run.device_seconds(next_s)) > budget:
-            raise Stop(BUDGET_EXCEEDED, f"stopped before variant {step + 1} of {total} would cross the budget: "
-                                        f"spent {self.run.spent_micros()} of {budget} micros")
+        if budget and self.run.micros(self.run.device_seconds(next_seconds * BUDGET_MARGIN)) > budget:
+            where = f"before variant {step + 1}" if between else f"during variant {step + 1}"
+            raise Stop(BUDGET_EXCEEDED, f"stopped {where} of {total}: going on would cross the budget "
+                                        f"(spent {self.run.spent_micros()} of {budget} micros)")
+
+    def epoch_check(self, step: int, total: int) -> Callable[[int], None]:
+        """Called after every fine-tuning/distillation epoch: the next epoch plus measuring and registering must fit
+        in the budget."""
+        last = [time.monotonic()]
+
+        def after_epoch(_: int) -> None:
+            now = time.monotonic()
+            epoch_s, last[0] = now - last[0], now
+            self.check(step, total, epoch_s + self.fixed_seconds, between=False)
+        return after_epoch
 
     def report(self, module: torch.nn.Module, blob: bytes, data, recipe: dict, sparsity: float,
                run_micros: int) -> dict:
@@ -86,7 +113,7 @@ class Compressor:
         m = measure(served, x_val[:1], x_val[:32], repeats=30)
         quality = accuracy(served, x_val, y_val)
         return {"recipe": recipe, "device_class": self.spec["device_class"], "size_bytes": len(blob),
-                "parameters": m.parameters, "sparsity": sparsity,
+                "parameters": parameter_count(module), "sparsity": sparsity,
                 "latency_p50_ms_batch1": m.latency_p50_ms_batch1, "latency_p99_ms_batch1": m.latency_p99_ms_batch1,
                 "latency_p50_ms_batch32": m.latency_p50_ms_batch32,
                 "latency_p99_ms_batch32": m.latency_p99_ms_batch32, "throughput_per_second": m.throughput_per_second,
@@ -113,18 +140,45 @@ class Compressor:
         version = self.registry.upload_bytes(blob, meta)
         return {"model": version.model, "number": version.number}
 
+    def record_history(self, ctx: WorkerContext) -> None:
+        """What this run's variants took, for the next estimates (see :mod:`margin.compression.estimate`)."""
+        CompressionEstimator(ctx.store, ctx.catalog).record(
+            self.arch["family"], self.spec["device_class"], list(zip(self.variant_seconds, self.variant_work,
+                                                                     strict=True)), self.fixed_seconds)
+
+    def attach_baseline(self, baseline: dict) -> None:
+        """Give the source — and its TorchScript exports, the same weights scripted — the serving figures measured
+        for it here, so that routing compares the original and its variants measured the same way."""
+        figures = {k: float(baseline[k]) for k in SERVING_FIGURES}
+        versions = all_pages(partial(self.registry.stub.ListVersions, metadata=self.registry.metadata),
+                             registry_pb2.ListVersionsRequest(model=self.source["model"]), "versions")
+        exports = [v.number for v in versions if v.parent.model == self.source["model"]
+                   and v.parent.number == self.source["number"] and v.format == registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT
+                   and protoconv.from_struct(v.recipe).get("kind") == "export"]
+        for number in (self.source["number"], *exports):
+            self.registry.stub.AttachMetrics(registry_pb2.AttachMetricsRequest(
+                version=common_pb2.VersionRef(model=self.source["model"], number=number), metrics=figures),
+                metadata=self.registry.metadata)
+
     def compress(self) -> dict:
         source = self.load_source()
         data = split(*load_builtin(self.spec["eval_dataset"]), validation_fraction=0.2, seed=0)
         example = torch.from_numpy(data.x_val[:1])
+        start = time.time()
         baseline_blob = serialized_bytes(copy.deepcopy(source), (example,))
         baseline = self.report(source, baseline_blob, data, {"name": "source", "steps": []}, 0.0, 0)
+        self.fixed_seconds = time.time() - start
+        params = source_parameters(self.arch)
+        baseline.update(compression_ratio=1.0, quality_delta=0.0, break_even_inferences=0, version=self.source)
+        self.attach_baseline(baseline)
         candidates = self.spec["candidates"]
         variants = []
         for i, recipe in enumerate(candidates):
-            self.check(i, len(candidates))
+            plain = [t for t, work in zip(self.variant_seconds, self.variant_work, strict=True) if work == 0]
+            self.check(i, len(candidates), max([self.fixed_seconds, *plain]))
             start = time.time()
-            compressed = apply_recipe(copy.deepcopy(source), self.arch, Recipe.from_dict(recipe), data)
+            compressed = apply_recipe(copy.deepcopy(source), self.arch, Recipe.from_dict(recipe), data,
+                                      after_epoch=self.epoch_check(i, len(candidates)))
             blob = serialized_bytes(compressed.model, (example,))
             made = run_cost(self.run.ctx.catalog, self.spec["device_class"], (time.time() - start) / 3600)
             micros = made.total_micros
@@ -135,6 +189,7 @@ class Compressor:
             report["break_even_inferences"] = int(micros * 1_000_000 / saving) if saving > 0 else -1
             report["version"] = self.register(i, blob, report, made)
             self.variant_seconds.append(time.time() - start)
+            self.variant_work.append(variant_work(recipe, len(data.x_train), params))
             variants.append(report)
             self.run.publish({"state": RUNNING, "stage": "variant", "step": i + 1, "total_steps": len(candidates),
                               "variant": {**report, "meets_floor": False, "pareto_optimal": False},
@@ -149,6 +204,7 @@ def choose(variants: list[dict], baseline: dict, auto: dict | None) -> dict:
     under the objective — the best, not the first that passes."""
     floor = (auto or {}).get("floor") or {}
     minimum = float(floor.get("minimum", 0.0))
+    baseline.update(meets_floor=baseline["quality"] >= minimum, pareto_optimal=False)
     for v in variants:
         v["meets_floor"] = v["quality"] >= minimum
         v["pareto_optimal"] = not any(
@@ -166,10 +222,13 @@ def choose(variants: list[dict], baseline: dict, auto: dict | None) -> dict:
         return {"variants": variants, "chosen": -1, "outcome": outcome, "baseline": baseline}
     chosen = min(passing, key=lambda i: (variants[i][key], -variants[i]["quality"]))
     v = variants[chosen]
-    outcome = (f"chose {v['recipe'].get('name') or f'variant {chosen + 1}'} ({objective}): "
-               f"{v['cost_per_million_micros']} µ$ per million vs {baseline['cost_per_million_micros']} for the "
-               f"source, accuracy {v['quality']:.4f} ({v['quality_delta']:+.4f}), R {v['compression_ratio']:.2f}; "
-               f"{len(passing)} of {len(variants)} variants meet the floor")
+    outcome = (f"chose {v['recipe'].get('name') or f'variant {chosen + 1}'} ({objective.replace('_', ' ')}): "
+               f"{format_money(v['cost_per_million_micros'])} per million inferences vs "
+               f"{format_money(baseline['cost_per_million_micros'])} for the source, accuracy {v['quality']:.4f} "
+               f"({v['quality_delta']:+.4f}), R {v['compression_ratio']:.2f}; {len(passing)} of {len(variants)} "
+               f"variants meet the floor")
+    if v[key] >= baseline[key]:
+        outcome += f"; the source itself is no worse by {key} — keeping it costs nothing more"
     return {"variants": variants, "chosen": chosen, "outcome": outcome, "baseline": baseline}
 
 
@@ -184,11 +243,14 @@ def run_compression(job_id: str, task_id: str, ctx: WorkerContext) -> str:
 
     def compress() -> str:
         torch.set_num_threads(config.torch_threads())
+        compressor = Compressor(run, lease.job.spec, registry)
         try:
-            result = Compressor(run, lease.job.spec, registry).compress()
+            result = compressor.compress()
         except Stop as stop:
             run.end(stop.state, str(stop), {"stage": "stopped"})
             return str(stop)
+        finally:
+            compressor.record_history(ctx)
         run.end(SUCCEEDED, result["outcome"], {"stage": "done"}, result=result)
         return "ran"
 
