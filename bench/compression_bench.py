@@ -53,7 +53,6 @@ import io
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 import statistics
@@ -97,10 +96,6 @@ def time_calls(fn: Callable[[], object], warmup: int, iters: int, rounds: int) -
             "rounds_p50_ms": p50s, "rounds_p99_ms": p99s}
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def stored_params(module: nn.Module) -> int:
     """Weights and biases the module stores, counted as elements, whatever their dtype (packed int8 too)."""
     import torch.ao.nn.quantized as nnq
@@ -120,31 +115,24 @@ def stored_params(module: nn.Module) -> int:
 
 
 # -- MiniLM ----------------------------------------------------------------------------------------
-def calibration_sentences() -> list[str]:
-    """Sentences from the model package's README: text the held-out set does not contain."""
-    from margin.compression.minilm import model_dir
-
-    text = (model_dir() / "README.md").read_text(encoding="utf-8")
-    text = re.sub(r"```.*?```", " ", text, flags=re.S)  # code blocks
-    parts = [re.sub(r"[#*`|>\[\]()]", " ", p).strip() for p in re.split(r"(?<=[.!?])\s+|\n", text)]
-    return [re.sub(r"\s+", " ", p) for p in parts if len(p.split()) >= 3][:160]
-
-
 def serve_form(module: nn.Module, tokenizer) -> tuple[torch.jit.ScriptModule, int]:
     """Trace ``SentenceEncoder(module)``, save it, load it back: (the reloaded TorchScript, file bytes)."""
-    from margin.compression.minilm import trace
+    from margin.compression.minilm import traced_bytes
 
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(trace(module, tokenizer), buf)
-    size = len(buf.getvalue())
-    buf.seek(0)
-    return torch.jit.load(buf), size
+    blob = traced_bytes(module, tokenizer)
+    return torch.jit.load(io.BytesIO(blob)), len(blob)
 
 
 def run_minilm(args: argparse.Namespace, console: Console) -> dict:
-    from margin.compression.minilm import SentenceEncoder, encode, load_minilm, load_sentences, tokenize
+    from margin.compression.minilm import (
+        SentenceEncoder,
+        calibration_sentences,
+        cosines,
+        encode,
+        load_minilm,
+        load_sentences,
+        tokenize,
+    )
     from margin.compression.quantize import cpu_has_vnni, quantize
 
     model, tokenizer = load_minilm()

@@ -125,7 +125,7 @@ def side_by_side(job: compression_pb2.CompressionJob, deployed: list[inference_p
         ("gateway: served accuracy", *(f"{r.accuracy:.2%}" if r else "—" for r in runs)),
         ("gateway: cost per 32-image request", *(f"{r.cost_micros / r.requests:.4f} µ$" if r else "—"
                                                 for r in runs)),
-        ("making it", render.money(job.baseline.run_cost) if job.baseline.run_cost.micros else "(training job)",
+        ("making it", "the training job",
          f"{render.money(pair[1].run_cost)}; break-even after "
          + (f"{pair[1].break_even_inferences:,} inferences" if pair[1].break_even_inferences >= 0 else "never")),
     ]

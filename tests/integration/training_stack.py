@@ -21,7 +21,7 @@ from margin.v1 import compression_pb2_grpc, registry_pb2, training_pb2_grpc
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import Cluster, running_cluster
+from tests.conftest import MAX_UPLOAD, Cluster, running_cluster
 
 
 @dataclass
@@ -76,7 +76,7 @@ class TrainingStack:
 
 @contextmanager
 def training_stack(home: Path, max_world_size: int = 2, lease_seconds: float = 10.0,
-                   worker: bool = True) -> Iterator[TrainingStack]:
+                   worker: bool = True, max_upload: int = MAX_UPLOAD) -> Iterator[TrainingStack]:
     home.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{home / 'margin.db'}"
     redis_proc = ManagedProcess(redis_spec(home), home)
@@ -85,7 +85,7 @@ def training_stack(home: Path, max_world_size: int = 2, lease_seconds: float = 1
     redis_url = f"redis://{redis_proc.spec.address}/0"
     stack = None
     try:
-        with running_cluster(db, home / "artifacts") as cluster:
+        with running_cluster(db, home / "artifacts", max_upload) as cluster:
             training = start_service(training_builder(redis_url, cluster.registry.server.address, max_world_size,
                                                       lease_seconds),
                                      database_url=db, admin_key=cluster.admin_key, auth_cache_seconds=0)

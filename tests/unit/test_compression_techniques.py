@@ -249,7 +249,9 @@ def test_validate_accepts_and_tracks_family():
     validate(Recipe("cnn student", (_distill(student_family="cnn", student_architecture={"channels": [4]}),)),
              family="mlp", input_dim=64, num_classes=10)
     with pytest.raises(InvalidArgument, match="structured pruning supports"):
-        validate(Recipe("s", (PruneStep("structured", 0.5),)), family="minilm", input_dim=64, num_classes=10)
+        validate(Recipe("s", (PruneStep("structured", 0.5),)), family="vit", input_dim=64, num_classes=10)
+    with pytest.raises(InvalidArgument, match="prune is not supported for minilm"):
+        validate(Recipe("s", (PruneStep("structured", 0.5),)), family="minilm")
 
 
 def test_recipe_dict_round_trip_and_proto_shape():

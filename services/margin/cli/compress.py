@@ -32,7 +32,8 @@ CompressionOpt = typer.Option(None, "--compression", help="compression service a
 PngOpt = typer.Option(None, "--png", help="where to save the front plot (default: compression-<job id>.png here)")
 BudgetOpt = typer.Option(None, "--budget", help="the job's cap in dollars, e.g. 0.01")
 IdempotencyOpt = typer.Option("", "--idempotency-key", help="same key, same job")
-EvalDatasetOpt = typer.Option("sklearn:digits", "--eval-dataset", help="built-in dataset the variants are scored on")
+EvalDatasetOpt = typer.Option("", "--eval-dataset", help="built-in dataset the variants are scored on (default: the "
+                              "source's: sklearn:digits for mlp/cnn, margin:sentences for minilm)")
 WatchOpt = typer.Option(False, "--watch", help="follow the job until it ends, then report the front")
 OBJECTIVES = {"cost": compression_pb2.OBJECTIVE_MIN_COST_PER_MILLION,
               "latency": compression_pb2.OBJECTIVE_MIN_LATENCY, "size": compression_pb2.OBJECTIVE_MIN_SIZE}
@@ -101,6 +102,7 @@ def parse_objective(text: str) -> int:
 
 
 def dataset_ref(text: str) -> common_pb2.DatasetRef:
+    """A registry dataset (``model:3``, ``model@alias``) or a built-in one; empty: the service's default."""
     if _REGISTRY_DATASET.match(text):
         return common_pb2.DatasetRef(registry=parse_ref(text))
     return common_pb2.DatasetRef(builtin=text)
@@ -365,7 +367,8 @@ def compress_submit(source: str = typer.Argument(..., metavar="SOURCE", help="MO
 @compress_app.command("auto")
 @grpc_errors
 def compress_auto(source: str = typer.Argument(..., metavar="SOURCE", help="MODEL:NUMBER or MODEL@ALIAS"),
-                  floor: str = typer.Option(..., "--floor", help="quality floor METRIC>=VALUE, e.g. accuracy>=0.97"),
+                  floor: str = typer.Option(..., "--floor", help="quality floor METRIC>=VALUE, e.g. accuracy>=0.97 "
+                                                                 "(classifiers) or cosine>=0.99 (minilm)"),
                   objective: str = typer.Option("cost", "--objective", help="|".join(OBJECTIVES)),
                   candidates: str | None = typer.Option(None, "--candidates",
                                                         help="JSON list of recipes, or @FILE (default: the "
@@ -435,8 +438,7 @@ def compress_estimate(source: str = typer.Argument(..., metavar="SOURCE", help="
             source=parse_ref(source), recipe=parse_recipe(recipe), device_class=device_class))
     else:
         request = compression_pb2.EstimateCompressionRequest(auto=compression_pb2.AutoCompressRequest(
-            source=parse_ref(source), floor=common_pb2.QualityFloor(metric="accuracy"),
-            candidates=parse_candidates(candidates), device_classes=[device_class]))
+            source=parse_ref(source), candidates=parse_candidates(candidates), device_classes=[device_class]))
     stub, md = compression(compression_addr, api_key)
     e = stub.EstimateCompression(request, metadata=md)
     shared.console.print(f"{e.variants} variant(s) of {source} on {e.device_class}: expected "

@@ -175,6 +175,19 @@ def models_show(name: str, registry_addr: str = RegistryOpt, api_key: str = KeyO
     versions_list(name, registry_addr, api_key)
 
 
+@models_app.command("import-minilm")
+@grpc_errors
+def models_import_minilm(model: str = typer.Option("minilm", "--model", help="the model to add the version to"),
+                         registry_addr: str = RegistryOpt, api_key: str = KeyOpt) -> None:
+    """Register the packaged MiniLM-L6 sentence encoder (safetensors + its BERT config) as a version to compress;
+    the same weights give the same version."""
+    from margin.compression.minilm import register_minilm
+
+    with console.status(f"uploading MiniLM-L6 to {model}…"):
+        version = register_minilm(registry(registry_addr, api_key), model)
+    console.print(render.versions_table(model, [version]))
+
+
 # -- versions ----------------------------------------------------------------------------------------------
 @versions_app.command("list")
 @grpc_errors

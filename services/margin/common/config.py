@@ -96,6 +96,10 @@ VISIBILITY_TIMEOUT = Setting("MARGIN_VISIBILITY_TIMEOUT", "7200",
 TORCH_THREADS = Setting("MARGIN_TORCH_THREADS", "0",
                         "CPU threads a training process uses (0 = every core). With several workers on one node, "
                         "give each cores / workers so they do not oversubscribe the CPU (and bill waiting time).")
+HELD_OUT_SENTENCES = Setting("MARGIN_HELD_OUT_SENTENCES",
+                             str(Path(__file__).resolve().parents[3] / "tests" / "data" / "sentences.txt"),
+                             "Text file, one sentence a line: the built-in evaluation dataset 'margin:sentences' "
+                             "on which compressed sentence encoders (minilm) are scored by cosine similarity.")
 WORKER_QUEUES = Setting("MARGIN_WORKER_QUEUES", "train.cpu",
                         "Comma-separated Celery queues a worker consumes: one per device class "
                         "(train.cpu, train.nvidia-a100, ...).")
@@ -104,7 +108,7 @@ ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, G
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
                 PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
                 RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
-                JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES]
+                JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES, HELD_OUT_SENTENCES]
 
 
 def margin_home() -> Path:
@@ -128,6 +132,10 @@ def checkpoint_dir() -> Path:
 def torch_threads() -> int:
     """Threads for one training process: MARGIN_TORCH_THREADS, or every core when it is 0."""
     return TORCH_THREADS.get_int() or os.cpu_count() or 1
+
+
+def held_out_sentences() -> Path:
+    return Path(HELD_OUT_SENTENCES.get()).expanduser()
 
 
 def admin_key() -> str:

@@ -1,8 +1,9 @@
-"""Run a validated recipe on a trained classifier: prune (→ fine-tune), distill, quantize, in the recipe's order."""
+"""Run a validated recipe: on a trained classifier (:func:`apply_recipe`: prune (→ fine-tune), distill, quantize,
+in the recipe's order), or on a sentence encoder (:func:`apply_encoder_recipe`: quantize steps only)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +42,8 @@ def apply_recipe(model: nn.Module, arch: dict, recipe: Recipe, data: Split, *, c
     - distill: the current model teaches a fresh student of the step's architecture, which replaces it.
     - quantize: ``skip_layers`` plus the recipe's ``keep_sensitive_layers`` most sensitive layers (measured on the
       validation rows; only layers whose quantization lowers accuracy count as sensitive) stay in float; static
-      schemes calibrate on the step's ``calibration_batches`` (or this call's) training batches. Afterwards
-      ``arch`` is None.
+      schemes and SmoothQuant calibrate on the step's ``calibration_batches`` (or this call's) training batches.
+      Afterwards ``arch`` is None.
 
     ``notes`` says, step by step, what was done and the validation accuracy it left. ``after_epoch`` runs after
     every epoch of fine-tuning or distillation (the worker's cancel and budget check).
@@ -87,8 +88,6 @@ def apply_recipe(model: nn.Module, arch: dict, recipe: Recipe, data: Split, *, c
 
 def _quantize(model: nn.Module, step: QuantizeStep, keep: int, data: Split, batches: int, number: int,
               notes: list[str]) -> nn.Module:
-    from margin.compression.quantize import quantize
-
     skip = list(step.skip_layers)
     if keep:
         ranking = layer_sensitivity(model, data.x_val, data.y_val, step.scheme, calibration_batches=batches)
@@ -99,9 +98,31 @@ def _quantize(model: nn.Module, step: QuantizeStep, keep: int, data: Split, batc
         ranked = ", ".join(f"{name} {drop:+.4f}" for name, drop in ranking)
         notes.append(f"step {number}: sensitivity ({step.scheme}, accuracy drop per layer): {ranked}; kept in "
                      f"float (up to {keep} with a drop > 0): {sensitive}")
-    calibration = calibration_batches_of(data, batches) if step.scheme == "static_int8" else None
-    quantized = quantize(model, step.scheme, per_channel=step.per_channel, skip_layers=tuple(skip),
-                         calibration=calibration, group_size=step.group_size)
+    calibration = calibration_batches_of(data, batches) if step.scheme == "static_int8" or step.smoothquant else None
+    quantized = quantize_step(model, step, calibration, skip)
     notes.append(f"step {number}: quantized {step.scheme}" + (f" (kept in float: {skip})" if skip else "")
                  + f", validation accuracy {accuracy(quantized, data.x_val, data.y_val):.4f}")
     return quantized
+
+
+def quantize_step(model: nn.Module, step: QuantizeStep, calibration: Sequence[tuple] | None,
+                  skip_layers: Sequence[str] | None = None) -> nn.Module:
+    """``model`` quantized as ``step`` says (a copy); ``calibration`` is used by the schemes that calibrate."""
+    from margin.compression.quantize import quantize
+
+    return quantize(model, step.scheme, per_channel=step.per_channel,
+                    skip_layers=tuple(step.skip_layers if skip_layers is None else skip_layers),
+                    calibration=calibration, group_size=step.group_size)
+
+
+def apply_encoder_recipe(model: nn.Module, family: str, recipe: Recipe,
+                         calibration: Sequence[tuple]) -> Compressed:
+    """Validate ``recipe`` for the encoder ``family`` (quantize steps only) and run it on a copy of ``model``.
+    A ``smoothquant`` step calibrates on ``calibration`` (batches of the model's positional inputs)."""
+    validate(recipe, family=family)
+    notes = []
+    for number, step in enumerate(recipe.steps, start=1):
+        model = quantize_step(model, step, calibration if step.smoothquant else None)
+        notes.append(f"step {number}: quantized {step.scheme}"
+                     + (f", SmoothQuant calibrated on {len(calibration)} batches" if step.smoothquant else ""))
+    return Compressed(model=model, arch=None, notes=notes, sparsity=weight_sparsity(model))

@@ -6,7 +6,8 @@ distillation), the training work in *sample-parameters* (training rows × epochs
 teacher's forward pass dominates distillation of these small students). The worker records both after every run:
 the fixed seconds per variant and the training throughput, per family and device class; the estimate is the median
 of the recent runs' figures with a margin (×0.8–×1.25), or, with no history, a documented first guess with a wide
-range (×0.25–×4).
+range (×0.25–×4). A ``minilm`` source's parameters are counted from its BERT config's sizes (no model is built at
+submit), and its variants (quantize steps only) never train.
 """
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from collections.abc import Sequence
 
 from margin.common.costs import PriceCatalog, run_cost
 from margin.common.jobs import JobStore
+from margin.compression import minilm
 from margin.modelzoo.spec import TrainSpec, parameter_count
 
 # First guesses (measured once on the 2-core CPU VM for the digits MLP/CNN): fixed seconds per variant and
-# training throughput in sample-parameters per second.
+# training throughput in sample-parameters per second. MiniLM-L6 variants (quantize, trace, encode the held-out
+# sentences, time batch 1 and 32, upload) take longer; its guess is per family.
 FIRST_GUESS_SECONDS_PER_VARIANT = 6.0
+FIRST_GUESS_SECONDS_BY_FAMILY = {minilm.FAMILY: 20.0}
 FIRST_GUESS_WORK_PER_S = 1.0e9
 FIRST_GUESS_RANGE = (0.25, 4.0)
 HISTORY_MARGIN = (0.8, 1.25)
@@ -28,6 +32,8 @@ TRAIN_SHARE = 0.8                  # the worker's split: 80 % of the rows train,
 
 
 def source_parameters(arch: dict) -> int:
+    if arch["family"] == minilm.FAMILY:
+        return minilm.encoder_parameters(arch.get("config"))
     return parameter_count(TrainSpec(model="m", family=arch["family"],
                                      architecture={k: v for k, v in arch.items() if k != "family"}))
 
@@ -76,10 +82,11 @@ class CompressionEstimator:
                      f"{statistics.median(fixed):.2f}s per variant"
                      + (f" + {rate:.3g} sample-params/s of fine-tuning" if rates else ""))
         else:
-            seconds = n * FIRST_GUESS_SECONDS_PER_VARIANT + work / FIRST_GUESS_WORK_PER_S
+            per_variant = FIRST_GUESS_SECONDS_BY_FAMILY.get(arch["family"], FIRST_GUESS_SECONDS_PER_VARIANT)
+            seconds = n * per_variant + work / FIRST_GUESS_WORK_PER_S
             low, high = seconds * FIRST_GUESS_RANGE[0], seconds * FIRST_GUESS_RANGE[1]
             basis = (f"first guess (no history for {arch['family']} on {device_class}): "
-                     f"{FIRST_GUESS_SECONDS_PER_VARIANT:.0f}s per variant + fine-tuning at "
+                     f"{per_variant:.0f}s per variant + fine-tuning at "
                      f"{FIRST_GUESS_WORK_PER_S:.0e} sample-params/s, range ×{FIRST_GUESS_RANGE[0]}–"
                      f"×{FIRST_GUESS_RANGE[1]}")
         cost = {s: run_cost(self._catalog, device_class, s / 3600.0) for s in (low, seconds, high)}

@@ -1,12 +1,15 @@
 """Measure a (compressed) module: serialized size, parameters, sparsity, latency, throughput and accuracy.
 
 Latency is taken on CPU under ``torch.inference_mode`` after a warm-up, with a fixed intra-op thread count (one by
-default, so numbers are comparable between machines and variants); the count used is recorded in the result.
+default, so numbers are comparable between machines and variants); the count used is recorded in the result. A
+batch is one tensor (a classifier's features) or a tuple of them (an encoder's ``(input_ids, attention_mask)``),
+called as ``module(*batch)``.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -14,6 +17,8 @@ import torch.ao.nn.quantized as nnq
 from torch import nn
 
 from margin.common.errors import InvalidArgument
+
+Batch: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class Measurement:
         return asdict(self)
 
 
-def measure(module: nn.Module, example_batch1: torch.Tensor, example_batch32: torch.Tensor, *, repeats: int = 50,
+def measure(module: nn.Module, example_batch1: Batch, example_batch32: Batch, *, repeats: int = 50,
             warmup: int = 5, threads: int | None = 1) -> Measurement:
     """Size, parameter count, sparsity, and latency at batch 1 and 32 (``repeats`` timed calls each).
 
@@ -43,7 +48,8 @@ def measure(module: nn.Module, example_batch1: torch.Tensor, example_batch32: to
         raise InvalidArgument("repeats must be >= 1 and warmup >= 0")
     from margin.compression.quantize import serialized_size
 
-    size = serialized_size(module, (example_batch1,))
+    example_batch1, example_batch32 = _args(example_batch1), _args(example_batch32)
+    size = serialized_size(module, example_batch1)
     previous = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
@@ -52,11 +58,11 @@ def measure(module: nn.Module, example_batch1: torch.Tensor, example_batch32: to
     try:
         used = torch.get_num_threads()
         device = _device(module)
-        b1 = _latencies_ms(module, example_batch1.to(device), repeats, warmup)
-        b32 = _latencies_ms(module, example_batch32.to(device), repeats, warmup)
+        b1 = _latencies_ms(module, tuple(t.to(device) for t in example_batch1), repeats, warmup)
+        b32 = _latencies_ms(module, tuple(t.to(device) for t in example_batch32), repeats, warmup)
     finally:
         torch.set_num_threads(previous)
-    batch = example_batch32.shape[0]
+    batch = example_batch32[0].shape[0]
     return Measurement(
         size_bytes=int(size), parameters=parameter_count(module), sparsity=sparsity(module),
         latency_p50_ms_batch1=float(np.percentile(b1, 50)), latency_p99_ms_batch1=float(np.percentile(b1, 99)),
@@ -64,23 +70,27 @@ def measure(module: nn.Module, example_batch1: torch.Tensor, example_batch32: to
         throughput_per_second=float(batch * len(b32) / (b32.sum() / 1000.0)), threads=used, repeats=repeats)
 
 
-def _sync(batch: torch.Tensor) -> None:
-    if batch.is_cuda:
-        torch.cuda.synchronize(batch.device)
+def _args(batch: Batch) -> tuple[torch.Tensor, ...]:
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-def _latencies_ms(module: nn.Module, batch: torch.Tensor, repeats: int, warmup: int) -> np.ndarray:
+def _sync(batch: tuple[torch.Tensor, ...]) -> None:
+    if batch[0].is_cuda:
+        torch.cuda.synchronize(batch[0].device)
+
+
+def _latencies_ms(module: nn.Module, batch: tuple[torch.Tensor, ...], repeats: int, warmup: int) -> np.ndarray:
     was_training = getattr(module, "training", False)
     module.eval()
     times = np.empty(repeats)
     try:
         with torch.inference_mode():
             for _ in range(warmup):
-                module(batch)
+                module(*batch)
             _sync(batch)
             for i in range(repeats):
                 start = time.perf_counter_ns()
-                module(batch)
+                module(*batch)
                 _sync(batch)
                 times[i] = (time.perf_counter_ns() - start) / 1e6
     finally:

@@ -146,6 +146,10 @@ class PerTokenInt8Linear(nn.Module):
             q.bias = linear.bias.detach().float().clone()
         return q
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight this layer stands for, (out, in): the stored ``W · s`` dequantized, times ``1 / s``."""
+        return self.qweight_t.t().float() * self.w_scale[:, None] * self.inv_s[None, :]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = (x.reshape(-1, self.in_features) * self.inv_s).float()
         a = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
@@ -412,13 +416,18 @@ def to_torchscript(module: nn.Module, example_inputs) -> torch.jit.ScriptModule:
                 return torch.jit.trace(module, _as_tuple(example_inputs), check_trace=False)
 
 
-def serialized_bytes(module: nn.Module, example_inputs) -> bytes:
-    """The TorchScript file of ``module`` (as :func:`to_torchscript` makes it), as bytes."""
+def saved_bytes(scripted: torch.jit.ScriptModule) -> bytes:
+    """``torch.jit.save`` of ``scripted`` into memory (its deprecation warning silenced): the file's bytes."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(to_torchscript(module, example_inputs), buf)
+        torch.jit.save(scripted, buf)
     return buf.getvalue()
+
+
+def serialized_bytes(module: nn.Module, example_inputs) -> bytes:
+    """The TorchScript file of ``module`` (as :func:`to_torchscript` makes it), as bytes."""
+    return saved_bytes(to_torchscript(module, example_inputs))
 
 
 def serialized_size(module: nn.Module, example_inputs) -> int:

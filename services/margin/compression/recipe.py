@@ -9,14 +9,20 @@ into.
 
 Fields missing from a dict take the dataclass defaults, chosen so that a proto field left at its zero value (which
 ``MessageToDict`` omits) means the same as in the proto: no prune amount (rejected by :func:`validate`), an
-unspecified prune kind = unstructured, ``per_channel`` false, ``calibration_batches`` / ``group_size`` 0 = the
-runner's / scheme's default. A distill step's unset temperature, alpha, epochs and learning rate take the defaults
-below (so an explicit alpha of 0 must be sent through the Python API or a dict, not a proto).
+unspecified prune kind = unstructured, ``per_channel`` / ``smoothquant`` false, ``calibration_batches`` /
+``group_size`` 0 = the runner's / scheme's default. A distill step's unset temperature, alpha, epochs and learning
+rate take the defaults below (so an explicit alpha of 0 must be sent through the Python API or a dict, not a
+proto).
+
+:func:`validate` knows two kinds of source: the classifiers (``mlp``, ``cnn``), which take every technique, and
+the sentence encoder ``minilm``, whose recipes are quantize steps only, with the CPU schemes in
+:data:`ENCODER_SCHEMES`. Quantize is the last technique of a recipe; quantize steps may follow one another only when
+they touch different layers (``embedding_int8`` and one Linear scheme).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from margin.common.errors import InvalidArgument
@@ -24,6 +30,12 @@ from margin.modelzoo.architectures import FAMILIES
 
 PRUNE_KINDS = ("unstructured", "structured")
 STRUCTURED_FAMILIES = ("mlp", "cnn")
+ENCODER_FAMILIES = ("minilm",)
+# The schemes an encoder takes: int8 on CPU (fp16/bf16/torchao would need a GPU device class).
+ENCODER_SCHEMES = ("embedding_int8", "dynamic_int8", "dynamic_int8_per_token", "weight_only_int8")
+# The layers each scheme quantizes; a scheme not listed rewrites the whole model.
+SCHEME_TARGETS = {"embedding_int8": "embeddings", "dynamic_int8": "linear", "dynamic_int8_per_token": "linear",
+                  "weight_only_int8": "linear"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class QuantizeStep:
     calibration_batches: int = 8  # static schemes; 0 = the caller's default
     skip_layers: tuple[str, ...] = ()
     group_size: int = 0  # int4 group size; 0 = the scheme's default
+    smoothquant: bool = False  # dynamic_int8_per_token: calibrate SmoothQuant scales first
 
 
 @dataclass(frozen=True)
@@ -108,10 +121,11 @@ def student_spec(step: DistillStep, *, input_dim: int, num_classes: int) -> dict
     return spec
 
 
-def validate(recipe: Recipe, *, family: str, input_dim: int, num_classes: int) -> None:
+def validate(recipe: Recipe, *, family: str, input_dim: int = 0, num_classes: int = 0) -> None:
     """Raise :class:`InvalidArgument` naming the first problem, before any work is done.
 
-    ``family`` is the source model's family; ``input_dim`` and ``num_classes`` describe its data.
+    ``family`` is the source model's family; ``input_dim`` and ``num_classes`` describe a classifier's data (an
+    encoder has none).
     """
     if not isinstance(recipe, Recipe):
         raise InvalidArgument(f"expected a Recipe, got {type(recipe).__name__}")
@@ -119,16 +133,23 @@ def validate(recipe: Recipe, *, family: str, input_dim: int, num_classes: int) -
         raise InvalidArgument(f"recipe {recipe.name!r} has no steps")
     if not isinstance(recipe.keep_sensitive_layers, int) or recipe.keep_sensitive_layers < 0:
         raise InvalidArgument(f"keep_sensitive_layers must be >= 0, got {recipe.keep_sensitive_layers!r}")
+    encoder = family in ENCODER_FAMILIES
+    if encoder and recipe.keep_sensitive_layers:
+        raise InvalidArgument(f"keep_sensitive_layers is not supported for {family}: layer sensitivity is measured "
+                              f"as classification accuracy")
     current = family  # the family of the model each step receives
     for i, step in enumerate(recipe.steps):
         where = f"step {i + 1} ({type(step).__name__})"
+        if encoder and not isinstance(step, QuantizeStep):
+            technique = {PruneStep: "prune", DistillStep: "distill"}.get(type(step), type(step).__name__)
+            raise InvalidArgument(f"{where}: {technique} is not supported for {family}: its recipes are quantize "
+                                  f"steps only, with schemes {list(ENCODER_SCHEMES)}")
         if i > 0 and isinstance(recipe.steps[i - 1], QuantizeStep):
-            raise InvalidArgument(f"{where}: quantize must be the last step: a quantized model cannot be pruned, "
-                                  f"distilled or quantized again")
+            _validate_after_quantize(recipe.steps[:i], step, where)
         if isinstance(step, PruneStep):
             _validate_prune(step, where, current)
         elif isinstance(step, QuantizeStep):
-            _validate_quantize(step, where)
+            _validate_quantize(step, where, family)
         elif isinstance(step, DistillStep):
             _validate_distill(step, where, current, input_dim=input_dim, num_classes=num_classes)
             current = step.student_family
@@ -148,10 +169,29 @@ def _validate_prune(step: PruneStep, where: str, family: str) -> None:
                               f"not {family!r}")
 
 
-def _validate_quantize(step: QuantizeStep, where: str) -> None:
+def _validate_after_quantize(before: Sequence[Step], step: Step, where: str) -> None:
+    """Only a quantize step may follow a quantize step, and only one that touches other layers."""
+    if not isinstance(step, QuantizeStep):
+        raise InvalidArgument(f"{where}: quantize must be the last step: a quantized model cannot be pruned, "
+                              f"distilled or quantized again")
+    done = [s.scheme for s in before if isinstance(s, QuantizeStep)]
+    touched = [SCHEME_TARGETS.get(scheme, "model") for scheme in done]
+    target = SCHEME_TARGETS.get(step.scheme, "model")
+    if target == "model" or "model" in touched or target in touched:
+        raise InvalidArgument(f"{where}: {step.scheme} after {' + '.join(done)}: a quantized model cannot be "
+                              f"quantized again; quantize steps combine only when they touch different layers "
+                              f"(embedding_int8 with one Linear scheme)")
+
+
+def _validate_quantize(step: QuantizeStep, where: str, family: str) -> None:
     schemes = known_schemes()
     if step.scheme not in schemes:
         raise InvalidArgument(f"{where}: unknown quantization scheme {step.scheme!r}; known: {list(schemes)}")
+    if family in ENCODER_FAMILIES and step.scheme not in ENCODER_SCHEMES:
+        raise InvalidArgument(f"{where}: quantization scheme {step.scheme!r} is not supported for {family}; use one "
+                              f"of {list(ENCODER_SCHEMES)}")
+    if step.smoothquant and step.scheme != "dynamic_int8_per_token":
+        raise InvalidArgument(f"{where}: smoothquant applies to dynamic_int8_per_token only, not {step.scheme!r}")
     _non_negative(step.calibration_batches, f"{where}: calibration_batches")
     _non_negative(step.group_size, f"{where}: group_size")
     _names(step.skip_layers, f"{where}: skip_layers")
@@ -226,7 +266,8 @@ def _step_to_dict(step: Step) -> dict:
     if isinstance(step, QuantizeStep):
         return {"quantize": {"scheme": step.scheme, "per_channel": step.per_channel,
                              "calibration_batches": step.calibration_batches,
-                             "skip_layers": list(step.skip_layers), "group_size": step.group_size}}
+                             "skip_layers": list(step.skip_layers), "group_size": step.group_size,
+                             "smoothquant": step.smoothquant}}
     if isinstance(step, DistillStep):
         return {"distill": {"student_family": step.student_family,
                             "student_architecture": dict(step.student_architecture),
@@ -255,7 +296,8 @@ def _step_from_dict(data, index: int) -> Step:
                             calibration_batches=_int(_get(body, "calibration_batches", 8),
                                                      f"{where}.calibration_batches"),
                             skip_layers=_strs(_get(body, "skip_layers", []), f"{where}.skip_layers"),
-                            group_size=_int(_get(body, "group_size", 0), f"{where}.group_size"))
+                            group_size=_int(_get(body, "group_size", 0), f"{where}.group_size"),
+                            smoothquant=bool(_get(body, "smoothquant", False)))
     if technique == "distill":
         arch = _get(body, "student_architecture", {})
         if not isinstance(arch, Mapping):

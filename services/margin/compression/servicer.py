@@ -38,8 +38,9 @@ def _explicit(request: compression_pb2.SubmitCompressionRequest) -> CompressionR
         idempotency_key=request.idempotency_key)
 
 
-def _auto(request: compression_pb2.AutoCompressRequest) -> CompressionRequest:
-    if not request.HasField("floor") or not request.floor.metric:
+def _auto(request: compression_pb2.AutoCompressRequest, needs_floor: bool = True) -> CompressionRequest:
+    """``needs_floor``: AutoCompress does; an estimate does not (the quality metric is then the source's)."""
+    if needs_floor and (not request.HasField("floor") or not request.floor.metric):
         raise InvalidArgument("floor: AutoCompress needs a quality floor, e.g. {metric: accuracy, minimum: 0.97}")
     if len(request.device_classes) > 1:
         raise InvalidArgument("device_classes: one device class per AutoCompress job for now")
@@ -72,7 +73,7 @@ class CompressionServicer(compression_pb2_grpc.CompressionServicer):
         which = request.WhichOneof("request")
         if which is None:
             raise InvalidArgument("request: set submit (an explicit recipe) or auto (an AutoCompress search)")
-        r = _explicit(request.submit) if which == "submit" else _auto(request.auto)
+        r = _explicit(request.submit) if which == "submit" else _auto(request.auto, needs_floor=False)
         e = self.core.estimate(_caller(context), r)
         return compression_pb2.CompressionEstimate(
             cost=common_pb2.MoneyRange(**{k: protoconv.money(e[f"{k}_micros"], self.currency)

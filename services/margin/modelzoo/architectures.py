@@ -3,6 +3,8 @@
 - ``mlp``: ``{"family": "mlp", "input_dim": 64, "hidden": [128], "num_classes": 10, "dropout": 0.0}``
 - ``cnn``: ``{"family": "cnn", "image_size": 8, "channels": [16, 32], "num_classes": 10}`` on 1-channel images
   given flat (batch, image_size²) like sklearn's digits; it reshapes internally.
+
+:func:`signature` is what either family takes and returns, as registered with its versions.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from margin.common.errors import InvalidArgument
+from margin.common.tensors import Signature, TensorSpec
 
 
 def _positive_int(spec: dict, key: str, default: int | None = None) -> int:
@@ -72,3 +75,10 @@ def build_model(spec: dict) -> nn.Module:
     if family not in FAMILIES:
         raise InvalidArgument(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[family](spec)
+
+
+def signature(arch: dict) -> Signature:
+    """A classifier's signature from its architecture: (batch, features) FP32 in, (batch, classes) logits out."""
+    features = arch.get("input_dim") or arch["image_size"] ** 2
+    return Signature((TensorSpec("input", "FP32", (-1, features)),),
+                     (TensorSpec("logits__0", "FP32", (-1, arch["num_classes"])),))

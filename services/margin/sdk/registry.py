@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
+
 from margin.sdk.channel import Connection
 from margin.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -41,6 +43,14 @@ class RegistryClient:
     def create_model(self, name: str, description: str = "", labels: dict[str, str] | None = None):
         return self.stub.CreateModel(registry_pb2.CreateModelRequest(
             name=name, description=description, labels=labels or {}), metadata=self.metadata)
+
+    def ensure_model(self, name: str, description: str = "") -> None:
+        """Create the model unless it exists already."""
+        try:
+            self.create_model(name, description)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
 
     def upload_chunks(self, metadata: registry_pb2.UploadMetadata, chunks: Iterator[bytes]):
         def messages() -> Iterator[registry_pb2.UploadVersionRequest]:

@@ -1,16 +1,20 @@
 """Run one delivery of a compression job: every candidate recipe becomes a TorchScript variant in the registry,
 measured honestly — size and R from the two serialized files, quality recomputed from the saved artifact on held-out
-rows, latency at batch 1 and 32, cost per million inferences from the measured throughput and the device price —
+data, latency at batch 1 and 32, cost per million inferences from the measured throughput and the device price —
 then the variant that best meets the floor under the objective is chosen, with the Pareto front reported.
 
-Between variants, and after every epoch of fine-tuning or distillation, the attempt renews its lease (at most once a
-second), checks for a cancel, and stops before work that would cross the job's budget (the next piece is assumed to
-take 1.5× what the last one took). Each variant is registered with the idempotency key
-``compression-job:<job>:<index>``, so a resumed job never registers one twice.
+What depends on the kind of model — loading the source, applying a recipe, serializing, quality (accuracy for the
+classifiers, cosine to the source's embeddings for minilm), latency inputs, the registered signature — is the
+source family's :mod:`~margin.compression.tasks` task; :class:`Compressor` keeps the job logic.
+
+Between variants, between the stages of one (apply, serialize, score, time), and after every epoch of fine-tuning
+or distillation, the attempt renews its lease (at most once a second inside a variant), checks for a cancel, and
+stops before work that would cross the job's budget (the next variant is assumed to take 1.5× what the last one
+took). Each variant is registered with the idempotency key ``compression-job:<job>:<index>``, so a resumed job never
+registers one twice.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import logging
@@ -21,25 +25,20 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from margin.common import config, protoconv
 from margin.common.costs import RunCost, cost_per_million_micros, format_money, run_cost
 from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, Refusal
-from margin.compression.apply import apply_recipe
 from margin.compression.estimate import CompressionEstimator, source_parameters, variant_work
-from margin.compression.measure import accuracy, measure, parameter_count
-from margin.compression.quantize import serialized_bytes
+from margin.compression.measure import measure, parameter_count
 from margin.compression.recipe import Recipe
-from margin.modelzoo.architectures import build_model
-from margin.modelzoo.datasets import load_builtin, split
+from margin.compression.tasks import Quality, Task, task_for
 from margin.sdk.channel import Connection
 from margin.sdk.pages import all_pages
 from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, registry_pb2
 from margin.worker.context import WorkerContext
 from margin.worker.jobrun import JobRun
-from margin.worker.publish import signature
 from margin.worker.runner import guarded, lease_owner, registry_for, take_lease
 
 log = logging.getLogger(__name__)
@@ -66,15 +65,17 @@ class Compressor:
         self.variant_work: list[float] = []
         self.fixed_seconds = 0.0  # measuring the source: the fixed part of a variant without training
         self.last_beat = 0.0
+        self.task: Task | None = None
 
-    def load_source(self) -> torch.nn.Module:
+    def load_source(self, beat: Callable[[], None]) -> torch.nn.Module:
+        self.task = task_for(self.arch, self.spec["eval_dataset"])
+        beat()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "weights.safetensors"
             self.registry.download_to(common_pb2.VersionRef(model=self.source["model"],
                                                             number=self.source["number"]), path)
-            model = build_model(self.arch)
-            model.load_state_dict(load_file(path))
-        return model.eval()
+            beat()
+            return self.task.load(path)
 
     def check(self, step: int, total: int, next_seconds: float, *, between: bool = True) -> None:
         """Renew the lease (at most once a second inside a variant); stop for a cancel, or before work expected to
@@ -105,30 +106,39 @@ class Compressor:
             self.check(step, total, epoch_s + self.fixed_seconds, between=False)
         return after_epoch
 
-    def report(self, module: torch.nn.Module, blob: bytes, data, recipe: dict, sparsity: float,
-               run_micros: int) -> dict:
+    def stage_check(self, step: int, total: int) -> Callable[[], None]:
+        """Called between the stages of a variant (or of measuring the source, as step 0)."""
+        return partial(self.check, step, total, 0.0, between=False)
+
+    def report(self, module: torch.nn.Module, blob: bytes, recipe: dict, sparsity: float, run_micros: int,
+               beat: Callable[[], None]) -> dict:
         """Measure what would be served: the TorchScript artifact, reloaded from its bytes."""
         served = torch.jit.load(io.BytesIO(blob))
-        x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
-        m = measure(served, x_val[:1], x_val[:32], repeats=30)
-        quality = accuracy(served, x_val, y_val)
-        return {"recipe": recipe, "device_class": self.spec["device_class"], "size_bytes": len(blob),
+        quality = self.task.quality(served)
+        beat()
+        m = measure(served, *self.task.latency_inputs(), repeats=self.task.latency_repeats,
+                    warmup=self.task.latency_warmup)
+        beat()
+        report = {"recipe": recipe, "device_class": self.spec["device_class"], "size_bytes": len(blob),
                 "parameters": parameter_count(module), "sparsity": sparsity,
                 "latency_p50_ms_batch1": m.latency_p50_ms_batch1, "latency_p99_ms_batch1": m.latency_p99_ms_batch1,
                 "latency_p50_ms_batch32": m.latency_p50_ms_batch32,
                 "latency_p99_ms_batch32": m.latency_p99_ms_batch32, "throughput_per_second": m.throughput_per_second,
-                "quality_metric": "accuracy", "quality": quality,
+                "quality_metric": self.task.quality_metric, "quality": quality.mean,
                 "cost_per_million_micros": cost_per_million_micros(self.price_micros_per_hour,
                                                                    m.throughput_per_second),
                 "run_cost_micros": run_micros}
+        if quality.minimum is not None:
+            report["quality_min"] = quality.minimum
+        return report
 
     def register(self, index: int, blob: bytes, report: dict, made: RunCost) -> dict:
         meta = registry_pb2.UploadMetadata(
             model=self.source["model"], format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
-            signature=protoconv.signature_to_proto(signature(self.arch)),
+            signature=protoconv.signature_to_proto(self.task.signature()),
             parent=common_pb2.VersionRef(model=self.source["model"], number=self.source["number"]),
             recipe=protoconv.struct({"kind": "compression", "job_id": self.run.job_id, "recipe": report["recipe"]}),
-            metrics={"accuracy": report["quality"], "val_accuracy": report["quality"],
+            metrics={**self.task.registry_metrics(Quality(report["quality"], report.get("quality_min"))),
                      "compression_ratio": report["compression_ratio"],
                      "cost_per_million_micros": float(report["cost_per_million_micros"]),
                      "latency_p50_ms_batch1": report["latency_p50_ms_batch1"],
@@ -161,40 +171,43 @@ class Compressor:
                 metadata=self.registry.metadata)
 
     def compress(self) -> dict:
-        source = self.load_source()
-        data = split(*load_builtin(self.spec["eval_dataset"]), validation_fraction=0.2, seed=0)
-        example = torch.from_numpy(data.x_val[:1])
+        candidates = self.spec["candidates"]
+        beat = self.stage_check(0, len(candidates))
+        source = self.load_source(beat)
+        beat()
         start = time.time()
-        baseline_blob = serialized_bytes(copy.deepcopy(source), (example,))
-        baseline = self.report(source, baseline_blob, data, {"name": "source", "steps": []}, 0.0, 0)
+        baseline_blob = self.task.serialize(source)
+        beat()
+        baseline = self.report(source, baseline_blob, {"name": "source", "steps": []}, 0.0, 0, beat)
         self.fixed_seconds = time.time() - start
         params = source_parameters(self.arch)
         baseline.update(compression_ratio=1.0, quality_delta=0.0, break_even_inferences=0, version=self.source)
         self.attach_baseline(baseline)
-        candidates = self.spec["candidates"]
         variants = []
         for i, recipe in enumerate(candidates):
             plain = [t for t, work in zip(self.variant_seconds, self.variant_work, strict=True) if work == 0]
             self.check(i, len(candidates), max([self.fixed_seconds, *plain]))
+            beat = self.stage_check(i, len(candidates))
             start = time.time()
-            compressed = apply_recipe(copy.deepcopy(source), self.arch, Recipe.from_dict(recipe), data,
-                                      after_epoch=self.epoch_check(i, len(candidates)))
-            blob = serialized_bytes(compressed.model, (example,))
+            compressed = self.task.apply(source, Recipe.from_dict(recipe), self.epoch_check(i, len(candidates)))
+            beat()
+            blob = self.task.serialize(compressed.model)
+            beat()
             made = run_cost(self.run.ctx.catalog, self.spec["device_class"], (time.time() - start) / 3600)
             micros = made.total_micros
-            report = self.report(compressed.model, blob, data, recipe, compressed.sparsity, micros)
+            report = self.report(compressed.model, blob, recipe, compressed.sparsity, micros, beat)
             report["compression_ratio"] = len(baseline_blob) / len(blob)
             report["quality_delta"] = report["quality"] - baseline["quality"]
             saving = baseline["cost_per_million_micros"] - report["cost_per_million_micros"]
             report["break_even_inferences"] = int(micros * 1_000_000 / saving) if saving > 0 else -1
             report["version"] = self.register(i, blob, report, made)
             self.variant_seconds.append(time.time() - start)
-            self.variant_work.append(variant_work(recipe, len(data.x_train), params))
+            self.variant_work.append(variant_work(recipe, self.task.train_rows, params))
             variants.append(report)
             self.run.publish({"state": RUNNING, "stage": "variant", "step": i + 1, "total_steps": len(candidates),
                               "variant": {**report, "meets_floor": False, "pareto_optimal": False},
                               "cost_micros": self.run.spent_micros(),
-                              "message": f"{recipe.get('name') or f'variant {i + 1}'}: accuracy "
+                              "message": f"{recipe.get('name') or f'variant {i + 1}'}: {report['quality_metric']} "
                                          f"{report['quality']:.4f}, R {report['compression_ratio']:.2f}"})
         return choose(variants, baseline, self.spec.get("auto"))
 
@@ -216,17 +229,18 @@ def choose(variants: list[dict], baseline: dict, auto: dict | None) -> dict:
     passing = [i for i, v in enumerate(variants) if v["meets_floor"]]
     if not passing:
         best = max(variants, key=lambda v: v["quality"]) if variants else None
-        outcome = (f"no variant meets the floor {floor.get('metric', 'accuracy')} ≥ {minimum}: the best reached "
-                   f"{best['quality']:.4f} ({best['recipe'].get('name')}); the source has {baseline['quality']:.4f}"
+        metric = floor.get("metric") or baseline.get("quality_metric", "quality")
+        outcome = (f"no variant meets the floor {metric} ≥ {minimum}: the best reached {best['quality']:.4f} "
+                   f"({best['recipe'].get('name')}); the source has {baseline['quality']:.4f}"
                    if best else "no variant was made")
         return {"variants": variants, "chosen": -1, "outcome": outcome, "baseline": baseline}
     chosen = min(passing, key=lambda i: (variants[i][key], -variants[i]["quality"]))
     v = variants[chosen]
     outcome = (f"chose {v['recipe'].get('name') or f'variant {chosen + 1}'} ({objective.replace('_', ' ')}): "
                f"{format_money(v['cost_per_million_micros'])} per million inferences vs "
-               f"{format_money(baseline['cost_per_million_micros'])} for the source, accuracy {v['quality']:.4f} "
-               f"({v['quality_delta']:+.4f}), R {v['compression_ratio']:.2f}; {len(passing)} of {len(variants)} "
-               f"variants meet the floor")
+               f"{format_money(baseline['cost_per_million_micros'])} for the source, {v['quality_metric']} "
+               f"{v['quality']:.4f} ({v['quality_delta']:+.4f}), R {v['compression_ratio']:.2f}; {len(passing)} of "
+               f"{len(variants)} variants meet the floor")
     if v[key] >= baseline[key]:
         outcome += f"; the source itself is no worse by {key} — keeping it costs nothing more"
     return {"variants": variants, "chosen": chosen, "outcome": outcome, "baseline": baseline}

@@ -5,33 +5,21 @@ uploaded gets the same version back: exactly one version per job.
 """
 from __future__ import annotations
 
-import grpc
 from safetensors.torch import save
 from torch import nn
 
 from margin.common import protoconv
-from margin.common.tensors import Signature, TensorSpec
+from margin.modelzoo.architectures import signature
 from margin.modelzoo.spec import TrainSpec
 from margin.sdk.channel import Connection
 from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, registry_pb2
 
 
-def signature(arch: dict) -> Signature:
-    """A classifier's signature from its architecture: (batch, features) FP32 in, (batch, classes) logits out."""
-    features = arch.get("input_dim") or arch["image_size"] ** 2
-    return Signature((TensorSpec("input", "FP32", (-1, features)),),
-                     (TensorSpec("logits__0", "FP32", (-1, arch["num_classes"])),))
-
-
 def register(conn: Connection, job_id: str, spec: TrainSpec, model: nn.Module, metrics: dict[str, float],
              cost: dict, currency: str) -> registry_pb2.ModelVersion:
     client = RegistryClient(conn)
-    try:
-        client.create_model(spec.model, description=f"trained by job {job_id}")
-    except grpc.RpcError as err:
-        if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-            raise
+    client.ensure_model(spec.model, description=f"trained by job {job_id}")
     weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     meta = registry_pb2.UploadMetadata(
         model=spec.model, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
