@@ -154,9 +154,8 @@ def serve(console: Console, conn: Connection, job: compression_pb2.CompressionJo
     if routed.cost_micros >= pinned.cost_micros and routed.version != pinned.version:
         console.print("[dim]Through Triton a request of this tiny model costs about the same either way: its "
                       "compute is microseconds, and the python backend and gRPC around it take milliseconds. The "
-                      "compression's saving is the model's own compute per inference (the routing figure above); "
-                      "it shows through the gateway once compute dominates, as for MiniLM (`margin models "
-                      "import-minilm`).[/]")
+                      "compression's saving is the model's own compute per inference (the routing figure above), "
+                      "which a larger model's requests are made of.[/]")
     if routed.accuracy < floor.minimum - 1e-9:
         raise DemoFailed(f"routing served {routed.version} at {routed.accuracy:.2%}, below the floor "
                             f"{floor.minimum:.4f}")
