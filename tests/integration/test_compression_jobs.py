@@ -41,29 +41,48 @@ def finished(stack: TrainingStack, job_id: str) -> compression_pb2.CompressionJo
                                                          metadata=md)).state in ended and j, 180)
 
 
-def recipe(name: str, *steps: dict) -> compression_pb2.Recipe:
-    return json_format.ParseDict({"name": name, "steps": list(steps)}, compression_pb2.Recipe())
+def recipe(name: str, *steps: dict, **fields) -> compression_pb2.Recipe:
+    return json_format.ParseDict({"name": name, "steps": list(steps), **fields}, compression_pb2.Recipe())
 
 
 def download(stack: TrainingStack, ref: common_pb2.VersionRef) -> bytes:
     return stack.cluster.client().download_bytes(ref)[1]
 
 
-def test_an_explicit_recipe_registers_a_variant_whose_report_matches_the_artifact(stack):
+TECHNIQUES = {
+    "structured prune + fine-tune + dynamic int8": [
+        {"prune": {"kind": "KIND_STRUCTURED", "amount": 0.5, "finetune_epochs": 3}},
+        {"quantize": {"scheme": "dynamic_int8", "per_channel": True}}],
+    "unstructured prune + fine-tune + weight-only int8": [
+        {"prune": {"kind": "KIND_UNSTRUCTURED", "amount": 0.6, "finetune_epochs": 2}},
+        {"quantize": {"scheme": "weight_only_int8"}}],
+    "distillation + static int8": [
+        {"distill": {"student_family": "mlp", "student_architecture": {"hidden": [32]}, "epochs": 10,
+                     "temperature": 4.0, "alpha": 0.7, "learning_rate": 0.003}},
+        {"quantize": {"scheme": "static_int8", "calibration_batches": 4}}],
+    "sensitivity: static int8 keeping the most sensitive layer in float": [
+        {"quantize": {"scheme": "static_int8", "calibration_batches": 4}}],
+}
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUES))
+def test_each_technique_registers_a_variant_whose_report_matches_the_artifact(stack, technique):
     stub, md = stack.compression_stub()
     job = stub.SubmitCompression(compression_pb2.SubmitCompressionRequest(
-        source=SOURCE, recipe=recipe("prune+int8", {"prune": {"kind": "KIND_STRUCTURED", "amount": 0.5,
-                                                              "finetune_epochs": 3}},
-                                     {"quantize": {"scheme": "dynamic_int8", "per_channel": True}}),
+        source=SOURCE, recipe=recipe(technique, *TECHNIQUES[technique],
+                                     keep_sensitive_layers=1 if technique.startswith("sensitivity") else 0),
         eval_dataset=common_pb2.DatasetRef(builtin="sklearn:digits")), metadata=md)
     final = finished(stack, job.id)
     assert State.Name(final.state) == "JOB_STATE_SUCCEEDED", final.outcome
     assert len(final.variants) == 1 and final.chosen == 0
     v = final.variants[0]
     variant_bytes = download(stack, v.version)
-    source_bytes_ts = v.size_bytes * v.compression_ratio
     assert v.size_bytes == len(variant_bytes)
-    assert v.compression_ratio > 1.5 and source_bytes_ts > len(variant_bytes)
+    assert v.compression_ratio == pytest.approx(final.baseline.size_bytes / len(variant_bytes), rel=1e-12)
+    assert v.compression_ratio > 1.5
+    assert v.quality_delta == pytest.approx(v.quality - final.baseline.quality, abs=1e-12)
+    if "unstructured" in technique:
+        assert v.sparsity >= 0.55  # 60 % of the Linear weights pruned and kept at zero through fine-tuning
     # quality recomputed from the registered artifact on the same held-out rows
     data = split(*load_builtin("sklearn:digits"), validation_fraction=0.2, seed=0)
     served = torch.jit.load(io.BytesIO(variant_bytes))
