@@ -20,6 +20,7 @@ from rich.console import Console
 from safetensors.torch import load
 
 from margin import demo_serving
+from margin.cli import budget as budget_cli
 from margin.cli import jobs, render
 from margin.cluster import local
 from margin.common import costs, protoconv
@@ -29,7 +30,7 @@ from margin.modelzoo.datasets import load_builtin, split
 from margin.registry.convert import cost_to_proto
 from margin.registry.domain import CostRecord
 from margin.sdk import Connection, RegistryClient, connect
-from margin.v1 import common_pb2, registry_pb2, training_pb2, training_pb2_grpc
+from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2, training_pb2, training_pb2_grpc
 
 MODEL = "digits"
 DATASET = "sklearn:digits"
@@ -41,6 +42,8 @@ VALIDATION_FRACTION = 0.2
 SEED = 0
 TARGET_ACCURACY = 0.97
 BUDGET_DOLLARS = "0.05"                # the job's own cap; a run costs about $0.0002–0.002 on cpu
+METER_WAIT_S = 10.0                    # the gateway flushes its meter to the ledger every second
+TENANT_BUDGET = "5"                    # the demo tenant's monthly budget (limits per category in set_budget)
 
 
 def measured_cost(catalog: costs.PriceCatalog, seconds: float, device_class: str = "cpu") -> CostRecord:
@@ -65,6 +68,8 @@ def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
         if err.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
 
+    budget = connect(services["budget"]["address"], key)
+    set_budget(console, budget)
     training = connect(services["training"]["address"], key)
     try:
         job = train(console, training, epochs)
@@ -88,9 +93,44 @@ def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
     finally:
         compression.close()
         inference.close()
+    spend_report(console, budget)
+    budget.close()
     console.print(f"[bold]production[/] → {MODEL}:{servable.number}; compressed → {MODEL}:{chosen.number}. The "
                   "cluster keeps running: `margin jobs list`, `margin compress list`, `margin deployments`, "
                   f"`margin lineage {MODEL}:{chosen.number}`, `make down` to stop it.")
+
+
+def set_budget(console: Console, conn: Connection) -> None:
+    """The demo tenant's monthly budget, with a limit per category: every job below is admitted against it."""
+    stub = budget_pb2_grpc.BudgetsStub(conn.channel)
+    limits = {budget_pb2.SPEND_CATEGORY_TRAINING: "1", budget_pb2.SPEND_CATEGORY_COMPRESSION: "0.5",
+              budget_pb2.SPEND_CATEGORY_SERVING: "1"}
+    budget = stub.SetBudget(budget_pb2.SetBudgetRequest(budget=budget_pb2.Budget(
+        period=budget_pb2.BUDGET_PERIOD_MONTHLY, total=common_pb2.Money(micros=costs.to_micros(TENANT_BUDGET)),
+        category_limits=[budget_pb2.CategoryLimit(category=c, limit=common_pb2.Money(micros=costs.to_micros(v)))
+                         for c, v in limits.items()])), metadata=conn.metadata)
+    console.print(f"tenant [bold]{budget.tenant}[/]: monthly budget {render.money(budget.total)} (training $1, "
+                  "compression $0.50, serving $1); alerts at 50/80/100 %")
+
+
+def spend_report(console: Console, conn: Connection) -> None:
+    """The tenant's spend this period by category, and the check that the categories sum to the ledger."""
+    stub = budget_pb2_grpc.BudgetsStub(conn.channel)
+    deadline = time.monotonic() + METER_WAIT_S
+    with console.status("waiting for the gateway's meter to write the requests to the ledger (every second)…"):
+        while True:
+            report = stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=conn.metadata)
+            if any(line.key == "serving" for line in report.by_category) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    console.print(budget_cli.spend_table(report))
+    ledger_micros, entries = budget_cli.ledger_total(stub, conn.metadata)
+    categories = sum(line.amount.micros for line in report.by_category)
+    console.print(f"categories sum to {costs.format_money(categories)} ({categories} µ$); the ledger's {entries} "
+                  f"entries sum to {ledger_micros} µ$ — " + ("[green]equal[/]" if categories == ledger_micros
+                                                              else "[red]NOT equal[/]"))
+    if categories != ledger_micros:
+        raise DemoFailed(f"GetSpend's categories ({categories} µ$) differ from the ledger ({ledger_micros} µ$)")
 
 
 def train(console: Console, conn: Connection, epochs: int) -> training_pb2.TrainingJob:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -293,6 +294,21 @@ def test_deploy_predict_from_npy_and_undeploy(cli: CliCluster, artifacts: dict[s
 
     gone = cli.ok(*cli.acme("undeploy", "m1-v3")).out
     assert "UNLOADED" in _table_row(gone, "m1-v3"), gone
+
+
+def test_budget_set_show_and_spend_by_deployment(cli: CliCluster) -> None:
+    out = cli.ok(*cli.acme("budget", "set", "--total", "2", "--period", "daily", "--serving", "0.5",
+                           "--alert", "0.5", "--alert", "0.9")).out
+    assert "budget for acme: $2.00 daily, alerts at 50%, 90%" in out, out
+    assert "$0.50" in _table_row(out, "serving") and "$2.00" in _table_row(out, "total"), out
+    deadline = time.monotonic() + 10  # the gateway writes its meter to the ledger every second
+    while "m1-v3" not in (spent := cli.ok(*cli.acme("spend")).out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "By deployment" in spent and "serving" in _table_row(spent, "m1-v3"), spent
+    assert "acme" in cli.ok(*cli.acme("budget", "show")).out
+    assert "weekly" in cli.fails(2, *cli.acme("budget", "set", "--total", "2", "--period", "weekly")).text
+    assert "fractions" in _one_error(cli.fails(1, *cli.acme("budget", "set", "--total", "2", "--alert", "0")),
+                                     "INVALID_ARGUMENT")
 
 
 # -- errors -------------------------------------------------------------------------------------------------------

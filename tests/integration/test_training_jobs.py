@@ -15,8 +15,9 @@ import pytest
 import torch
 from margin.common import protoconv
 from margin.modelzoo.datasets import load_builtin
+from margin.sdk import connect
 from margin.sdk.pages import all_pages
-from margin.v1 import common_pb2, registry_pb2, training_pb2
+from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2, training_pb2
 from safetensors.torch import load
 
 from tests.integration.training_stack import TrainingStack, training_stack, wait_for
@@ -306,3 +307,34 @@ def test_bf16_autocast_trains_on_cpu(stack):
     final = wait_state(stack, job.id, State.Value("JOB_STATE_SUCCEEDED"), State.Value("JOB_STATE_FAILED"))
     assert State.Name(final.state) == "JOB_STATE_SUCCEEDED", final.message
     assert final.spec.precision == training_pb2.PRECISION_BF16 and final.metrics["val_accuracy"] > 0.2
+
+
+def test_the_tenants_training_budget_refuses_jobs_beyond_it_and_caps_the_ones_it_admits(stack):
+    admin = connect(stack.cluster.budget.server.address, stack.cluster.admin_key)
+    budgets = budget_pb2_grpc.BudgetsStub(admin.channel)
+    budgets.CreateTenant(budget_pb2.CreateTenantRequest(name="capped"), metadata=admin.metadata)
+    stack.cluster.keys["capped"] = stack.cluster.new_key("capped")
+    s = spec("capped", epochs=3000, precision=training_pb2.PRECISION_BF16)
+    stub, md = stack.stub("capped")
+    low = stub.EstimateCost(training_pb2.EstimateCostRequest(spec=s), metadata=md).cost.low.micros
+
+    def limit_training(micros: int) -> None:
+        budgets.SetBudget(budget_pb2.SetBudgetRequest(budget=budget_pb2.Budget(
+            tenant="capped", period=budget_pb2.BUDGET_PERIOD_DAILY, total=common_pb2.Money(micros=10_000_000),
+            category_limits=[budget_pb2.CategoryLimit(category=budget_pb2.SPEND_CATEGORY_TRAINING,
+                                                      limit=common_pb2.Money(micros=micros))])),
+            metadata=admin.metadata)
+
+    limit_training(low - 1)
+    code, details = code_of(lambda: submit(stack, s, tenant="capped"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "left of capped's budget for training" in details
+    assert not stub.ListJobs(training_pb2.ListJobsRequest(), metadata=md).jobs
+    limit_training(low + 40)
+    job = submit(stack, s, tenant="capped")  # no job budget of its own: the tenant's remainder caps it
+    assert job.budget.micros == low + 40
+    final = wait_state(stack, job.id, State.Value("JOB_STATE_BUDGET_EXCEEDED"), State.Value("JOB_STATE_SUCCEEDED"),
+                       tenant="capped")
+    assert State.Name(final.state) == "JOB_STATE_BUDGET_EXCEEDED" and 0 < final.cost.total.micros <= low + 40
+    report = budgets.GetSpend(budget_pb2.GetSpendRequest(tenant="capped"), metadata=admin.metadata)
+    assert {line.key: line.amount.micros for line in report.by_category} == {"training": final.cost.total.micros}
+    admin.close()

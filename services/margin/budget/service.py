@@ -1,7 +1,10 @@
-"""Wires the Budgets servicer into a gRPC service."""
+"""Wires the Budgets servicer into a gRPC service, with the alert watcher running beside it."""
 from __future__ import annotations
 
+from margin.budget.alerts import AlertWatcher
 from margin.budget.servicer import BudgetsServicer
+from margin.budget.store import BudgetStore
+from margin.common import config
 from margin.common.service import ServiceContext, ServiceSpec
 from margin.v1 import budget_pb2, budget_pb2_grpc
 
@@ -10,6 +13,10 @@ ADMIN_METHODS = (f"/{SERVICE_NAME}/CreateTenant", f"/{SERVICE_NAME}/CreateApiKey
 
 
 def build_budget(ctx: ServiceContext) -> ServiceSpec:
-    servicer = BudgetsServicer(ctx.tenants)
+    store = BudgetStore(ctx.sessions)
+    servicer = BudgetsServicer(ctx.tenants, store)
+    watcher = AlertWatcher(store, ctx.sessions, config.BUDGET_ALERT_INTERVAL_SECONDS.get_float())
     return ServiceSpec(register=[lambda server: budget_pb2_grpc.add_BudgetsServicer_to_server(servicer, server)],
-                       service_names=[SERVICE_NAME], admin_methods=ADMIN_METHODS)
+                       service_names=[SERVICE_NAME], admin_methods=ADMIN_METHODS,
+                       on_started=lambda _server: watcher.start(), on_stop=watcher.stop,
+                       extra={"budgets": store, "alerts": watcher})

@@ -1,16 +1,29 @@
-"""The Budgets gRPC servicer. Tenant administration is served now; the budget, ledger and scaling RPCs
-answer UNIMPLEMENTED (the generated base class) until issue #6 builds them."""
+"""The Budgets gRPC servicer: tenant administration, budgets, spend and the ledger. Thin: convert, call the core
+(:mod:`margin.budget.store`), convert back. A tenant key acts on its own tenant; the admin key names one."""
 from __future__ import annotations
 
-from margin.common import protoconv
-from margin.common.errors import Unimplemented
-from margin.common.tenancy import TenantStore
+from margin.budget import convert
+from margin.budget.store import BudgetStore
+from margin.common import auth, protoconv
+from margin.common.errors import InvalidArgument, PermissionDenied, Unimplemented
+from margin.common.tenancy import Tenant, TenantStore
 from margin.v1 import budget_pb2, budget_pb2_grpc
 
 
 class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
-    def __init__(self, tenants: TenantStore):
-        self.tenants = tenants
+    def __init__(self, tenants: TenantStore, budgets: BudgetStore):
+        self.tenants, self.budgets = tenants, budgets
+
+    def _tenant(self, named: str) -> Tenant:
+        """The tenant a call acts on: the caller's own, or — for the admin key only — the one it names."""
+        principal = auth.current_principal()
+        if principal.is_admin:
+            if not named:
+                raise InvalidArgument("name the tenant: the admin key is not a tenant")
+            return self.tenants.get_tenant(named)
+        if named and named != principal.tenant:
+            raise PermissionDenied("a tenant key acts on its own tenant only")
+        return self.tenants.get_tenant(principal.tenant)
 
     def CreateTenant(self, request, context):
         tenant = self.tenants.create_tenant(request.name)
@@ -24,21 +37,29 @@ class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
             api_key.expire_time.CopyFrom(protoconv.timestamp(info.expires_at))
         return budget_pb2.CreateApiKeyResponse(key=key, api_key=api_key)
 
-    def _not_yet(self, context, rpc: str):
-        raise Unimplemented(f"Budgets.{rpc} is not available in this release: budgets, the spend ledger and "
-                            "scaling plans are being built; tenant administration works")
-
     def SetBudget(self, request, context):
-        self._not_yet(context, "SetBudget")
+        tenant = self._tenant(request.budget.tenant)
+        budget = self.budgets.set_budget(convert.budget_from_proto(request.budget, tenant.id, request.webhook_secret))
+        return convert.budget_to_proto(budget, tenant.name, self.budgets.spend(tenant.id))
 
     def GetSpend(self, request, context):
-        self._not_yet(context, "GetSpend")
+        tenant = self._tenant(request.tenant)
+        return convert.spend_to_proto(self.budgets.spend(tenant.id), tenant.name)
 
     def ListLedger(self, request, context):
-        self._not_yet(context, "ListLedger")
+        tenant = self._tenant("")
+        rows, token = self.budgets.ledger(
+            tenant.id, category=convert.CATEGORY_FROM_PROTO.get(request.category, ""),
+            since=request.since.ToDatetime() if request.HasField("since") else None,
+            until=request.until.ToDatetime() if request.HasField("until") else None,
+            size=request.page_size, token=request.page_token)
+        return budget_pb2.ListLedgerResponse(entries=[convert.entry_to_proto(r, tenant.name) for r in rows],
+                                             next_page_token=token)
 
     def RecordSpend(self, request, context):
-        self._not_yet(context, "RecordSpend")
+        entries = [convert.entry_from_proto(e, self._tenant(e.tenant).id) for e in request.entries]
+        written, duplicates = self.budgets.record(entries)
+        return budget_pb2.RecordSpendResponse(recorded=written, duplicates=duplicates)
 
     def GetScalingPlan(self, request, context):
-        self._not_yet(context, "GetScalingPlan")
+        raise Unimplemented("Budgets.GetScalingPlan: the cost-budget autoscaler is not built yet (issue #6)")

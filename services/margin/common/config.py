@@ -103,12 +103,16 @@ HELD_OUT_SENTENCES = Setting("MARGIN_HELD_OUT_SENTENCES",
 WORKER_QUEUES = Setting("MARGIN_WORKER_QUEUES", "train.cpu",
                         "Comma-separated Celery queues a worker consumes: one per device class "
                         "(train.cpu, train.nvidia-a100, ...).")
+BUDGET_ALERT_INTERVAL_SECONDS = Setting("MARGIN_BUDGET_ALERT_INTERVAL_SECONDS", "5",
+                                       "How often the budget service checks every budgeted tenant's spend for "
+                                       "crossed alert thresholds.")
 
 ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, GRPC_WORKERS, METRICS_PORT,
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
                 PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
                 RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
-                JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES, HELD_OUT_SENTENCES]
+                JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES, HELD_OUT_SENTENCES,
+                BUDGET_ALERT_INTERVAL_SECONDS]
 
 
 def margin_home() -> Path:

@@ -44,21 +44,33 @@ def check_request(budget_micros: int, idempotency_key: str) -> None:
 
 
 class JobControl:
-    def __init__(self, kind: str, store: JobStore, events: JobEvents, dispatcher: Dispatcher):
+    def __init__(self, kind: str, store: JobStore, events: JobEvents, dispatcher: Dispatcher,
+                 tenant_remaining: Callable[[int, str], int | None] | None = None):
+        """``tenant_remaining(tenant_id, category)``: what the tenant's budget still allows this job kind this
+        period (None: the tenant has no budget)."""
         self.kind, self.store, self.events, self.dispatcher = kind, store, events, dispatcher
+        self.tenant_remaining = tenant_remaining
         self._requeued: dict[str, float] = {}
 
     def existing(self, caller: Caller, idempotency_key: str) -> Job | None:
         return self.store.find_by_key(caller.tenant_id, self.kind, idempotency_key) if idempotency_key else None
 
     def admit(self, caller: Caller, admission: Admission, budget_micros: int, idempotency_key: str) -> Job:
-        """Refuse when even the low end of the estimate exceeds the job's budget; else store and queue it."""
+        """Refuse when even the low end of the estimate exceeds the job's budget or what is left of the tenant's
+        budget for this kind of job; else store and queue it. A job admitted under a tenant budget is capped at
+        what was left: it stops there (BUDGET_EXCEEDED) like at its own budget."""
         e = admission.estimate
+        estimate = (f"the estimate {format_money(e['low_micros'])}–{format_money(e['high_micros'])} (expected "
+                    f"{format_money(e['expected_micros'])}, {e['basis']})")
         if budget_micros and e["low_micros"] > budget_micros:
-            raise ResourceExhausted(
-                f"the estimate {format_money(e['low_micros'])}–{format_money(e['high_micros'])} (expected "
-                f"{format_money(e['expected_micros'])}, {e['basis']}) exceeds the job budget "
-                f"{format_money(budget_micros)} even at its low end")
+            raise ResourceExhausted(f"{estimate} exceeds the job budget {format_money(budget_micros)} even at its "
+                                    "low end")
+        left = self.tenant_remaining(caller.tenant_id, self.kind) if self.tenant_remaining else None
+        if left is not None:
+            if e["low_micros"] > left:
+                raise ResourceExhausted(f"{estimate} exceeds what is left of {caller.tenant}'s budget for "
+                                        f"{self.kind} this period: {format_money(max(left, 0))}")
+            budget_micros = min(budget_micros, left) if budget_micros else left
         job, created = self.store.create(NewJob(
             kind=self.kind, tenant_id=caller.tenant_id, tenant=caller.tenant, spec=admission.spec,
             device_class=admission.device_class, world_size=admission.world_size, budget_micros=budget_micros,

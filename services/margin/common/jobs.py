@@ -209,6 +209,7 @@ class JobStore:
 
     def __init__(self, sessions: sessionmaker, catalog: PriceCatalog, id_prefix: str = "job"):
         self._sessions = sessions
+        self.sessions = sessions  # for readers of the same database (the tenant budgets)
         self._catalog = catalog
         self._prefix = id_prefix
 

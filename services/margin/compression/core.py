@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from margin.budget.store import BudgetStore
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
 from margin.common.errors import InvalidArgument
@@ -89,7 +90,7 @@ class CompressionRequest:
 class CompressionCore:
     def __init__(self, store: JobStore, events: JobEvents, dispatcher: Dispatcher, registry: RegistrySource,
                  catalog: PriceCatalog):
-        self.jobs = JobControl(KIND, store, events, dispatcher)
+        self.jobs = JobControl(KIND, store, events, dispatcher, tenant_remaining=BudgetStore(store.sessions).remaining)
         self.registry, self.catalog = registry, catalog
         self.estimator = CompressionEstimator(store, catalog)
 

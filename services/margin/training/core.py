@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from margin.budget.store import BudgetStore
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
 from margin.common.errors import InvalidArgument
@@ -24,7 +25,8 @@ KIND = "training"
 class TrainingCore:
     def __init__(self, store: JobStore, events: JobEvents, dispatcher: Dispatcher, registry: RegistrySource,
                  catalog: PriceCatalog, max_world_size: int):
-        self.jobs = JobControl(KIND, store, events, dispatcher)  # get, list, cancel, watch, requeue
+        self.jobs = JobControl(KIND, store, events, dispatcher,  # get, list, cancel, watch, requeue
+                               tenant_remaining=BudgetStore(store.sessions).remaining)
         self.registry, self.catalog = registry, catalog
         self.estimator = Estimator(store, catalog)
         self.max_world_size = max_world_size

@@ -1,0 +1,32 @@
+"""Budget periods: a tenant's budget renews every UTC day or every UTC calendar month."""
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+PERIODS = ("daily", "monthly")
+
+
+def bounds(period: str, at: datetime) -> tuple[datetime, datetime]:
+    """The start (inclusive) and end (exclusive) of the ``period`` that contains ``at``, in UTC."""
+    at = at.astimezone(UTC)
+    if period == "daily":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    if period == "monthly":
+        start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return start, end
+    raise ValueError(f"unknown budget period {period!r}; known: {list(PERIODS)}")
+
+
+def projected_micros(spent_micros: int, start: datetime, end: datetime, at: datetime) -> int:
+    """End-of-period spend if the burn rate so far goes on: spent × period length / time elapsed, in integer
+    micros (microsecond time resolution, rounded down). Before any time has passed it is what was spent."""
+    elapsed = _microseconds(at - start)
+    if elapsed <= 0:
+        return spent_micros
+    return spent_micros * _microseconds(end - start) // elapsed
+
+
+def _microseconds(delta: timedelta) -> int:
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
