@@ -149,11 +149,11 @@ def test_metrics_endpoint_counts_calls_by_code(cluster):
     assert "margin_grpc_request_seconds_bucket" in body
 
 
-def test_budget_rpcs_not_built_yet_say_so(cluster):
+def test_the_scaling_plan_not_built_yet_says_so(cluster):
     stub = budget_pb2_grpc.BudgetsStub(grpc.insecure_channel(cluster.budget.server.address))
     md = (("authorization", f"Bearer {cluster.keys['acme']}"),)
-    code, details = code_of(lambda: stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=md))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "GetSpend is not available" in details
+    code, details = code_of(lambda: stub.GetScalingPlan(budget_pb2.GetScalingPlanRequest(), metadata=md))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "autoscaler is not built yet" in details
 
 
 def test_only_the_admin_key_acts_on_behalf_of_a_tenant(cluster):
