@@ -59,7 +59,7 @@ test: setup ## Run the whole test suite (unit, service, integration)
 lint: setup ## Ruff over the code
 	$(VENV)/bin/ruff check services tests bench
 
-bench: bench-registry bench-gateway bench-training bench-compression ## Run every benchmark (tables printed, JSON in bench/results/)
+bench: bench-registry bench-gateway bench-training bench-compression bench-autoscaler ## Run every benchmark (tables printed, JSON in bench/results/)
 
 bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
 	$(PY) bench/registry_bench.py --size-mb 200
@@ -73,7 +73,10 @@ bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, 
 bench-compression: setup ## Quantized MiniLM-L6 on CPU; AutoCompress on the digits CNN and MLP (goal: ≥2× smaller, ≤0.5 pt drop); writes bench/results/compression.json
 	$(PY) bench/compression_bench.py --part all
 
+bench-autoscaler: setup ## Replay 4 traffic traces through simulated replicas (capacity from gateway.json): static peak vs HPA vs Margin's controller; writes bench/results/autoscaler.json and .png
+	$(PY) bench/autoscaler_bench.py
+
 clean: down ## Remove generated code and the venv
 	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache
 
-.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression clean
+.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression bench-autoscaler clean

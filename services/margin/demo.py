@@ -43,7 +43,7 @@ SEED = 0
 TARGET_ACCURACY = 0.97
 BUDGET_DOLLARS = "0.05"                # the job's own cap; a run costs about $0.0002–0.002 on cpu
 METER_WAIT_S = 10.0                    # the gateway flushes its meter to the ledger every second
-TENANT_BUDGET = "5"                    # the demo tenant's monthly budget (limits per category in set_budget)
+TENANT_BUDGET = "100"                  # the demo tenant's monthly budget (limits per category in set_budget)
 
 
 def measured_cost(catalog: costs.PriceCatalog, seconds: float, device_class: str = "cpu") -> CostRecord:
@@ -94,6 +94,9 @@ def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
         compression.close()
         inference.close()
     spend_report(console, budget)
+    budget_stub = budget_pb2_grpc.BudgetsStub(budget.channel)
+    console.print(budget_cli.plan_table(budget_stub.GetScalingPlan(budget_pb2.GetScalingPlanRequest(
+        deployment=f"{MODEL}-v{chosen.number}"), metadata=budget.metadata)))
     budget.close()
     console.print(f"[bold]production[/] → {MODEL}:{servable.number}; compressed → {MODEL}:{chosen.number}. The "
                   "cluster keeps running: `margin jobs list`, `margin compress list`, `margin deployments`, "
@@ -103,14 +106,15 @@ def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
 def set_budget(console: Console, conn: Connection) -> None:
     """The demo tenant's monthly budget, with a limit per category: every job below is admitted against it."""
     stub = budget_pb2_grpc.BudgetsStub(conn.channel)
-    limits = {budget_pb2.SPEND_CATEGORY_TRAINING: "1", budget_pb2.SPEND_CATEGORY_COMPRESSION: "0.5",
-              budget_pb2.SPEND_CATEGORY_SERVING: "1"}
+    limits = {budget_pb2.SPEND_CATEGORY_TRAINING: "20", budget_pb2.SPEND_CATEGORY_COMPRESSION: "10",
+              budget_pb2.SPEND_CATEGORY_SERVING: "60"}
     budget = stub.SetBudget(budget_pb2.SetBudgetRequest(budget=budget_pb2.Budget(
         period=budget_pb2.BUDGET_PERIOD_MONTHLY, total=common_pb2.Money(micros=costs.to_micros(TENANT_BUDGET)),
         category_limits=[budget_pb2.CategoryLimit(category=c, limit=common_pb2.Money(micros=costs.to_micros(v)))
                          for c, v in limits.items()])), metadata=conn.metadata)
-    console.print(f"tenant [bold]{budget.tenant}[/]: monthly budget {render.money(budget.total)} (training $1, "
-                  "compression $0.50, serving $1); alerts at 50/80/100 %")
+    console.print(f"tenant [bold]{budget.tenant}[/]: monthly budget {render.money(budget.total)} (training $20, "
+                  "compression $10, serving $60: about one cpu replica for the rest of the month); alerts at "
+                  "50/80/100 %")
 
 
 def spend_report(console: Console, conn: Connection) -> None:

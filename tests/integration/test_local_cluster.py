@@ -25,6 +25,8 @@ from margin.cluster import local, state
 from margin.sdk import RegistryClient, connect
 from margin.sdk.tensors import to_tensor
 from margin.v1 import (
+    budget_pb2,
+    budget_pb2_grpc,
     common_pb2,
     compression_pb2,
     compression_pb2_grpc,
@@ -252,6 +254,20 @@ def test_the_demo_compresses_and_every_variant_deploys_with_routing_by_measured_
                                                                               minimum=floor))),
             metadata=inference.metadata)
         assert meeting[reply.served_version.number] == min(meeting.values()), (reply.served_version, meeting)
+        # the autoscaler's plan reads Triton's real counters: traffic between two plans shows as requests/s
+        budgets = budget_pb2_grpc.BudgetsStub(connect(local_cluster.address("budget"), key).channel)
+        md = (("authorization", f"Bearer {key}"),)
+        name = f"digits-v{reply.served_version.number}"
+        budgets.GetScalingPlan(budget_pb2.GetScalingPlanRequest(deployment=name), metadata=md)
+        for _ in range(40):
+            stub.Predict(inference_pb2.PredictRequest(version=reply.served_version, inputs=[
+                to_tensor("input", np.zeros((4, 64), "float32"))]), metadata=inference.metadata)
+        plan = budgets.GetScalingPlan(budget_pb2.GetScalingPlanRequest(deployment=name), metadata=md)
+        assert plan.observed_rps > 0 and plan.capacity_rps_per_replica > 0 and plan.target_kind == "report-only"
+        # every variant is deployed now: the others' burn until the month ends may leave this one nothing
+        assert plan.affordable_replicas >= 0 and not plan.applied and plan.reason, plan
+        assert plan.chosen_replicas == min(max(plan.demand_replicas, plan.min_replicas), plan.affordable_replicas)
+        assert plan.remaining_serving_budget.micros > 0
     finally:
         for conn in (compression, inference):
             conn.close()

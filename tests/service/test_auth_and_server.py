@@ -149,11 +149,14 @@ def test_metrics_endpoint_counts_calls_by_code(cluster):
     assert "margin_grpc_request_seconds_bucket" in body
 
 
-def test_the_scaling_plan_not_built_yet_says_so(cluster):
+def test_a_scaling_plan_needs_a_known_deployment(cluster):
     stub = budget_pb2_grpc.BudgetsStub(grpc.insecure_channel(cluster.budget.server.address))
     md = (("authorization", f"Bearer {cluster.keys['acme']}"),)
     code, details = code_of(lambda: stub.GetScalingPlan(budget_pb2.GetScalingPlanRequest(), metadata=md))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "autoscaler is not built yet" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "deployment" in details
+    code, details = code_of(lambda: stub.GetScalingPlan(budget_pb2.GetScalingPlanRequest(deployment="nope-v1"),
+                                                        metadata=md))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope-v1" in details
 
 
 def test_only_the_admin_key_acts_on_behalf_of_a_tenant(cluster):

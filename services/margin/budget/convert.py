@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import UTC
 
+from margin.budget.autoscaler.planner import Plan
 from margin.budget.store import DEFAULT_THRESHOLDS, Budget, Spend, SpendLine
 from margin.common import protoconv
 from margin.common.errors import InvalidArgument
@@ -96,3 +97,16 @@ def entry_from_proto(msg: budget_pb2.LedgerEntry, tenant_id: int) -> LedgerEntry
                        micros=msg.amount.micros, quantity=msg.quantity, model=msg.model, version=msg.version,
                        deployment=msg.deployment, job_id=msg.job_id, description=msg.description[:300],
                        currency=msg.amount.currency or "USD", **fields)
+
+
+def plan_to_proto(plan: Plan) -> budget_pb2.ScalingPlan:
+    msg = budget_pb2.ScalingPlan(
+        deployment=plan.deployment, current_replicas=plan.current, demand_replicas=plan.demand,
+        affordable_replicas=-1 if plan.affordable is None else plan.affordable, min_replicas=plan.minimum,
+        chosen_replicas=plan.chosen, reason=plan.reason, price_per_replica_hour=protoconv.money(
+            plan.price_micros_per_hour), hours_left_in_period=plan.hours_left, observed_rps=plan.observed_rps,
+        capacity_rps_per_replica=plan.capacity_rps, queue_time_us_per_request=plan.queue_us_per_request,
+        target_kind=plan.target_kind, applied=plan.applied, time=protoconv.timestamp(plan.at))
+    if plan.remaining_micros is not None:
+        msg.remaining_serving_budget.CopyFrom(protoconv.money(plan.remaining_micros))
+    return msg

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from margin.budget.alerts import AlertWatcher
+from margin.budget.autoscaler.planner import AutoscalerLoop, Planner
 from margin.budget.servicer import BudgetsServicer
 from margin.budget.store import BudgetStore
 from margin.common import config
@@ -14,9 +15,19 @@ ADMIN_METHODS = (f"/{SERVICE_NAME}/CreateTenant", f"/{SERVICE_NAME}/CreateApiKey
 
 def build_budget(ctx: ServiceContext) -> ServiceSpec:
     store = BudgetStore(ctx.sessions)
-    servicer = BudgetsServicer(ctx.tenants, store)
+    planner = Planner(ctx.sessions, store, config.TRITON_METRICS_URL.get() or "", config.AUTOSCALER_TARGET.get())
+    servicer = BudgetsServicer(ctx.tenants, store, planner)
     watcher = AlertWatcher(store, ctx.sessions, config.BUDGET_ALERT_INTERVAL_SECONDS.get_float())
+    loop = AutoscalerLoop(planner, config.AUTOSCALER_INTERVAL_SECONDS.get_float())
+
+    def start(_server) -> None:
+        watcher.start()
+        loop.start()
+
+    def stop() -> None:
+        loop.stop()
+        watcher.stop()
+
     return ServiceSpec(register=[lambda server: budget_pb2_grpc.add_BudgetsServicer_to_server(servicer, server)],
-                       service_names=[SERVICE_NAME], admin_methods=ADMIN_METHODS,
-                       on_started=lambda _server: watcher.start(), on_stop=watcher.stop,
-                       extra={"budgets": store, "alerts": watcher})
+                       service_names=[SERVICE_NAME], admin_methods=ADMIN_METHODS, on_started=start, on_stop=stop,
+                       extra={"budgets": store, "alerts": watcher, "planner": planner})

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from margin.budget import convert
+from margin.budget.autoscaler.planner import Planner
 from margin.budget.store import BudgetStore
 from margin.common import auth, protoconv
-from margin.common.errors import InvalidArgument, PermissionDenied, Unimplemented
+from margin.common.errors import InvalidArgument, PermissionDenied
 from margin.common.tenancy import Tenant, TenantStore
 from margin.v1 import budget_pb2, budget_pb2_grpc
 
 
 class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
-    def __init__(self, tenants: TenantStore, budgets: BudgetStore):
-        self.tenants, self.budgets = tenants, budgets
+    def __init__(self, tenants: TenantStore, budgets: BudgetStore, planner: Planner):
+        self.tenants, self.budgets, self.planner = tenants, budgets, planner
 
     def _tenant(self, named: str) -> Tenant:
         """The tenant a call acts on: the caller's own, or — for the admin key only — the one it names."""
@@ -62,4 +63,7 @@ class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
         return budget_pb2.RecordSpendResponse(recorded=written, duplicates=duplicates)
 
     def GetScalingPlan(self, request, context):
-        raise Unimplemented("Budgets.GetScalingPlan: the cost-budget autoscaler is not built yet (issue #6)")
+        if not request.deployment:
+            raise InvalidArgument("deployment: name a serving deployment, e.g. digits-v2")
+        tenant = self._tenant("")
+        return convert.plan_to_proto(self.planner.plan(tenant.id, request.deployment))

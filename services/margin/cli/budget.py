@@ -142,3 +142,33 @@ def spend(tenant: str = TenantOpt, budget_addr: str = BudgetOpt, api_key: str = 
     console.print(spend_table(report))
     console.print(breakdown_table("By model", report.by_model))
     console.print(breakdown_table("By deployment", report.by_deployment))
+
+
+def plan_table(plan: budget_pb2.ScalingPlan) -> Table:
+    """The autoscaler's decision for one deployment: demand, what the budget affords, what it chose, and why."""
+    table = Table(title=f"Scaling plan for {plan.deployment} ({plan.target_kind})", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    affordable = "no serving budget" if plan.affordable_replicas < 0 else str(plan.affordable_replicas)
+    remaining = render.money(plan.remaining_serving_budget) if plan.HasField("remaining_serving_budget") else "—"
+    for name, value in (
+            ("traffic", f"{plan.observed_rps:.1f} req/s; queue {plan.queue_time_us_per_request:.0f} µs per request"),
+            ("capacity", f"{plan.capacity_rps_per_replica:,.0f} req/s per replica (measured at deploy)"),
+            ("replica price", f"{render.money(plan.price_per_replica_hour)} per hour"),
+            ("serving budget left", f"{remaining} for {plan.hours_left_in_period:.1f} h"),
+            ("replicas", f"now {plan.current_replicas} · demand {plan.demand_replicas} · minimum "
+                         f"{plan.min_replicas} · affordable {affordable} → [bold]{plan.chosen_replicas}[/]"),
+            ("reason", plan.reason),
+            ("applied", "yes" if plan.applied else "no (report-only: no Kubernetes here)"
+             if plan.target_kind == "report-only" else "no change")):
+        table.add_row(name, value)
+    return table
+
+
+@grpc_errors
+def scaling_plan(deployment: str = typer.Argument(..., help="a serving deployment, e.g. digits-v2"),
+                 budget_addr: str = BudgetOpt, api_key: str = KeyOpt) -> None:
+    """The cost-budget autoscaler's plan for DEPLOYMENT: demand, affordable replicas, the choice and its reason."""
+    stub, md = budgets(budget_addr, api_key)
+    console.print(plan_table(stub.GetScalingPlan(budget_pb2.GetScalingPlanRequest(deployment=deployment),
+                                                 metadata=md)))

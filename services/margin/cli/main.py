@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from margin.cli import render
-from margin.cli.budget import budget_app, spend
+from margin.cli.budget import budget_app, scaling_plan, spend
 from margin.cli.compress import compress_app
 from margin.cli.context import admin_connection, connection
 from margin.cli.jobs import jobs_app, train_app
@@ -40,6 +40,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(compress_app, name="compress")
 app.add_typer(budget_app, name="budget")
 app.command("spend")(spend)
+app.command("scaling-plan")(scaling_plan)
 def pairs(items: list[str], option: str) -> dict[str, str]:
     """``["k=v", ...]`` → dict, or a usage error naming the option."""
     out = {}

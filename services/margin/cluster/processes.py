@@ -167,11 +167,13 @@ def redis_spec(home: Path) -> ProcessSpec:
     return ProcessSpec("redis", argv, port, "redis")
 
 
-def service_specs(home: Path, admin_key: str, redis_url: str, triton_url: str) -> list[ProcessSpec]:
-    """Margin's services, each told where Redis, Triton and every other service are."""
+def service_specs(home: Path, admin_key: str, redis_url: str, triton_url: str,
+                  triton_metrics_url: str = "") -> list[ProcessSpec]:
+    """Margin's services, each told where Redis, Triton (and its metrics) and every other service are."""
     ports = {name: free_port() for name, _ in SERVICES}
     shared = {"MARGIN_HOME": str(home), "MARGIN_GRPC_HOST": "127.0.0.1", "MARGIN_ADMIN_KEY": admin_key,
               "MARGIN_LOG_FORMAT": "json", "MARGIN_REDIS_URL": redis_url, "MARGIN_TRITON_URL": triton_url,
+              "MARGIN_TRITON_METRICS_URL": triton_metrics_url,
               "MARGIN_MODEL_REPOSITORY": str(home / "model-repository"),
               **{f"MARGIN_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()}}
     services = [ProcessSpec(name, [sys.executable, "-m", module], ports[name], "grpc",

@@ -48,7 +48,7 @@ class Supervisor:
         triton.start(die_with_parent=True)
         triton.wait_healthy(START_TIMEOUT_S)
         for spec in service_specs(self.home, state.admin_key(), f"redis://{redis.spec.address}/0",
-                                  triton.spec.address):
+                                  triton.spec.address, f"http://127.0.0.1:{triton.spec.ports['metrics']}/metrics"):
             child = ManagedProcess(spec, self.logs)
             self.children.append(child)
             child.start(die_with_parent=True)

@@ -103,6 +103,17 @@ HELD_OUT_SENTENCES = Setting("MARGIN_HELD_OUT_SENTENCES",
 WORKER_QUEUES = Setting("MARGIN_WORKER_QUEUES", "train.cpu",
                         "Comma-separated Celery queues a worker consumes: one per device class "
                         "(train.cpu, train.nvidia-a100, ...).")
+TRITON_METRICS_URL = Setting("MARGIN_TRITON_METRICS_URL", "",
+                             "Triton's Prometheus endpoint (http://host:8002/metrics): the autoscaler's demand "
+                             "signal; empty = plan from measured capacity only.")
+AUTOSCALER_TARGET = Setting("MARGIN_AUTOSCALER_TARGET", "report-only",
+                            "What the autoscaler acts on: report-only (compute and report the plan; the local "
+                            "mode), hpa (spec.maxReplicas), keda (ScaledObject spec.maxReplicaCount) or deployment "
+                            "(replicas).")
+AUTOSCALER_NAMESPACE = Setting("MARGIN_AUTOSCALER_NAMESPACE", "margin",
+                               "Kubernetes namespace of the serving objects the autoscaler manages.")
+AUTOSCALER_INTERVAL_SECONDS = Setting("MARGIN_AUTOSCALER_INTERVAL_SECONDS", "15",
+                                      "Seconds between the autoscaler's ticks (0 = only on GetScalingPlan).")
 BUDGET_ALERT_INTERVAL_SECONDS = Setting("MARGIN_BUDGET_ALERT_INTERVAL_SECONDS", "5",
                                        "How often the budget service checks every budgeted tenant's spend for "
                                        "crossed alert thresholds.")
@@ -112,7 +123,8 @@ ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, G
                 PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
                 RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
                 JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES, HELD_OUT_SENTENCES,
-                BUDGET_ALERT_INTERVAL_SECONDS]
+                BUDGET_ALERT_INTERVAL_SECONDS, TRITON_METRICS_URL, AUTOSCALER_TARGET, AUTOSCALER_NAMESPACE,
+                AUTOSCALER_INTERVAL_SECONDS]
 
 
 def margin_home() -> Path:

@@ -1,0 +1,1 @@
+"""The cost-budget autoscaler: per serving deployment, replicas = clamp(demand, minimum, affordable)."""
