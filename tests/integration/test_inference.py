@@ -22,7 +22,7 @@ from margin.inference.metering import REQUESTS
 from margin.inference.ratelimit import Limits
 from margin.inference.service import InferenceSettings, inference_builder
 from margin.inference.triton_process import find_triton, triton_spec
-from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 from sqlalchemy import func, select
 
 from tests.conftest import running_cluster
@@ -79,7 +79,7 @@ def stack(tmp_path_factory):
             settings = InferenceSettings(triton_url=triton.spec.address,
                                          registry_address=cluster.registry.server.address,
                                          redis_url=f"redis://{redis_proc.spec.address}/0", repository=home / "repo",
-                                         flush_every_s=3600, watch_every_s=0.1)
+                                         flush_every_s=3600, watch_every_s=0.1, budget_ttl_s=0)
             inference = start_service(inference_builder(settings), database_url=f"sqlite:///{home / 'margin.db'}",
                                       admin_key=cluster.admin_key, auth_cache_seconds=0)
             scripted = {}
@@ -312,3 +312,40 @@ def test_bad_deploy_requests_are_invalid_argument_and_leave_no_deployment(stack,
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in details, details
     after = stack.stub().ListDeployments(inference_pb2.ListDeploymentsRequest(), metadata=stack.md()).deployments
     assert [(d.name, d.state) for d in after] == [(d.name, d.state) for d in before]
+
+
+def test_a_spent_serving_budget_rejects_degrades_or_throttles_by_the_tenants_policy(stack):
+    """Runs last: it spends acme's serving budget (a ledger entry written through RecordSpend) and sets its policy."""
+    for n in (1, 2, 3):
+        deploy(stack, n)
+    budgets = budget_pb2_grpc.BudgetsStub(grpc.insecure_channel(stack.cluster.budget.server.address))
+    budgets.RecordSpend(budget_pb2.RecordSpendRequest(entries=[budget_pb2.LedgerEntry(
+        id="serving:test-spent", category=budget_pb2.SPEND_CATEGORY_SERVING, amount=common_pb2.Money(micros=50),
+        deployment="digits-v1", model="digits")]), metadata=stack.md())
+
+    def policy(name: int) -> None:
+        budgets.SetBudget(budget_pb2.SetBudgetRequest(budget=budget_pb2.Budget(
+            period=budget_pb2.BUDGET_PERIOD_DAILY, total=common_pb2.Money(micros=10_000_000), exhausted_policy=name,
+            category_limits=[budget_pb2.CategoryLimit(category=budget_pb2.SPEND_CATEGORY_SERVING,
+                                                      limit=common_pb2.Money(micros=50))])), metadata=stack.md())
+
+    x = np.zeros((16, 64), np.float32)
+    policy(budget_pb2.EXHAUSTED_POLICY_REJECT)
+    code, details = code_of(lambda: predict(stack, x, number=1))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "serving budget" in details and "$0.00005" in details
+    policy(budget_pb2.EXHAUSTED_POLICY_DEGRADE)
+    assert predict(stack, x, number=1).served_version.number == 3  # the cheapest variant of the model
+    policy(budget_pb2.EXHAUSTED_POLICY_THROTTLE)
+    time.sleep(2.5)  # a full bucket: 2,000 tokens
+    served = refused = 0
+    for _ in range(30):  # 16 rows × 10 tokens each: the bucket holds about 12 such requests, not 125
+        try:
+            served += predict(stack, x, number=1).served_version.number == 1
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            refused += 1
+    assert refused > 0 and served <= 20, (served, refused)
+    budgets.SetBudget(budget_pb2.SetBudgetRequest(budget=budget_pb2.Budget(
+        period=budget_pb2.BUDGET_PERIOD_DAILY, total=common_pb2.Money(micros=10_000_000))), metadata=stack.md())
+    time.sleep(2.5)
+    assert all(predict(stack, x, number=1).served_version.number == 1 for _ in range(30))  # unthrottled again

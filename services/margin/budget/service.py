@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from margin.budget.alerts import AlertWatcher
-from margin.budget.autoscaler.planner import AutoscalerLoop, Planner
+from margin.budget.autoscaler.wiring import build_autoscaler
 from margin.budget.servicer import BudgetsServicer
 from margin.budget.store import BudgetStore
 from margin.common import config
@@ -15,10 +15,9 @@ ADMIN_METHODS = (f"/{SERVICE_NAME}/CreateTenant", f"/{SERVICE_NAME}/CreateApiKey
 
 def build_budget(ctx: ServiceContext) -> ServiceSpec:
     store = BudgetStore(ctx.sessions)
-    planner = Planner(ctx.sessions, store, config.TRITON_METRICS_URL.get() or "", config.AUTOSCALER_TARGET.get())
+    planner, loop = build_autoscaler(ctx.sessions, store)
     servicer = BudgetsServicer(ctx.tenants, store, planner)
     watcher = AlertWatcher(store, ctx.sessions, config.BUDGET_ALERT_INTERVAL_SECONDS.get_float())
-    loop = AutoscalerLoop(planner, config.AUTOSCALER_INTERVAL_SECONDS.get_float())
 
     def start(_server) -> None:
         watcher.start()

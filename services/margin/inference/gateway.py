@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from margin.common.costs import request_cost_micros
 from margin.common.errors import InvalidArgument, NotFound
 from margin.common.tenancy import Principal
+from margin.inference.budgetgate import OPEN, THROTTLE_FACTOR, BudgetGate, ServingBudget
 from margin.inference.deployments import READY, Deployment, DeploymentManager
 from margin.inference.metering import Meter, MeterKey
 from margin.inference.ratelimit import RateLimiter
@@ -59,7 +60,7 @@ class _TTLCache:
 
 class Gateway:
     def __init__(self, deployments: DeploymentManager, triton: TritonClient, registry: RegistrySource,
-                 limiter: RateLimiter, meter: Meter, route_ttl_s: float = 5.0):
+                 limiter: RateLimiter, meter: Meter, route_ttl_s: float = 5.0, budget: BudgetGate | None = None):
         self.deployments = deployments
         self._triton = triton
         self._registry = registry
@@ -67,6 +68,7 @@ class Gateway:
         self._meter = meter
         self._routes = _TTLCache(route_ttl_s)
         self._aliases = _TTLCache(route_ttl_s)
+        self._budget = budget
 
     def invalidate(self) -> None:
         """Forget cached routes (after a deploy or undeploy on this replica)."""
@@ -74,31 +76,49 @@ class Gateway:
 
     def predict(self, principal: Principal, api_key: str, target: Target, inputs: Sequence[RawTensor],
                 outputs: Sequence[str]) -> Prediction:
+        status = self._budget.status(principal.tenant_id) if self._budget else OPEN
+        target, factor = self._within_budget(principal, target, status)
         deployment, wanted, rows = self._admit(principal, self._route(principal.tenant_id, api_key, target),
-                                               inputs, outputs)
+                                               inputs, outputs, factor)
         start = time.perf_counter()
         result = self._triton.infer(deployment.triton_name, inputs, wanted)
         return self._charge(principal, deployment, rows, start, result)
 
     async def predict_async(self, principal: Principal, api_key: str, target: Target, inputs: Sequence[RawTensor],
                             outputs: Sequence[str]) -> Prediction:
-        """:meth:`predict` for an asyncio server: a cache miss resolves the route on a worker thread, and the
-        Triton call awaits instead of blocking."""
+        """:meth:`predict` for an asyncio server: a cache miss resolves the route (and the budget check) on a worker
+        thread, and the Triton call awaits instead of blocking."""
+        status = (self._budget.cached(principal.tenant_id) or await asyncio.to_thread(
+            self._budget.status, principal.tenant_id)) if self._budget else OPEN
+        target, factor = self._within_budget(principal, target, status)
         deployment = self._routes.get((principal.tenant_id, target))
         if deployment is None:
             deployment = await asyncio.to_thread(self._route, principal.tenant_id, api_key, target)
-        deployment, wanted, rows = self._admit(principal, deployment, inputs, outputs)
+        deployment, wanted, rows = self._admit(principal, deployment, inputs, outputs, factor)
         start = time.perf_counter()
         result = await self._triton.infer_async(deployment.triton_name, inputs, wanted)
         return self._charge(principal, deployment, rows, start, result)
 
+    @staticmethod
+    def _within_budget(principal: Principal, target: Target, status: ServingBudget) -> tuple[Target, int]:
+        """The target and the rate-limit tokens per row, after the tenant's policy for a spent serving budget
+        (:mod:`margin.inference.budgetgate`)."""
+        if not status.exhausted:
+            return target, 1
+        if status.policy == "degrade":
+            return Target(target.model, policy=target.policy), 1
+        if status.policy == "throttle":
+            return target, THROTTLE_FACTOR
+        raise status.refuse(principal.tenant or str(principal.tenant_id))
+
     def _admit(self, principal: Principal, deployment: Deployment, inputs: Sequence[RawTensor],
-               outputs: Sequence[str]) -> tuple[Deployment, list[str], int]:
-        """Validate against the signature and take the rows from the tenant's allowance."""
+               outputs: Sequence[str], factor: int = 1) -> tuple[Deployment, list[str], int]:
+        """Validate against the signature and take the rows (× ``factor`` when throttled) from the tenant's
+        allowance."""
         validate_inputs(inputs, deployment.signature, deployment.batching.max_batch_size)
         wanted = validate_outputs(outputs, deployment.signature)
         rows = inputs[0].shape[0] if deployment.signature.batched else 1
-        self._limiter.take(principal.tenant_id, rows)
+        self._limiter.take(principal.tenant_id, rows * factor)
         return deployment, wanted, rows
 
     def _charge(self, principal: Principal, deployment: Deployment, rows: int, start: float,

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import redis
 
+from margin.budget.store import BudgetStore
 from margin.common import config, costs
 from margin.common.server import AioRunningServer, RunningServer
 from margin.common.service import ServiceContext, ServiceSpec
+from margin.inference.budgetgate import BudgetGate
 from margin.inference.deployments import DeploymentManager
 from margin.inference.gateway import Gateway
 from margin.inference.metering import Meter
@@ -35,6 +37,7 @@ class InferenceSettings:
     calibrate_seconds: float = 0.3
     flush_every_s: float = 1.0
     watch_every_s: float = 0.25
+    budget_ttl_s: float = 2.0  # how long a tenant's serving-budget status is cached
 
 
 class TritonWatcher:
@@ -76,7 +79,8 @@ def inference_builder(settings: InferenceSettings):
                                         settings.instance_kind, settings.calibrate_seconds)
         meter = Meter(ctx.sessions, settings.flush_every_s)
         limiter = RateLimiter(redis.Redis.from_url(settings.redis_url), settings.limits)
-        gateway = Gateway(deployments, triton, registry, limiter, meter)
+        gateway = Gateway(deployments, triton, registry, limiter, meter,
+                          budget=BudgetGate(BudgetStore(ctx.sessions), settings.budget_ttl_s))
         servicer = InferenceServicer(gateway)
         watcher = TritonWatcher(triton, deployments, settings.watch_every_s)
 
