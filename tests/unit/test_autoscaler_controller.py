@@ -89,3 +89,20 @@ def test_queue_time_per_request_is_the_ratio_of_the_deltas():
     restarted = triton_metrics.parse(SCRAPE_1.replace("} 100\n", "} 5\n"), 20.0)
     assert triton_metrics.rates(after, restarted, "t1--digits-v2") is None             # a counter reset
     assert triton_metrics.rates(before, after, "missing") is None
+
+
+def test_each_step_down_waits_a_whole_window_and_goes_to_the_most_wanted_in_it():
+    c = Controller(Settings(scale_down_window_s=300))
+    replicas = 8
+
+    def tick(t: float, rps: float) -> int:
+        nonlocal replicas
+        replicas = c.decide(at(now_s=t, observed_rps=rps, current_replicas=replicas)).chosen
+        return replicas
+
+    assert tick(0, 140.0) == 8     # wants 2
+    assert tick(150, 280.0) == 8   # wants 4, still inside the window
+    assert tick(310, 70.0) == 4    # the window passed: down to the most wanted in it (4), not this tick's 1
+    assert tick(320, 70.0) == 4    # a further step down waits a whole new window (the bug: it went to 1 at once)
+    assert tick(600, 70.0) == 4
+    assert tick(621, 70.0) == 1
