@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from margin.cli.main import app
 from margin.common import protoconv
 from margin.v1 import common_pb2, compression_pb2, training_pb2
 from training_stack import TrainingStack, training_stack, wait_for
@@ -38,12 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingStack]:
 
 
 def margin(stack: TrainingStack, *args: str, code: int = 0) -> Result:
-    result = runner.invoke(app, [*args, "--compression", stack.compression.server.address,
-                                 "--api-key", stack.cluster.keys["acme"]])
-    shown = f"margin {' '.join(args)} -> exit {result.exit_code}\n{result.output}"
-    assert result.exit_code == code, shown
-    assert result.exception is None or isinstance(result.exception, SystemExit), shown
-    return result
+    return stack.cli("--compression", stack.compression.server.address, *args, code=code)
 
 
 def assert_png(path: Path) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from margin.cli.main import app
 from margin.v1 import common_pb2, training_pb2
 from training_stack import TrainingStack, training_stack, wait_for
 from typer.testing import CliRunner, Result
@@ -26,12 +25,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingStack]:
 
 
 def margin(stack: TrainingStack, *args: str, code: int = 0) -> Result:
-    result = runner.invoke(app, [*args, "--training", stack.training.server.address,
-                                 "--api-key", stack.cluster.keys["acme"]])
-    shown = f"margin {' '.join(args)} -> exit {result.exit_code}\n{result.output}"
-    assert result.exit_code == code, shown
-    assert result.exception is None or isinstance(result.exception, SystemExit), shown
-    return result
+    return stack.cli("--training", stack.training.server.address, *args, code=code)
 
 
 def test_estimate_prints_a_cost(stack: TrainingStack) -> None:

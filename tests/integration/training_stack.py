@@ -20,6 +20,7 @@ from margin.training.service import training_builder
 from margin.v1 import compression_pb2_grpc, registry_pb2, training_pb2_grpc
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner, Result
 
 from tests.conftest import MAX_UPLOAD, Cluster, running_cluster
 
@@ -67,6 +68,17 @@ class TrainingStack:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             return []
+
+    def cli(self, option: str, address: str, *args: str, code: int = 0, tenant: str = "acme") -> Result:
+        """``margin *args`` in-process (typer's CliRunner) against ``address`` given as ``option``, with the
+        tenant's key; asserts the exit code and that nothing but SystemExit escaped."""
+        from margin.cli.main import app
+
+        result = CliRunner().invoke(app, [*args, option, address, "--api-key", self.cluster.keys[tenant]])
+        shown = f"margin {' '.join(args)} -> exit {result.exit_code}\n{result.output}"
+        assert result.exit_code == code, shown
+        assert result.exception is None or isinstance(result.exception, SystemExit), shown
+        return result
 
     def worker_children(self, worker: ManagedProcess) -> list[int]:
         """The pool processes of a prefork worker (the ones that run tasks)."""

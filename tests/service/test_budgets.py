@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from margin.budget.alerts import SIGNATURE_HEADER
 from margin.budget.periods import bounds, projected_micros
 from margin.sdk import connect
@@ -30,6 +31,12 @@ def stub(cluster, tenant: str = "acme") -> tuple[budget_pb2_grpc.BudgetsStub, tu
 
 def money(micros: int) -> common_pb2.Money:
     return common_pb2.Money(micros=micros, currency="USD")
+
+
+def stamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    return ts
 
 
 def entry(i: str, category: int, micros: int, **fields) -> budget_pb2.LedgerEntry:
@@ -102,6 +109,13 @@ def test_the_ledger_pages_in_order_without_gaps_and_is_private(cluster):
     other, omd = stub(cluster, "other")
     assert not {e.id for e in other.ListLedger(budget_pb2.ListLedgerRequest(page_size=1000),
                                                metadata=omd).entries} & set(seen)
+    hour = timedelta(hours=1)
+    window = {name: s.ListLedger(budget_pb2.ListLedgerRequest(page_size=1000, **{name: ts}), metadata=md).entries
+              for name, ts in (("since", stamp(datetime.now(UTC) + hour)), ("until", stamp(datetime.now(UTC) - hour)))}
+    assert window == {"since": [], "until": []}
+    assert {e.id for e in s.ListLedger(budget_pb2.ListLedgerRequest(
+        page_size=1000, since=stamp(datetime.now(UTC) - hour), until=stamp(datetime.now(UTC) + hour)),
+        metadata=md).entries} >= set(seen)
     with pytest.raises(grpc.RpcError) as err:
         s.ListLedger(budget_pb2.ListLedgerRequest(page_token="bogus"), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -2,6 +2,8 @@
 (:mod:`margin.budget.store`), convert back. A tenant key acts on its own tenant; the admin key names one."""
 from __future__ import annotations
 
+from datetime import UTC
+
 from margin.budget import convert
 from margin.budget.autoscaler.planner import Planner
 from margin.budget.store import BudgetStore
@@ -51,8 +53,8 @@ class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
         tenant = self._tenant("")
         rows, token = self.budgets.ledger(
             tenant.id, category=convert.CATEGORY_FROM_PROTO.get(request.category, ""),
-            since=request.since.ToDatetime() if request.HasField("since") else None,
-            until=request.until.ToDatetime() if request.HasField("until") else None,
+            since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
+            until=request.until.ToDatetime(tzinfo=UTC) if request.HasField("until") else None,
             size=request.page_size, token=request.page_token)
         return budget_pb2.ListLedgerResponse(entries=[convert.entry_to_proto(r, tenant.name) for r in rows],
                                              next_page_token=token)

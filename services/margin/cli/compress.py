@@ -21,7 +21,7 @@ from rich.table import Table
 
 from margin.cli import render, shared
 from margin.cli.context import connection
-from margin.cli.jobs import STATES, TERMINAL, budget_micros
+from margin.cli.jobs import STATES, TERMINAL, budget_micros, state_filter
 from margin.cli.shared import KeyOpt, grpc_errors, parse_ref
 from margin.common.costs import format_money
 from margin.v1 import common_pb2, compression_pb2, compression_pb2_grpc
@@ -401,11 +401,10 @@ def compress_list(state: str | None = typer.Option(None, "--state", help="|".joi
                   limit: int = typer.Option(20, "--limit", min=1, max=1000, help="newest first"),
                   compression_addr: str = CompressionOpt, api_key: str = KeyOpt) -> None:
     """List compression jobs, newest first."""
-    if state is not None and state.lower() not in STATES:
-        raise typer.BadParameter(f"{state!r}: use one of {', '.join(STATES)}", param_hint="--state")
+    wanted = state_filter(state)
     stub, md = compression(compression_addr, api_key)
-    reply = stub.ListCompressionJobs(compression_pb2.ListCompressionJobsRequest(
-        page_size=limit, state=STATES[state.lower()] if state else 0), metadata=md)
+    reply = stub.ListCompressionJobs(compression_pb2.ListCompressionJobsRequest(page_size=limit, state=wanted),
+                                     metadata=md)
     shared.console.print(jobs_table(list(reply.jobs)))
     if reply.next_page_token:
         shared.console.print(f"(the newest {limit}; --limit shows more)")

@@ -34,6 +34,15 @@ TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_
 _REGISTRY_DATASET = re.compile(r"^[^:@]+(:\d+|@.+)$")  # model:3 or model@alias; "sklearn:digits" is built in
 
 
+def state_filter(state: str | None) -> int:
+    """``--state`` as a JobState (0 = any); a usage error naming the states otherwise. Shared by the job lists."""
+    if state is None:
+        return 0
+    if state.lower() not in STATES:
+        raise typer.BadParameter(f"{state!r}: use one of {', '.join(STATES)}", param_hint="--state")
+    return STATES[state.lower()]
+
+
 def training(address: str | None, key: str | None) -> tuple[training_pb2_grpc.TrainingJobsStub, tuple]:
     conn = connection("training", address, key)
     return training_pb2_grpc.TrainingJobsStub(conn.channel), conn.metadata
@@ -226,11 +235,9 @@ def jobs_list(state: str | None = typer.Option(None, "--state", help="|".join(ST
               limit: int = typer.Option(20, "--limit", min=1, max=1000, help="newest first"),
               training_addr: str = TrainingOpt, api_key: str = KeyOpt) -> None:
     """List training jobs, newest first."""
-    if state is not None and state.lower() not in STATES:
-        raise typer.BadParameter(f"{state!r}: use one of {', '.join(STATES)}", param_hint="--state")
+    wanted = state_filter(state)
     stub, md = training(training_addr, api_key)
-    reply = stub.ListJobs(training_pb2.ListJobsRequest(page_size=limit, state=STATES[state.lower()] if state else 0),
-                          metadata=md)
+    reply = stub.ListJobs(training_pb2.ListJobsRequest(page_size=limit, state=wanted), metadata=md)
     console.print(render.jobs_table(list(reply.jobs)))
     if reply.next_page_token:
         console.print(f"(the newest {limit}; --limit shows more)")
