@@ -86,7 +86,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliCluster]:
     env = {**os.environ, "MARGIN_HOME": str(home), "PYTHONPATH": pythonpath, "NO_COLOR": "1", "TERM": "dumb"}
     cluster = CliCluster(home, work, env)
     try:
-        cluster.seen_pids |= _all_pids(local.up(timeout=90))
+        cluster.seen_pids |= _all_pids(local.up())
         yield cluster
     finally:
         try:

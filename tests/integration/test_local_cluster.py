@@ -90,7 +90,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     os.environ["MARGIN_HOME"] = str(home)
     cluster = None
     try:
-        current = local.up(timeout=90)
+        current = local.up()
         cluster = LocalCluster(home, current)
         cluster.record_pids(current)
         yield cluster
@@ -294,7 +294,7 @@ def test_down_stops_everything_and_second_down_is_a_no_op(local_cluster: LocalCl
 def test_up_after_down_keeps_the_data_and_the_demo_key(local_cluster: LocalCluster) -> None:
     key = local_cluster.demo_key()
     assert local.running_state() is None
-    current = local.up(timeout=90)
+    current = local.up()
     local_cluster.record_pids(current)
     local_cluster.state = current
     assert current["status"] == "ready"
@@ -309,7 +309,7 @@ def test_children_do_not_outlive_a_killed_supervisor(tmp_path_factory: pytest.Te
     os.environ["MARGIN_HOME"] = str(tmp_path_factory.mktemp("margin_home_orphans"))
     children: list[int] = []
     try:
-        current = local.up(timeout=90)
+        current = local.up()
         supervisor = current["supervisor_pid"]
         children = [s["pid"] for s in current["services"].values()]
         os.kill(supervisor, signal.SIGKILL)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -29,7 +30,7 @@ def running_state() -> dict | None:
     return None
 
 
-def up(timeout: float = 120.0) -> dict:
+def up(timeout: float = 240.0) -> dict:
     current = running_state()
     if current is None:
         _stop_orphans(state.read_state())
@@ -56,7 +57,22 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> dict:
             raise ClusterError(f"the local cluster failed to start: {state.read_state().get('error', '')}")
         time.sleep(0.2)
     proc.terminate()
-    raise ClusterError(f"the local cluster was not ready after {timeout:.0f}s; see {state.home() / 'logs'}")
+    raise ClusterError(f"the local cluster was not ready after {timeout:.0f}s{_progress(state.read_state())}; "
+                       f"see {state.home() / 'logs'}")
+
+
+def _progress(current: dict) -> str:
+    """What a slow start was waiting on: the process, for how long, and the end of its log."""
+    waiting = current.get("waiting_for")
+    if not waiting:
+        return " (the supervisor had not started any process)"
+    try:
+        tail = "\n".join(Path(waiting["log"]).read_text(errors="replace").splitlines()[-10:])
+    except OSError:
+        tail = ""
+    healthy = [name for name in current.get("services", {}) if name != waiting["name"]]
+    return (f": healthy {healthy}, waiting {time.time() - waiting['since']:.0f}s for {waiting['name']}, "
+            f"whose log ends:\n{tail}\n")
 
 
 def ensure_demo_key(current: dict) -> str:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from margin.cluster import state
-from margin.cluster.processes import ManagedProcess, redis_spec, service_specs
+from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, service_specs
 from margin.common.logs import setup_logging
 from margin.inference.triton_process import triton_spec
 
@@ -31,31 +31,35 @@ class Supervisor:
         self.status = "starting"
         self.error = ""
 
-    def write(self) -> None:
+    def write(self, waiting_for: ManagedProcess | None = None) -> None:
         redis = next((c for c in self.children if c.spec.kind == "redis"), None)
         state.write_state({
             "status": self.status, "error": self.error, "supervisor_pid": os.getpid(), "home": str(self.home),
             "redis_url": f"redis://{redis.spec.address}/0" if redis else None,
+            "waiting_for": ({"name": waiting_for.spec.name, "log": str(waiting_for.log_path),
+                             "since": time.time()} if waiting_for else None),
             "services": {c.spec.name: c.describe() for c in self.children}})
 
     def start(self) -> None:
-        redis = ManagedProcess(redis_spec(self.home), self.logs)
-        self.children.append(redis)
-        redis.start(die_with_parent=True)
-        redis.wait_healthy(START_TIMEOUT_S)
-        triton = ManagedProcess(triton_spec(self.home, self.home / "model-repository"), self.logs)
-        self.children.append(triton)
-        triton.start(die_with_parent=True)
-        triton.wait_healthy(START_TIMEOUT_S)
+        redis = self._start_child(redis_spec(self.home))
+        triton = self._start_child(triton_spec(self.home, self.home / "model-repository"))
         for spec in service_specs(self.home, state.admin_key(), f"redis://{redis.spec.address}/0",
                                   triton.spec.address, f"http://127.0.0.1:{triton.spec.ports['metrics']}/metrics"):
-            child = ManagedProcess(spec, self.logs)
-            self.children.append(child)
-            child.start(die_with_parent=True)
-            child.wait_healthy(START_TIMEOUT_S)
-            log.info("%s healthy on %s", spec.name, spec.address)
+            self._start_child(spec)
         self.status = "ready"
         self.write()
+
+    def _start_child(self, spec: ProcessSpec) -> ManagedProcess:
+        """Start one process and wait until it is healthy, the state file saying which one is awaited
+        (so a slow start is diagnosable from outside)."""
+        child = ManagedProcess(spec, self.logs)
+        self.children.append(child)
+        child.start(die_with_parent=True)
+        self.write(waiting_for=child)
+        started = time.monotonic()
+        child.wait_healthy(START_TIMEOUT_S)
+        log.info("%s healthy on %s after %.1fs", spec.name, spec.address, time.monotonic() - started)
+        return child
 
     def watch(self) -> None:
         while not self.stopping.wait(0.5):
