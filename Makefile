@@ -85,7 +85,7 @@ helm-lint: tools ## helm lint --strict and render the chart for every ci/*-value
 	  $(HELM) template margin $(CHART) -n margin -f $$f >/dev/null || exit 1; done
 
 k8s: tools ## Regenerate k8s/base from the chart (kustomize users); a test keeps it in sync
-	$(PY) -m margin.deploy.kustomize --helm $(HELM) --chart $(CHART) --out k8s
+	$(PY) helm/tools/render_kustomize.py $(HELM) $(CHART) k8s
 
 lint: setup ## Ruff over the code
 	$(VENV)/bin/ruff check services tests bench

@@ -38,3 +38,8 @@
 - name: model-repository
   persistentVolumeClaim: {claimName: {{ include "margin.component" (list . "model-repository") }}}
 {{- end -}}
+
+{{/* Changes when the price catalog or the tenant budgets change (rolls the pods that read them). */}}
+{{- define "margin.configChecksum" -}}
+{{- toJson (list .Values.prices .Values.tenants) | sha256sum -}}
+{{- end -}}
