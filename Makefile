@@ -13,7 +13,7 @@ PROTOS      := $(wildcard protos/margin/v1/*.proto)
 export PYTHONPATH := $(CURDIR)/services
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(STAMP) proto system-deps ## Create the venv, install Margin and its tools, generate the gRPC code
 
@@ -83,6 +83,24 @@ helm-lint: tools ## helm lint --strict and render the chart for every ci/*-value
 	@for f in $(CHART)/ci/*-values.yaml; do \
 	  echo "== $$f"; $(HELM) lint --strict $(CHART) -f $$f || exit 1; \
 	  $(HELM) template margin $(CHART) -n margin -f $$f >/dev/null || exit 1; done
+
+IMAGE_REGISTRY ?= ghcr.io/margin
+IMAGE_TAG      ?= $(shell $(PYTHON_BOOT) -c "import tomllib;print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])")
+IMAGES         := service gpu-worker triton
+
+images: proto ## Build the service, gpu-worker and triton images (needs a Docker engine)
+	@command -v docker >/dev/null || { echo "make images needs a Docker engine (none here): the Dockerfiles are in docker/"; exit 1; }
+	@for i in $(IMAGES); do docker build -f docker/$$i.Dockerfile -t $(IMAGE_REGISTRY)/margin-$$i:$(IMAGE_TAG) . || exit 1; done
+
+e2e-kind: images tools ## With Docker + kind (not here): a kind cluster, the images loaded, the chart installed and Available
+	@command -v kind >/dev/null || { echo "e2e-kind needs kind (https://kind.sigs.k8s.io) and Docker; it cannot run here"; exit 1; }
+	kind create cluster --name margin-e2e --wait 120s
+	@for i in $(IMAGES); do kind load docker-image --name margin-e2e $(IMAGE_REGISTRY)/margin-$$i:$(IMAGE_TAG); done
+	$(HELM) install margin $(CHART) -n margin --create-namespace -f $(CHART)/ci/minimal-values.yaml \
+	  --set image.pullPolicy=Never --set storage.artifacts.accessMode=ReadWriteOnce \
+	  --set storage.modelRepository.accessMode=ReadWriteOnce --wait --timeout 15m
+	$(KUBECTL) -n margin wait --for=condition=Available deployment --all --timeout=10m
+	$(KUBECTL) -n margin get pods,hpa,pdb,networkpolicy
 
 k8s: tools ## Regenerate k8s/base from the chart (kustomize users); a test keeps it in sync
 	$(PY) helm/tools/render_kustomize.py $(HELM) $(CHART) k8s
