@@ -1,6 +1,7 @@
 """The Inference gateway against a real tritonserver, a real redis-server and the real registry."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from margin.cluster.processes import ManagedProcess, MissingDependency, redis_spec
 from margin.common.ledger import LedgerRow
@@ -40,6 +42,7 @@ class Stack:
     stubs: dict
     scripted: dict
     home: Path
+    settings: InferenceSettings
 
     def stub(self, tenant: str = "acme") -> inference_pb2_grpc.InferenceStub:
         return self.stubs[tenant]
@@ -93,7 +96,7 @@ def stack(tmp_path_factory):
                 assert upload_model(cluster, "digits", scripted[number], home / f"m{number}.pt", metrics) == number
             channel = grpc.insecure_channel(inference.server.address)
             stubs = {t: inference_pb2_grpc.InferenceStub(channel) for t in ("acme", "other")}
-            yield Stack(cluster, triton, inference, stubs, scripted, home)
+            yield Stack(cluster, triton, inference, stubs, scripted, home, settings)
             inference.stop()
     finally:
         triton.stop()
@@ -104,15 +107,17 @@ def tensor(x: np.ndarray, name: str = "input", dtype: int = common_pb2.DTYPE_FP3
     return common_pb2.Tensor(name=name, dtype=dtype, shape=x.shape, raw=x.tobytes())
 
 
-def predict(stack: Stack, x: np.ndarray, number: int = 1, tenant: str = "acme", **kw) -> inference_pb2.PredictResponse:
+def predict(stack: Stack, x: np.ndarray, number: int = 1, tenant: str = "acme", model: str = "digits",
+            **kw) -> inference_pb2.PredictResponse:
     return stack.stub(tenant).Predict(inference_pb2.PredictRequest(
-        version=common_pb2.VersionRef(model="digits", number=number), inputs=[kw.pop("t", None) or tensor(x)], **kw),
+        version=common_pb2.VersionRef(model=model, number=number), inputs=[kw.pop("t", None) or tensor(x)], **kw),
         metadata=stack.md(tenant))
 
 
-def deploy(stack: Stack, number: int, tenant: str = "acme") -> inference_pb2.Deployment:
+def deploy(stack: Stack, number: int, tenant: str = "acme", model: str = "digits",
+           device_class: str = "") -> inference_pb2.Deployment:
     return stack.stub(tenant).Deploy(inference_pb2.DeployRequest(
-        version=common_pb2.VersionRef(model="digits", number=number),
+        version=common_pb2.VersionRef(model=model, number=number), device_class=device_class,
         batching=inference_pb2.BatchingConfig(max_batch_size=16, max_queue_delay_microseconds=500)),
         metadata=stack.md(tenant))
 
@@ -312,6 +317,145 @@ def test_bad_deploy_requests_are_invalid_argument_and_leave_no_deployment(stack,
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in details, details
     after = stack.stub().ListDeployments(inference_pb2.ListDeploymentsRequest(), metadata=stack.md()).deployments
     assert [(d.name, d.state) for d in after] == [(d.name, d.state) for d in before]
+
+
+@dataclass
+class Pooled:
+    """A second inference service whose device classes have Tritons of their own, "cpu" and "nvidia-t4" (models
+    still run KIND_CPU), each on its class's directory of the service's model repository (``<repo>/<class>``).
+    It shares the stack's database, registry and Redis, and serves the model "pooled" (versions 1-3)."""
+
+    view: Stack  # the stack as seen through this service
+    tritons: dict[str, ManagedProcess]  # device class -> its Triton
+    tenant_id: int
+
+    def loaded(self, number: int) -> dict[str, bool]:
+        """Whether each Triton (by device class) has pooled-v<number> ready, asking Triton itself."""
+        name = f"t{self.tenant_id}--pooled-v{number}"
+        ready = {}
+        for device_class, triton in self.tritons.items():
+            client = triton_grpc.InferenceServerClient(triton.spec.address)
+            try:
+                ready[device_class] = bool(client.is_model_ready(name))
+            finally:
+                client.close()
+        return ready
+
+    def health(self) -> int:
+        with grpc.insecure_channel(self.view.inference.server.address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def pooled(stack):
+    repository = stack.home / "pooled-repo"
+    tritons = {}
+    for device_class in ("cpu", "nvidia-t4"):
+        (repository / device_class).mkdir(parents=True)
+        spec = triton_spec(stack.home, repository / device_class)
+        tritons[device_class] = ManagedProcess(dataclasses.replace(spec, name=f"triton-{device_class}"), stack.home)
+        tritons[device_class].start()
+    try:
+        for triton in tritons.values():
+            triton.wait_healthy(60)
+        settings = dataclasses.replace(stack.settings, triton_url="127.0.0.1:1",  # unused: each class has a pool
+                                       repository=repository,
+                                       triton_urls={c: t.spec.address for c, t in tritons.items()})
+        service = start_service(inference_builder(settings), database_url=f"sqlite:///{stack.home / 'margin.db'}",
+                                admin_key=stack.cluster.admin_key, auth_cache_seconds=0)
+        try:
+            stack.cluster.client().create_model("pooled")
+            scripted = {n: scripted_mlp(10 + n) for n in (1, 2, 3)}
+            for n, module in scripted.items():
+                assert upload_model(stack.cluster, "pooled", module, stack.home / f"pooled{n}.pt", {}) == n
+            channel = grpc.insecure_channel(service.server.address)
+            stubs = {t: inference_pb2_grpc.InferenceStub(channel) for t in ("acme", "other")}
+            tenant_id = service.context.tenants.authenticate(stack.cluster.keys["acme"]).tenant_id
+            found = Pooled(dataclasses.replace(stack, inference=service, stubs=stubs, scripted=scripted),
+                           tritons, tenant_id)
+            wait_for(lambda: found.health() == health_pb2.HealthCheckResponse.SERVING, 60,
+                     "the pooled service never turned SERVING")
+            yield found
+        finally:
+            service.stop()
+    finally:
+        for triton in tritons.values():
+            triton.stop()
+
+
+def test_each_device_class_is_deployed_and_served_on_its_own_triton_pool(pooled):
+    view = pooled.view
+    assert deploy(view, 1, model="pooled", device_class="cpu").state == inference_pb2.DEPLOYMENT_STATE_READY
+    d2 = deploy(view, 2, model="pooled", device_class="nvidia-t4")
+    assert d2.state == inference_pb2.DEPLOYMENT_STATE_READY and d2.device_class == "nvidia-t4"
+    assert d2.capacity_rps > 0  # calibrated on its own pool
+    assert pooled.loaded(1) == {"cpu": True, "nvidia-t4": False}
+    assert pooled.loaded(2) == {"cpu": False, "nvidia-t4": True}
+    # each model sits in its class's directory: the repository a pool's new replica loads with --load-model=*
+    repository = view.home / "pooled-repo"
+    assert f"t{pooled.tenant_id}--pooled-v1" in {p.name for p in (repository / "cpu").iterdir()}
+    assert f"t{pooled.tenant_id}--pooled-v2" in {p.name for p in (repository / "nvidia-t4").iterdir()}
+    assert f"t{pooled.tenant_id}--pooled-v1" not in {p.name for p in (repository / "nvidia-t4").iterdir()}
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    for n in (1, 2):
+        resp = predict(view, x, number=n, model="pooled")
+        assert resp.deployment == f"pooled-v{n}"
+        assert np.allclose(outputs(resp), view.scripted[n](torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+def test_deploying_on_a_class_no_pool_serves_is_failed_precondition_and_leaves_nothing(pooled):
+    view = pooled.view
+    repository = view.home / "pooled-repo"
+    before = [(d.name, d.state, d.device_class) for d in view.stub().ListDeployments(
+        inference_pb2.ListDeploymentsRequest(model="pooled"), metadata=view.md()).deployments]
+    files_before = sorted(repository.rglob("*"))
+    code, details = code_of(lambda: deploy(view, 3, model="pooled", device_class="nvidia-l4"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert "'nvidia-l4'" in details and "cpu, nvidia-t4" in details, details
+    after = [(d.name, d.state, d.device_class) for d in view.stub().ListDeployments(
+        inference_pb2.ListDeploymentsRequest(model="pooled"), metadata=view.md()).deployments]
+    assert after == before and "pooled-v3" not in [name for name, _, _ in after]
+    assert sorted(repository.rglob("*")) == files_before
+    assert pooled.loaded(3) == {"cpu": False, "nvidia-t4": False}
+
+
+def test_a_pool_down_is_not_serving_and_its_deployments_come_back_with_it(pooled):
+    view = pooled.view
+    deploy(view, 1, model="pooled", device_class="cpu")
+    deploy(view, 2, model="pooled", device_class="nvidia-t4")
+    x = np.zeros((1, 64), np.float32)
+    t4 = pooled.tritons["nvidia-t4"]
+    os.kill(t4.proc.pid, signal.SIGKILL)
+    t4.proc.wait()
+    wait_for(lambda: pooled.health() == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
+             "health never turned NOT_SERVING with the nvidia-t4 pool down")
+    assert predict(view, x, number=1, model="pooled").deployment == "pooled-v1"  # the cpu pool still serves
+    code, _ = code_of(lambda: predict(view, x, number=2, model="pooled"))
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+    t4.start()
+    t4.wait_healthy(60)
+    wait_for(lambda: pooled.health() == health_pb2.HealthCheckResponse.SERVING, 60,
+             "health did not return to SERVING after the nvidia-t4 pool came back")
+    assert pooled.loaded(2) == {"cpu": False, "nvidia-t4": True}  # reloaded on its own pool only
+    assert predict(view, x, number=2, model="pooled").deployment == "pooled-v2"
+
+
+def test_redeploying_on_another_class_moves_the_deployment_between_pools(pooled):
+    view = pooled.view
+    deploy(view, 1, model="pooled", device_class="cpu")
+    assert deploy(view, 1, model="pooled", device_class="nvidia-t4").device_class == "nvidia-t4"
+    assert pooled.loaded(1) == {"cpu": False, "nvidia-t4": True}
+    x = np.ones((2, 64), np.float32)
+    assert np.allclose(outputs(predict(view, x, number=1, model="pooled")),
+                       view.scripted[1](torch.from_numpy(x)).detach().numpy(), atol=1e-5)
 
 
 def test_a_spent_serving_budget_rejects_degrades_or_throttles_by_the_tenants_policy(stack):

@@ -1,21 +1,22 @@
-"""The autoscaler's Kubernetes adapter and Lease leader election, against a stand-in of the Kubernetes API server.
+"""The autoscaler's Kubernetes adapter, Lease leader election and the Triton pools' replica sums, against a stand-in
+of the Kubernetes API server.
 
-There is no Kubernetes here, so :class:`KubeApiStandIn` plays the API server over real HTTP on 127.0.0.1: the real
-``kubernetes`` client builds, serializes and sends the requests, and the tests check what it sent (method, path,
-content type, body) and what the objects look like afterwards.
+There is no Kubernetes here, so :class:`~kube_standin.KubeApiStandIn` (``tests/kube_standin.py``) plays the API
+server over real HTTP on 127.0.0.1: the real ``kubernetes`` client builds, serializes and sends the requests, and the
+tests check what it sent (method, path, content type, body) and what the objects look like afterwards.
 """
 from __future__ import annotations
 
 import json
-import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from kube_standin import MERGE, KubeApiStandIn, hpa_path, keda_path, scale_path
 from kubernetes import client
 from margin.budget.autoscaler.controller import Decision
 from margin.budget.autoscaler.kube import (
@@ -27,210 +28,22 @@ from margin.budget.autoscaler.kube import (
     ScalingError,
     Target,
 )
+from margin.budget.autoscaler.planner import POOL_REASON_CHARS, Plan, Planner, pool_reason
+from margin.budget.autoscaler.wiring import build_autoscaler, parse_targets, pool_applier
+from margin.budget.store import Budget, BudgetStore
+from margin.common.config import ConfigError
+from margin.common.db import make_engine, make_sessionmaker
+from margin.common.tenancy import TenantStore
+from margin.inference.tables import DeploymentRow
+from sqlalchemy import update
 
 NS = "serving"
-HPA_PATH = f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/resnet"
-KEDA_PATH = f"/apis/keda.sh/v1alpha1/namespaces/{NS}/scaledobjects/resnet"
-SCALE_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/resnet/scale"
+HPA_PATH = hpa_path(NS, "resnet")
+KEDA_PATH = keda_path(NS, "resnet")
+SCALE_PATH = scale_path(NS, "resnet")
 LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
 LEASE_PATH = f"{LEASES_PATH}/margin-autoscaler"
-MERGE = "application/merge-patch+json"
-STRATEGIC = "application/strategic-merge-patch+json"
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)  # whole seconds on purpose: MicroTime must keep ".000000"
-MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")  # metav1.RFC3339Micro
-
-
-@dataclass(frozen=True)
-class Recorded:
-    method: str
-    path: str
-    content_type: str | None
-    body: Any  # parsed JSON, or None
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (also how strategic merge treats these scalar/map fields)."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-class KubeApiStandIn:
-    """A stand-in for the Kubernetes API server, because none can run here.
-
-    A ``ThreadingHTTPServer`` on 127.0.0.1 (port 0) that stores objects in a dict keyed by their API path and
-    answers the exact paths the adapter uses — HPAs (autoscaling/v2), KEDA ScaledObjects (keda.sh/v1alpha1),
-    Deployment scale subresources (apps/v1) and Leases (coordination.k8s.io/v1) — like the real server does for
-    these cases: GET (404 with a ``Status`` for unknown objects), PATCH (merge patch; strategic merge patch
-    for built-in types only, 415 for custom resources like the real server), POST to the lease collection
-    (409 AlreadyExists), PUT with optimistic concurrency (409 Conflict on a stale ``resourceVersion``) and
-    MicroTime validation (400 when ``renewTime``/``acquireTime`` lack the 6 fraction digits). Every request is
-    recorded (method, path, content type, parsed body). ``errors`` forces an error answer for a (method, path);
-    ``before`` runs a callback before a (method, path) is handled (to simulate a concurrent writer).
-    """
-
-    OBJECT_PATHS = (
-        re.compile(r"^/apis/autoscaling/v2/namespaces/[^/]+/horizontalpodautoscalers/[^/]+$"),
-        re.compile(r"^/apis/keda\.sh/v1alpha1/namespaces/[^/]+/scaledobjects/[^/]+$"),
-        re.compile(r"^/apis/apps/v1/namespaces/[^/]+/deployments/[^/]+/scale$"),
-        re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/[^/]+/leases/[^/]+$"),
-    )
-    LEASE_COLLECTION = re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/leases$")
-    CUSTOM_RESOURCE = re.compile(r"^/apis/keda\.sh/")
-
-    def __init__(self) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.requests: list[Recorded] = []
-        self.errors: dict[tuple[str, str], tuple[int, str, str]] = {}
-        self.before: dict[tuple[str, str], Callable[[], None]] = {}
-        self._resource_version = 1000
-        self._lock = threading.RLock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self._stopped = False
-
-    @property
-    def host(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> KubeApiStandIn:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def put_object(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            obj = json.loads(json.dumps(obj))
-            obj.setdefault("metadata", {})["resourceVersion"] = self._next_version()
-            self.objects[path] = obj
-            return obj
-
-    def requests_of(self, method: str) -> list[Recorded]:
-        return [r for r in self.requests if r.method == method]
-
-    def _next_version(self) -> str:
-        self._resource_version += 1
-        return str(self._resource_version)
-
-    # -- request handling ---------------------------------------------------------------------------------------
-    def _handle(self, method: str, path: str, content_type: str | None, raw: bytes) -> tuple[int, dict[str, Any]]:
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            self.requests.append(Recorded(method, path, content_type, raw.decode("utf-8", "replace")))
-            return self._status(400, "BadRequest", "the request body is not JSON")
-        with self._lock:
-            self.requests.append(Recorded(method, path, content_type, body))
-            hook = self.before.pop((method, path), None)
-            if hook is not None:
-                hook()
-            if (method, path) in self.errors:
-                return self._status(*self.errors[(method, path)])
-            if method == "POST" and (m := self.LEASE_COLLECTION.match(path)):
-                return self._create(path, m["ns"], body)
-            if not any(p.match(path) for p in self.OBJECT_PATHS):
-                return self._status(404, "NotFound", f"the server could not find the requested resource {path}")
-            if method == "POST":
-                return self._status(405, "MethodNotAllowed", "POST is not allowed on an object")
-            current = self.objects.get(path)
-            if current is None:
-                return self._status(404, "NotFound", f"{path.rsplit('/', 1)[-1]!r} not found")
-            if method == "GET":
-                return 200, current
-            if method == "PATCH":
-                return self._patch(path, current, content_type, body)
-            if method == "PUT":
-                return self._replace(path, current, body)
-            return self._status(405, "MethodNotAllowed", f"{method} is not supported by the stand-in")
-
-    def _patch(self, path: str, current: dict[str, Any], content_type: str | None, body: Any) -> tuple[int, dict]:
-        media = (content_type or "").split(";")[0].strip()
-        allowed = {MERGE} if self.CUSTOM_RESOURCE.match(path) else {MERGE, STRATEGIC}
-        if media not in allowed:
-            return self._status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format "
-                                f"- accepted media types include: {', '.join(sorted(allowed))}")
-        if not isinstance(body, dict):
-            return self._status(400, "BadRequest", "a merge patch must be a JSON object")
-        patched = merge_patch(current, body)
-        patched["metadata"]["resourceVersion"] = self._next_version()
-        self.objects[path] = patched
-        return 200, patched
-
-    def _replace(self, path: str, current: dict[str, Any], body: Any) -> tuple[int, dict]:
-        if not isinstance(body, dict):
-            return self._status(400, "BadRequest", "the body must be an object")
-        version = (body.get("metadata") or {}).get("resourceVersion")
-        if version and version != current["metadata"]["resourceVersion"]:
-            return self._status(409, "Conflict", "Operation cannot be fulfilled on leases: the object has been "
-                                "modified; please apply your changes to the latest version and try again")
-        if error := self._invalid_lease(body):
-            return error
-        body["metadata"]["resourceVersion"] = self._next_version()
-        body["metadata"]["creationTimestamp"] = current["metadata"].get("creationTimestamp")
-        self.objects[path] = body
-        return 200, body
-
-    def _create(self, collection: str, namespace: str, body: Any) -> tuple[int, dict]:
-        name = ((body or {}).get("metadata") or {}).get("name")
-        if not name:
-            return self._status(422, "Invalid", "metadata.name: Required value")
-        path = f"{collection}/{name}"
-        if path in self.objects:
-            return self._status(409, "AlreadyExists", f"leases.coordination.k8s.io {name!r} already exists")
-        if error := self._invalid_lease(body):
-            return error
-        body["metadata"].update(namespace=namespace, resourceVersion=self._next_version(),
-                                creationTimestamp="2024-05-01T00:00:00Z")
-        self.objects[path] = body
-        return 201, body
-
-    def _invalid_lease(self, body: dict[str, Any]) -> tuple[int, dict] | None:
-        for field in ("renewTime", "acquireTime"):
-            value = (body.get("spec") or {}).get(field)
-            if value is not None and not MICROTIME.match(str(value)):
-                return self._status(400, "BadRequest", f"parsing time {value!r} as RFC3339Micro: spec.{field}")
-        return None
-
-    @staticmethod
-    def _status(code: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
-        return code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                      "message": message, "reason": reason, "code": code}
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                path = self.path.split("?", 1)[0]
-                code, payload = stand_in._handle(self.command, path, self.headers.get("Content-Type"), raw)
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PATCH = do_POST = do_PUT = _serve  # noqa: N815
-
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                pass
-
-        return Handler
 
 
 @pytest.fixture
@@ -476,3 +289,210 @@ def test_lease_forbidden_is_an_error(stand_in: KubeApiStandIn, api_client: clien
     stand_in.errors[("GET", LEASE_PATH)] = (403, "Forbidden", "cannot get resource leases")
     with pytest.raises(LeaseError, match="HTTP 403 Forbidden"):
         elector(api_client, "autoscaler-a", Clock(NOW)).try_acquire_or_renew()
+
+
+# -- pools: the planner sets each Triton pool's object to the sum over the deployments it serves ---------------------
+CPU_POOL, L4_POOL = "margin-triton-cpu", "margin-triton-nvidia-l4"
+TARGETS = {"cpu": CPU_POOL, "nvidia-l4": L4_POOL}
+MID_MONTH = datetime(2026, 3, 15, 12, 0, 0, tzinfo=UTC).timestamp()
+
+
+class TritonMetrics:
+    """Triton's /metrics endpoint: cumulative request counters per model, set by the test between ticks."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = "".join(f'nv_inference_request_success{{model="{m}",version="1"}} {n}\n'
+                               f'nv_inference_queue_duration_us{{model="{m}",version="1"}} 0\n'
+                               for m, n in metrics.requests.items()).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/metrics"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class Pools:
+    planner: Planner
+    clock: list[float]
+    triton: TritonMetrics
+    sessions: Any
+    tenants: dict[str, int]
+
+
+@pytest.fixture
+def pools(tmp_path, stand_in: KubeApiStandIn, api_client: client.ApiClient) -> Iterator[Pools]:
+    """Two tenants' deployments over a real SQLite database: two on "cpu" (one per tenant), one on "nvidia-l4" and
+    one on "nvidia-a100", which has no pool target; the two pools' HPAs in the stand-in API server."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'margin.db'}")
+    sessions = make_sessionmaker(engine)
+    tenancy, budgets = TenantStore(sessions), BudgetStore(sessions)
+    tenants = {name: tenancy.create_tenant(name).id for name in ("acme", "other")}
+    # 'other' has 0.30 $ of serving budget left: bert's 1 $/h replicas are cut to the one it can pay for
+    budgets.set_budget(Budget(tenant_id=tenants["other"], period="monthly", total_micros=300_000))
+    with sessions.begin() as s:
+        for tenant, name, device_class, capacity, minimum, price in (
+                ("acme", "digits-v2", "cpu", 100.0, 1, 100_000),
+                ("other", "bert-v3", "cpu", 20.0, 2, 1_000_000),
+                ("acme", "resnet-v1", "nvidia-l4", 50.0, 1, 800_000),
+                ("acme", "llama-v1", "nvidia-a100", 10.0, 1, 4_000_000)):
+            tid = tenants[tenant]
+            s.add(DeploymentRow(tenant_id=tid, name=name, triton_name=f"t{tid}--{name}", model=name.split("-")[0],
+                                version=int(name[-1]), state="READY", device_class=device_class, capacity_rps=capacity,
+                                min_replicas=minimum, max_replicas=10, price_micros_per_hour=price))
+    for pool, minimum in ((CPU_POOL, 2), (L4_POOL, 1)):
+        obj = hpa(min_replicas=minimum, max_replicas=10)
+        obj["metadata"]["name"] = obj["spec"]["scaleTargetRef"]["name"] = pool
+        stand_in.put_object(hpa_path(NS, pool), obj)
+    triton, clock = TritonMetrics(), [MID_MONTH]
+    planner = Planner(sessions, budgets, triton.url, "hpa", pool_applier(scaler(api_client), "hpa", NS),
+                      clock=lambda: clock[0], targets=TARGETS)
+    yield Pools(planner, clock, triton, sessions, tenants)
+    triton.stop()
+    engine.dispose()
+
+
+def test_each_pool_gets_the_sum_of_its_deployments_replicas(pools: Pools, stand_in: KubeApiStandIn) -> None:
+    cpu, l4 = hpa_path(NS, CPU_POOL), hpa_path(NS, L4_POOL)
+    acme, other = pools.tenants["acme"], pools.tenants["other"]
+    models = {f"t{acme}--digits-v2": 0, f"t{other}--bert-v3": 0, f"t{acme}--resnet-v1": 0, f"t{acme}--llama-v1": 0}
+    pools.triton.requests = dict(models)
+    plans = {p.deployment: p for p in pools.planner.tick()}  # no interval yet: every deployment at its minimum
+    assert {d: p.chosen for d, p in plans.items()} == {"digits-v2": 1, "bert-v3": 1, "resnet-v1": 1, "llama-v1": 1}
+    assert plans["bert-v3"].reason.startswith("budget: 1 replicas affordable")  # chosen, not wanted (its minimum 2)
+    assert stand_in.objects[cpu]["spec"]["maxReplicas"] == 2  # 1 + 1
+    assert stand_in.objects[l4]["spec"]["maxReplicas"] == 1
+
+    # 10 s later: digits 200 rps (3 replicas at 100 rps × 0.7), resnet 100 rps (3 at 50 × 0.7), bert 30 rps (wants 3,
+    # can pay for 1), llama 100 rps (15 wanted, its maximum 10, on a class without a pool)
+    pools.clock[0] += 10
+    pools.triton.requests = {f"t{acme}--digits-v2": 2000, f"t{other}--bert-v3": 300, f"t{acme}--resnet-v1": 1000,
+                             f"t{acme}--llama-v1": 1000}
+    stand_in.requests.clear()
+    plans = {p.deployment: p for p in pools.planner.tick()}
+    assert {d: p.chosen for d, p in plans.items()} == {"digits-v2": 3, "bert-v3": 1, "resnet-v1": 3, "llama-v1": 10}
+    assert stand_in.objects[cpu]["spec"]["maxReplicas"] == 4 == plans["digits-v2"].pool_replicas  # 3 + 1
+    assert stand_in.objects[l4]["spec"]["maxReplicas"] == 3 == plans["resnet-v1"].pool_replicas
+    assert stand_in.objects[cpu]["spec"]["minReplicas"] == 2  # the pool's own floor left alone (2 <= 4)
+    assert [(r.method, r.path) for r in stand_in.requests] == [("GET", cpu), ("PATCH", cpu), ("GET", l4),
+                                                               ("PATCH", l4)]
+    assert all(r.content_type == MERGE for r in stand_in.requests_of("PATCH"))
+    reason = stand_in.objects[cpu]["metadata"]["annotations"][REASON_ANNOTATION]
+    assert reason.startswith(f"{CPU_POOL}: 4 = sum over 2 deployment(s) on cpu: t{acme}--digits-v2 3 (demand 3")
+    assert f"t{other}--bert-v3 1 (budget: 1 replicas affordable" in reason
+    assert plans["digits-v2"].applied and plans["bert-v3"].applied and plans["resnet-v1"].applied
+    assert (plans["digits-v2"].pool, plans["resnet-v1"].pool) == (CPU_POOL, L4_POOL)
+
+    # the class without a target: reported, never sent to Kubernetes
+    llama = plans["llama-v1"]
+    assert not llama.applied and llama.pool == "" and llama.demand == 15
+    assert llama.reason.endswith("; not applied: no pool target for device class nvidia-a100")
+    assert not [r for r in stand_in.requests if "a100" in r.path or "llama" in r.path]
+    assert set(stand_in.objects) == {cpu, l4}
+
+    # the same sums again: read, nothing written
+    stand_in.requests.clear()
+    pools.clock[0] += 10
+    pools.triton.requests = {m: n * 2 for m, n in pools.triton.requests.items()}
+    assert {p.deployment: p.applied for p in pools.planner.tick()} == dict.fromkeys(plans, False)
+    assert [r.method for r in stand_in.requests] == ["GET", "GET"]
+
+    # GetScalingPlan for one tenant: its plans only, but the pool still sums over every tenant
+    stand_in.requests.clear()
+    pools.clock[0] += 10
+    pools.triton.requests = {m: n + (n // 2) for m, n in pools.triton.requests.items()}
+    plan = pools.planner.plan(acme, "digits-v2")
+    assert plan.deployment == "digits-v2" and plan.pool_replicas == 4
+    assert stand_in.requests == [], "GetScalingPlan (any replica, leader or not) computes; only the loop acts"
+    assert [p.tenant_id for p in pools.planner.tick(other)] == [other]
+    assert stand_in.objects[cpu]["spec"]["maxReplicas"] == 4
+    assert stand_in.requests_of("PATCH") == []
+
+
+def test_a_pool_with_no_ready_deployment_goes_to_its_minimum(pools: Pools, stand_in: KubeApiStandIn) -> None:
+    pools.planner.tick()
+    assert stand_in.objects[hpa_path(NS, L4_POOL)]["spec"]["maxReplicas"] == 1
+    grown = json.loads(json.dumps(stand_in.objects[hpa_path(NS, L4_POOL)]))
+    grown["spec"]["maxReplicas"] = 6
+    stand_in.put_object(hpa_path(NS, L4_POOL), grown)
+    with pools.sessions.begin() as s:  # resnet undeployed: nothing left on the l4 pool
+        s.execute(update(DeploymentRow).where(DeploymentRow.name == "resnet-v1").values(state="DELETED"))
+    pools.planner.tick()
+    l4 = stand_in.objects[hpa_path(NS, L4_POOL)]
+    assert l4["spec"]["maxReplicas"] == 1
+    assert l4["metadata"]["annotations"][REASON_ANNOTATION] == f"{L4_POOL}: minimum 1: no ready deployment to serve"
+
+
+def test_a_failing_pool_does_not_stop_the_others(pools: Pools, stand_in: KubeApiStandIn) -> None:
+    stand_in.errors[("GET", hpa_path(NS, CPU_POOL))] = (403, "Forbidden", "cannot get horizontalpodautoscalers")
+    plans = {p.deployment: p for p in pools.planner.tick()}
+    assert not plans["digits-v2"].applied and not plans["bert-v3"].applied
+    assert plans["resnet-v1"].applied and stand_in.objects[hpa_path(NS, L4_POOL)]["spec"]["maxReplicas"] == 1
+    del stand_in.errors[("GET", hpa_path(NS, CPU_POOL))]
+    pools.planner.tick()  # retried on the next tick, not only when the sum changes
+    assert stand_in.objects[hpa_path(NS, CPU_POOL)]["spec"]["maxReplicas"] == 2
+
+
+def test_a_long_pool_reason_is_truncated_and_counts_the_rest() -> None:
+    rows = [DeploymentRow(triton_name=f"t1--model-{i:03d}-v1", device_class="cpu") for i in range(60)]
+    served = [(row, Plan(1, row.triton_name[4:], 1, 2, None, 1, 2, "demand 2 (" + "x" * 200 + ")", 0, None, 1.0,
+                         1.0, 1.0, 0.0, "hpa", False, datetime(2026, 1, 1, tzinfo=UTC))) for row in rows]
+    reason = pool_reason(CPU_POOL, 120, served)
+    assert len(reason) <= POOL_REASON_CHARS and reason.startswith(f"{CPU_POOL}: 120 = sum over 60 deployment(s)")
+    shown = reason.count("t1--model-")
+    assert 0 < shown < 60 and reason.endswith(f"; … and {60 - shown} more")
+    assert f"t1--model-000-v1 2 (demand 2 ({'x' * 100}" in reason  # each part clipped, not dropped
+
+
+# -- MARGIN_AUTOSCALER_TARGETS --------------------------------------------------------------------------------------
+def test_targets_parse() -> None:
+    assert parse_targets(json.dumps(TARGETS), "hpa") == TARGETS
+    assert parse_targets('{"cpu": "pools.margin-triton-cpu"}', "keda") == {"cpu": "pools.margin-triton-cpu"}
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    ("", "MARGIN_AUTOSCALER_TARGETS is not set but MARGIN_AUTOSCALER_TARGET=hpa"),
+    ("{}", "is an empty object"),
+    ("{cpu: margin-triton-cpu}", "is not valid JSON"),
+    ('["margin-triton-cpu"]', "must be a JSON object"),
+    ('{"cpu": 3}', "must be named by a string"),
+    ('{"cpu": null}', "must be named by a string"),
+    ('{"cpu": "Margin_Triton"}', "'Margin_Triton' (device class 'cpu') is not a valid Kubernetes object name"),
+    ('{"cpu": "-pool"}', "not a valid Kubernetes object name"),
+    ('{"cpu": "' + "a" * 254 + '"}', "not a valid Kubernetes object name"),
+    ('{"": "pool"}', "empty or has surrounding spaces"),
+    ('{"cpu": "a", "cpu": "b"}', "given twice"),
+])
+def test_bad_targets_are_a_configuration_error(raw: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_targets(raw, "hpa")
+    assert fragment in str(err.value) and "MARGIN_AUTOSCALER_TARGETS" in str(err.value)
+
+
+def test_a_cluster_kind_without_targets_refuses_to_start(monkeypatch, tmp_path) -> None:
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'margin.db'}"))
+    monkeypatch.setenv("MARGIN_AUTOSCALER_TARGET", "keda")
+    monkeypatch.delenv("MARGIN_AUTOSCALER_TARGETS", raising=False)
+    with pytest.raises(ConfigError, match="MARGIN_AUTOSCALER_TARGETS is not set but MARGIN_AUTOSCALER_TARGET=keda"):
+        build_autoscaler(sessions, BudgetStore(sessions))
+    monkeypatch.setenv("MARGIN_AUTOSCALER_TARGETS", '{"cpu": "UPPER"}')
+    with pytest.raises(ConfigError, match="not a valid Kubernetes object name"):
+        build_autoscaler(sessions, BudgetStore(sessions))
+    monkeypatch.setenv("MARGIN_AUTOSCALER_TARGET", "report-only")  # report-only: as always, no map needed
+    planner, _ = build_autoscaler(sessions, BudgetStore(sessions))
+    assert planner.target_kind == "report-only" and planner.targets == {}

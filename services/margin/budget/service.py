@@ -1,6 +1,10 @@
-"""Wires the Budgets servicer into a gRPC service, with the alert watcher running beside it."""
+"""Wires the Budgets servicer into a gRPC service, with the alert watcher running beside it.
+
+When ``MARGIN_BUDGETS_FILE`` is set, its tenants and budgets are applied before the server starts
+(:mod:`margin.budget.seed`); a malformed file is a configuration error and the service does not start."""
 from __future__ import annotations
 
+from margin.budget import seed
 from margin.budget.alerts import AlertWatcher
 from margin.budget.autoscaler.wiring import build_autoscaler
 from margin.budget.servicer import BudgetsServicer
@@ -15,6 +19,8 @@ ADMIN_METHODS = (f"/{SERVICE_NAME}/CreateTenant", f"/{SERVICE_NAME}/CreateApiKey
 
 def build_budget(ctx: ServiceContext) -> ServiceSpec:
     store = BudgetStore(ctx.sessions)
+    budgets_file = config.BUDGETS_FILE.raw()
+    seeded = seed.apply_file(budgets_file, ctx.tenants, store) if budgets_file else None
     planner, loop = build_autoscaler(ctx.sessions, store)
     servicer = BudgetsServicer(ctx.tenants, store, planner)
     watcher = AlertWatcher(store, ctx.sessions, config.BUDGET_ALERT_INTERVAL_SECONDS.get_float())
@@ -29,4 +35,4 @@ def build_budget(ctx: ServiceContext) -> ServiceSpec:
 
     return ServiceSpec(register=[lambda server: budget_pb2_grpc.add_BudgetsServicer_to_server(servicer, server)],
                        service_names=[SERVICE_NAME], admin_methods=ADMIN_METHODS, on_started=start, on_stop=stop,
-                       extra={"budgets": store, "alerts": watcher, "planner": planner})
+                       extra={"budgets": store, "alerts": watcher, "planner": planner, "budgets_file": seeded})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -39,6 +40,7 @@ from margin.common.tenancy import as_utc, utcnow
 
 POLICIES = ("reject", "degrade", "throttle")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
+_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 class BudgetRow(Base):
@@ -133,10 +135,14 @@ class Alert:
 
 
 def validate(b: Budget) -> Budget:
+    """The rules of a budget, whoever sets it: SetBudget (through :meth:`BudgetStore.set_budget`) and the budgets
+    file (:mod:`margin.budget.seed`, before it writes anything)."""
     if b.period not in PERIODS:
         raise InvalidArgument(f"budget.period must be one of {list(PERIODS)}")
     if b.total_micros <= 0:
         raise InvalidArgument("budget.total must be a positive amount")
+    if not isinstance(b.currency, str) or not _CURRENCY.fullmatch(b.currency):
+        raise InvalidArgument(f"budget currency {b.currency!r} is not a 3-letter ISO 4217 code such as USD")
     for category, limit in b.category_limits.items():
         if category not in CATEGORIES:
             raise InvalidArgument(f"unknown spend category {category!r}; known: {list(CATEGORIES)}")

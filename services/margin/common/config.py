@@ -77,7 +77,9 @@ TRITON_URL = Setting("MARGIN_TRITON_URL", "127.0.0.1:8001", "Triton's gRPC addre
 REGISTRY_ADDR = Setting("MARGIN_REGISTRY_ADDR", "127.0.0.1:50051", "The registry's gRPC address, for other services.")
 MODEL_REPOSITORY = Setting("MARGIN_MODEL_REPOSITORY", None,
                            "Triton's model repository directory; default $MARGIN_HOME/model-repository.")
-TRITON_INSTANCE_KIND = Setting("MARGIN_TRITON_INSTANCE_KIND", "KIND_CPU", "KIND_CPU or KIND_GPU for deployed models.")
+TRITON_INSTANCE_KIND = Setting("MARGIN_TRITON_INSTANCE_KIND", "KIND_CPU",
+                               "KIND_CPU or KIND_GPU for deployed models, or auto (KIND_CPU on the cpu class, "
+                               "KIND_GPU on the others: a cluster with GPU serving pools).")
 RATE_LIMIT_RPS = Setting("MARGIN_RATE_LIMIT_RPS", "1000", "Default per-tenant Predict rate (requests/s).")
 RATE_LIMIT_BURST = Setting("MARGIN_RATE_LIMIT_BURST", "2000", "Default per-tenant burst (requests).")
 TRAINING_ADDR = Setting("MARGIN_TRAINING_ADDR", "127.0.0.1:50052", "The training service's gRPC address (CLI).")

@@ -1,8 +1,9 @@
 """Deployments: a registry version exported into Triton's model repository, loaded, and measured.
 
 Deploy is idempotent (the same version and settings return the existing deployment) and leaves the
-deployment READY or FAILED with the reason; after Triton restarts, :meth:`reload_all` brings every
-READY deployment back, because Triton in explicit mode starts with nothing loaded.
+deployment READY or FAILED with the reason. A deployment lives on the Triton pool of its device class
+(:mod:`margin.inference.pools`); after a pool's Triton restarts, :meth:`DeploymentManager.reload` brings that
+pool's READY deployments back, because Triton in explicit mode starts with nothing loaded.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,11 +23,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from margin.common import costs
-from margin.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from margin.common.errors import FailedPrecondition, InvalidArgument, MarginError, NotFound
 from margin.common.names import validate_name
 from margin.common.paging import decode_token, encode_token, page_size
 from margin.common.tenancy import as_utc
 from margin.common.tensors import Signature
+from margin.inference.pools import TritonPools
 from margin.inference.tables import DeploymentRow
 from margin.inference.triton_client import RawTensor, TritonClient
 from margin.inference.validation import ITEM_SIZES
@@ -99,11 +102,19 @@ def _record(row: DeploymentRow) -> Deployment:
         message=row.message, tenant_id=row.tenant_id)
 
 
+def instance_kind_for(setting: str, device_class: str) -> str:
+    """Triton's instance kind for a deployment: the configured kind, or with ``auto`` (a cluster with CPU and GPU
+    pools) KIND_CPU on the ``cpu`` class and KIND_GPU on every other (GPU) class."""
+    if setting == "auto":
+        return "KIND_CPU" if device_class == "cpu" else "KIND_GPU"
+    return setting
+
+
 class DeploymentManager:
-    def __init__(self, sessions: sessionmaker, triton: TritonClient, repository: Path, registry: RegistrySource,
+    def __init__(self, sessions: sessionmaker, pools: TritonPools, repository: Path, registry: RegistrySource,
                  catalog: costs.PriceCatalog, instance_kind: str = "KIND_CPU", calibrate_seconds: float = 0.3):
         self._sessions = sessions
-        self.triton = triton
+        self.pools = pools
         self.repository = Path(repository)
         self.repository.mkdir(parents=True, exist_ok=True)
         self._registry = registry
@@ -119,6 +130,7 @@ class DeploymentManager:
         deployment behind; a failure after that (download, export, load) leaves it FAILED with the reason."""
         self._check_spec(spec)
         settings, options = self._settings(spec), self._options(spec)
+        triton = self.pools.for_class(spec.device_class)
         version = self._registry.version(api_key, spec.model, spec.number, spec.alias)
         if version.format != "torchscript":
             raise FailedPrecondition(f"{version.model} v{version.number} is {version.format}; deploy a torchscript "
@@ -131,16 +143,18 @@ class DeploymentManager:
         with self._lock(triton_name):
             existing = self._row(tenant_id, name, missing_ok=True)
             if existing and existing.state == READY and self._same(existing, settings) \
-                    and self.triton.model_ready(triton_name):
+                    and triton.model_ready(triton_name):
                 return existing
             self._save(tenant_id, name, triton_name, version, settings, LOADING, "")
             try:
-                self._export(api_key, version, triton_name, options)
-                self.triton.load(triton_name)
-                capacity, p50 = self._calibrate(triton_name, version.signature)
+                self._export(api_key, version, triton_name, options, self.repository_for(spec.device_class))
+                triton.load(triton_name)
+                capacity, p50 = self._calibrate(triton, triton_name, version.signature)
             except Exception as err:
                 self._save(tenant_id, name, triton_name, version, settings, FAILED, str(err)[:900])
                 raise
+            if existing:
+                self._leave_previous_pool(existing, triton)
             price = self._catalog.device(spec.device_class).micros_per_hour  # per replica
             cpm = costs.cost_per_million_micros(price, capacity) if capacity else 0
             return self._save(tenant_id, name, triton_name, version, settings, READY, "",
@@ -149,22 +163,26 @@ class DeploymentManager:
     def undeploy(self, tenant_id: int, name: str) -> Deployment:
         current = self._row(tenant_id, name)
         with self._lock(current.triton_name):
-            if current.state != UNLOADED:
-                self.triton.unload(current.triton_name)
+            if current.state != UNLOADED and self.pools.serves(current.device_class):  # else no pool has it now
+                self.pools.for_class(current.device_class).unload(current.triton_name)
             with self._sessions.begin() as s:
                 s.get(DeploymentRow, self._row_id(tenant_id, name)).state = UNLOADED
         return self._row(tenant_id, name)
 
-    def reload_all(self) -> int:
-        """Load every READY deployment again (Triton restarted with an empty explicit-mode server)."""
+    def reload(self, classes: Iterable[str] | None = None) -> int:
+        """Load every READY deployment again on its pool, or only those of device ``classes`` (the classes of a pool
+        whose Triton restarted with an empty explicit-mode server). Returns how many it tried."""
+        query = select(DeploymentRow.triton_name, DeploymentRow.device_class).where(DeploymentRow.state == READY)
+        if classes is not None:
+            query = query.where(DeploymentRow.device_class.in_(list(classes)))
         with self._sessions() as s:
-            names = s.scalars(select(DeploymentRow.triton_name).where(DeploymentRow.state == READY)).all()
-        for triton_name in names:
+            rows = s.execute(query).all()
+        for triton_name, device_class in rows:
             try:
-                self.triton.load(triton_name)
+                self.pools.for_class(device_class).load(triton_name)
             except Exception:
                 log.exception("could not reload %s", triton_name)
-        return len(names)
+        return len(rows)
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, tenant_id: int, name: str) -> Deployment:
@@ -219,33 +237,56 @@ class DeploymentManager:
         return TritonOptions(backend="python", max_batch_size=b.max_batch_size,
                              preferred_batch_sizes=tuple(b.preferred_batch_sizes),
                              max_queue_delay_microseconds=b.max_queue_delay_us, instance_count=spec.instances,
-                             instance_kind=self._instance_kind)
+                             instance_kind=instance_kind_for(self._instance_kind, spec.device_class))
 
-    def _export(self, api_key: str, version: VersionInfo, triton_name: str, options: TritonOptions) -> None:
+    def repository_for(self, device_class: str) -> Path:
+        """Where a deployment's model goes: the repository itself when one Triton serves every class, else the
+        directory of its class (``<repository>/<device class>``), which is that pool's model repository — so a
+        pool's new replica (``--load-model=*``) loads its own class's models, never another pool's."""
+        if self.pools.classes is None:
+            return self.repository
+        path = self.repository / device_class
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _export(self, api_key: str, version: VersionInfo, triton_name: str, options: TritonOptions,
+                repository: Path) -> None:
         record = VersionRecord(model=version.model, number=version.number, format=version.format,
                                sha256=version.sha256, size_bytes=version.size_bytes, signature=version.signature,
                                architecture={}, parent=None, recipe={}, metrics=version.metrics, cost=None,
                                created_at=datetime.now(), aliases=(), description="")
-        with tempfile.TemporaryDirectory(dir=self.repository, prefix=".download-") as tmp:
+        with tempfile.TemporaryDirectory(dir=repository, prefix=".download-") as tmp:
             artifact = Path(tmp) / "model.pt"
             self._registry.download(api_key, version.model, version.number, artifact)
-            export_version(record, artifact, self.repository, triton_name, options)
+            export_version(record, artifact, repository, triton_name, options)
 
-    def _calibrate(self, triton_name: str, signature: Signature) -> tuple[float, float]:
+    def _leave_previous_pool(self, previous: Deployment, triton: TritonClient) -> None:
+        """A redeploy on a device class served by another pool unloads the deployment from the pool it was on."""
+        if previous.state == UNLOADED or not self.pools.serves(previous.device_class):
+            return
+        old = self.pools.for_class(previous.device_class)
+        if old is not triton:
+            try:
+                old.unload(previous.triton_name)
+            except MarginError as err:
+                log.warning("could not unload %s from its previous pool (%s): %s", previous.triton_name,
+                            previous.device_class, err)
+
+    def _calibrate(self, triton: TritonClient, triton_name: str, signature: Signature) -> tuple[float, float]:
         """Measure requests/s and p50 latency at batch 1 with 4 clients for a short while."""
         if self._calibrate_seconds <= 0:
             return 0.0, 0.0
         inputs = [RawTensor(t.name, t.dtype, shape := tuple(1 if d == -1 else d for d in t.shape),
                             bytes(math.prod(shape) * ITEM_SIZES.get(t.dtype, 1))) for t in signature.inputs]
         outputs = [t.name for t in signature.outputs]
-        self.triton.infer(triton_name, inputs, outputs)  # warm-up
+        triton.infer(triton_name, inputs, outputs)  # warm-up
         latencies: list[float] = []
         deadline = time.monotonic() + self._calibrate_seconds
 
         def client() -> None:
             while time.monotonic() < deadline:
                 start = time.perf_counter()
-                self.triton.infer(triton_name, inputs, outputs)
+                triton.infer(triton_name, inputs, outputs)
                 latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()

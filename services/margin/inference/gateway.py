@@ -1,5 +1,6 @@
-"""The Predict path: resolve the target, check the tenant's allowance, validate, forward to Triton,
-meter and price the request. Routes and signatures are cached, so no registry call is on the hot path."""
+"""The Predict path: resolve the target, check the tenant's allowance, validate, forward to the Triton pool of
+the deployment's device class, meter and price the request. Routes and signatures are cached, so no registry call
+is on the hot path."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,10 @@ from margin.common.tenancy import Principal
 from margin.inference.budgetgate import OPEN, THROTTLE_FACTOR, BudgetGate, ServingBudget
 from margin.inference.deployments import READY, Deployment, DeploymentManager
 from margin.inference.metering import Meter, MeterKey
+from margin.inference.pools import TritonPools
 from margin.inference.ratelimit import RateLimiter
 from margin.inference.routing import Policy, choose
-from margin.inference.triton_client import RawTensor, TritonClient
+from margin.inference.triton_client import RawTensor
 from margin.inference.validation import validate_inputs, validate_outputs
 from margin.sdk.registry_source import RegistrySource
 
@@ -59,10 +61,10 @@ class _TTLCache:
 
 
 class Gateway:
-    def __init__(self, deployments: DeploymentManager, triton: TritonClient, registry: RegistrySource,
+    def __init__(self, deployments: DeploymentManager, pools: TritonPools, registry: RegistrySource,
                  limiter: RateLimiter, meter: Meter, route_ttl_s: float = 5.0, budget: BudgetGate | None = None):
         self.deployments = deployments
-        self._triton = triton
+        self._pools = pools
         self._registry = registry
         self._limiter = limiter
         self._meter = meter
@@ -81,7 +83,7 @@ class Gateway:
         deployment, wanted, rows = self._admit(principal, self._route(principal.tenant_id, api_key, target),
                                                inputs, outputs, factor)
         start = time.perf_counter()
-        result = self._triton.infer(deployment.triton_name, inputs, wanted)
+        result = self._pools.for_class(deployment.device_class).infer(deployment.triton_name, inputs, wanted)
         return self._charge(principal, deployment, rows, start, result)
 
     async def predict_async(self, principal: Principal, api_key: str, target: Target, inputs: Sequence[RawTensor],
@@ -96,7 +98,8 @@ class Gateway:
             deployment = await asyncio.to_thread(self._route, principal.tenant_id, api_key, target)
         deployment, wanted, rows = self._admit(principal, deployment, inputs, outputs, factor)
         start = time.perf_counter()
-        result = await self._triton.infer_async(deployment.triton_name, inputs, wanted)
+        result = await self._pools.for_class(deployment.device_class).infer_async(deployment.triton_name, inputs,
+                                                                                 wanted)
         return self._charge(principal, deployment, rows, start, result)
 
     @staticmethod

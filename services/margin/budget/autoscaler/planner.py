@@ -1,16 +1,26 @@
 """The autoscaler's loop body: for each ready serving deployment, gather the controller's inputs — Triton's demand
 signals, the deployment's measured capacity and replica price, the tenant's remaining serving budget, the time
 left in the period and the other deployments' burn — decide, record the plan (Prometheus gauges, the last plan
-per deployment for ``GetScalingPlan``), and act through an ``apply`` callback (the Kubernetes adapter), or only
-report when the target is ``report-only`` (the local mode: there is no Kubernetes here).
+per deployment for ``GetScalingPlan``), and act, or only report when the target is ``report-only`` (the local
+mode: there is no Kubernetes here).
+
+In a cluster, serving deployments are rows of a table, created and removed at any time, and they share Triton
+*pools*, one per device class: the Kubernetes object that scales (an HPA, a KEDA ScaledObject or a Deployment) is
+the pool's, not a deployment's. So once a tick has decided for every deployment, the planner groups the decisions
+by the pool serving each deployment's device class (``targets``: device class -> the pool object's name) and sets
+each pool to the *sum* of the replicas chosen for the deployments it serves — at least
+:data:`POOL_MIN_REPLICAS` — through an ``apply(pool, replicas, reason)`` callback (the Kubernetes adapter, see
+:mod:`margin.budget.autoscaler.wiring`; anything in tests). A deployment whose class has no pool target is not
+applied, and its plan says so. Because a pool's sum spans every tenant, a tick that applies (GetScalingPlan's
+included) decides for every ready deployment, and returns the plans asked for.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from prometheus_client import Gauge
@@ -26,8 +36,13 @@ from margin.inference.tables import DeploymentRow
 log = logging.getLogger(__name__)
 REPLICAS = Gauge("margin_autoscaler_replicas", "The autoscaler's replica counts per deployment: demand, affordable "
                  "(-1 without a serving budget) and chosen.", ["deployment", "kind"])
+POOL_REPLICAS = Gauge("margin_autoscaler_pool_replicas", "Replicas the autoscaler set on each Triton pool's object: "
+                      "the sum of the replicas chosen for the deployments it serves (at least 1).", ["pool"])
 READY = "READY"
 BURN_HISTORY_S = 900.0  # the deployment's burn rate so far counts once the period is this old
+POOL_MIN_REPLICAS = 1   # a pool keeps one replica even when none of its deployments wants any
+POOL_REASON_CHARS = 1000  # a pool's reason (an annotation on its object) stays under this
+DEPLOYMENT_REASON_CHARS = 160  # each deployment's part of it
 
 
 @dataclass(frozen=True)
@@ -47,19 +62,55 @@ class Plan:
     capacity_rps: float
     queue_us_per_request: float
     target_kind: str
-    applied: bool
+    applied: bool                     # its pool's object was patched this tick
     at: datetime
+    pool: str = ""                    # the object of the Triton pool serving it ("" : none, or report-only)
+    pool_replicas: int = 0            # what that pool was set to: the sum over the deployments it serves
 
 
-Apply = Callable[[DeploymentRow, int, str], bool]
+Apply = Callable[[str, int, str], bool]
+"""``apply(pool, replicas, reason)``: set the pool object named ``pool`` to ``replicas``; True when a patch was
+sent (False: it already held the value, or it failed — the callback logs why)."""
+
+
+def pool_reason(pool: str, replicas: int, served: list[tuple[DeploymentRow, Plan]]) -> str:
+    """Why ``pool`` gets ``replicas``: the sum, then each deployment's count and reason, largest first, truncated
+    to :data:`POOL_REASON_CHARS` (the rest counted, not dropped silently)."""
+    total = sum(plan.chosen for _, plan in served)
+    classes = ", ".join(sorted({row.device_class for row, _ in served}))
+    if not served:
+        head = f"{pool}: minimum {POOL_MIN_REPLICAS}: no ready deployment to serve"
+    elif total < POOL_MIN_REPLICAS:
+        head = f"{pool}: minimum {POOL_MIN_REPLICAS} (the {len(served)} deployment(s) on {classes} want {total})"
+    else:
+        head = f"{pool}: {replicas} = sum over {len(served)} deployment(s) on {classes}"
+    ordered = sorted(served, key=lambda item: (-item[1].chosen, item[0].triton_name))
+    parts = [_clip(f"{row.triton_name} {plan.chosen} ({plan.reason})", DEPLOYMENT_REASON_CHARS)
+             for row, plan in ordered]
+    text = head
+    for shown, part in enumerate(parts):
+        more = len(parts) - shown - 1
+        tail = f"; … and {more} more" if more else ""
+        candidate = f"{text}{': ' if shown == 0 else '; '}{part}"
+        if len(candidate) + len(tail) > POOL_REASON_CHARS:
+            return _clip(f"{text}; … and {len(parts) - shown} more", POOL_REASON_CHARS)
+        text = candidate
+    return text
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class Planner:
     def __init__(self, sessions: sessionmaker, budgets: BudgetStore, metrics_url: str = "",
                  target_kind: str = "report-only", apply: Apply | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, targets: Mapping[str, str] | None = None):
         self._sessions, self.budgets, self.metrics_url = sessions, budgets, metrics_url
         self.target_kind, self._apply, self._clock = target_kind, apply, clock
+        self.targets: dict[str, str] = dict(targets or {})  # device class -> the name of its pool's object
+        self._pooled = apply is not None and target_kind != "report-only"
+        self.pool_replicas: dict[str, int] = {}  # what each pool was last set to
         self._controllers: dict[str, Controller] = {}
         self._replicas: dict[str, int] = {}
         self._plans: dict[str, Plan] = {}
@@ -86,16 +137,19 @@ class Planner:
         before, self._last_scrape = self._last_scrape, current
         return before, current
 
-    def tick(self, tenant_id: int | None = None) -> list[Plan]:
-        """Decide for every ready deployment (of one tenant, or all) and act; returns the plans."""
+    def tick(self, tenant_id: int | None = None, act: bool = True) -> list[Plan]:
+        """Decide for every ready deployment (of one tenant, or all) and, with ``act``, apply the pools' replicas;
+        returns the plans. Only the autoscaler's loop acts (as the Lease leader in a cluster); GetScalingPlan, which
+        any replica answers, only computes."""
         with self._lock:
             now = self._clock()
             before, after = self._demand(now)
-            rows = self._rows(tenant_id)
+            # a pool's sum spans every tenant: a tick that applies decides for all, and returns the plans asked for
+            rows = self._rows(None if self._pooled else tenant_id)
             by_tenant: dict[int, list[DeploymentRow]] = {}
             for row in rows:
                 by_tenant.setdefault(row.tenant_id, []).append(row)
-            plans = []
+            decided: list[tuple[DeploymentRow, Plan]] = []
             for tenant, deployments in by_tenant.items():
                 spend = self.budgets.spend(tenant, datetime.fromtimestamp(now, UTC))
                 remaining = spend.remaining_for("serving")
@@ -107,8 +161,40 @@ class Planner:
                     others = sum(self._current(d) * d.price_micros_per_hour for d in deployments if d.id != row.id)
                     own = int(spent.get(row.name, 0) * 3600 / elapsed) if elapsed >= BURN_HISTORY_S else None
                     rates = triton_metrics.rates(before, after, row.triton_name) if before and after else None
-                    plans.append(self._decide(row, now, rates, remaining, seconds_left, others, own))
-            return plans
+                    decided.append((row, self._decide(row, now, rates, remaining, seconds_left, others, own)))
+            if self._pooled:
+                decided = self._apply_pools(decided, act)
+            for _, plan in decided:
+                self._plans[f"{plan.tenant_id}/{plan.deployment}"] = plan
+            return [plan for _, plan in decided if tenant_id is None or plan.tenant_id == tenant_id]
+
+    def _apply_pools(self, decided: list[tuple[DeploymentRow, Plan]], act: bool = True) \
+            -> list[tuple[DeploymentRow, Plan]]:
+        """Set every pool that has a target to the sum of its deployments' chosen replicas (at least the pool's
+        minimum); a deployment whose class has no target is not applied, and its plan says so."""
+        members: dict[str, list[int]] = {pool: [] for pool in self.targets.values()}
+        result = list(decided)
+        for i, (row, plan) in enumerate(result):
+            pool = self.targets.get(row.device_class)
+            if pool is None:
+                result[i] = (row, replace(plan, reason=f"{plan.reason}; not applied: no pool target for device "
+                                                       f"class {row.device_class}"))
+            else:
+                members[pool].append(i)
+        for pool, indexes in sorted(members.items()):
+            served = [result[i] for i in indexes]
+            replicas = max(POOL_MIN_REPLICAS, sum(plan.chosen for _, plan in served))
+            try:
+                applied = act and bool(self._apply(pool, replicas, pool_reason(pool, replicas, served)))
+            except Exception:  # one pool's failure must not keep the others from their replicas
+                log.exception("cannot set pool %s to %d replicas", pool, replicas)
+                applied = False
+            self.pool_replicas[pool] = replicas
+            POOL_REPLICAS.labels(pool).set(replicas)
+            for i in indexes:
+                row, plan = result[i]
+                result[i] = (row, replace(plan, applied=applied, pool=pool, pool_replicas=replicas))
+        return result
 
     def _current(self, row: DeploymentRow) -> int:
         return self._replicas.get(row.triton_name, max(row.min_replicas, 1))
@@ -124,23 +210,18 @@ class Planner:
                         replica_micros_per_hour=row.price_micros_per_hour, remaining_micros=remaining,
                         seconds_left=seconds_left, others_micros_per_hour=others, own_micros_per_hour=own)
         decision = controller.decide(inputs)
-        applied = False
-        if self._apply is not None and self.target_kind != "report-only" and decision.chosen != current:
-            applied = self._apply(row, decision.chosen, decision.reason)
         self._replicas[row.triton_name] = decision.chosen
         for kind, value in (("demand", decision.demand), ("chosen", decision.chosen),
                             ("affordable", -1 if decision.affordable is None else decision.affordable)):
             REPLICAS.labels(row.name, kind).set(value)
-        plan = Plan(row.tenant_id, row.name, current, decision.demand, decision.affordable, row.min_replicas,
+        return Plan(row.tenant_id, row.name, current, decision.demand, decision.affordable, row.min_replicas,
                     decision.chosen, decision.reason, row.price_micros_per_hour, remaining, seconds_left / 3600,
-                    inputs.observed_rps, row.capacity_rps, inputs.queue_us_per_request, self.target_kind, applied,
+                    inputs.observed_rps, row.capacity_rps, inputs.queue_us_per_request, self.target_kind, False,
                     datetime.fromtimestamp(now, UTC))
-        self._plans[f"{row.tenant_id}/{row.name}"] = plan
-        return plan
 
     def plan(self, tenant_id: int, deployment: str) -> Plan:
         """The deployment's plan as of now (a tick for the tenant's deployments)."""
-        for plan in self.tick(tenant_id):
+        for plan in self.tick(tenant_id, act=False):
             if plan.deployment == deployment:
                 return plan
         raise NotFound(f"no ready deployment {deployment!r}")
