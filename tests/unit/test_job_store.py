@@ -125,3 +125,21 @@ def test_a_lease_holder_is_gone_only_when_its_process_on_this_node_no_longer_exi
     assert holder_gone(f"{host}/{child.pid}/t1")
     assert not holder_gone(f"another-node/{child.pid}/t1")  # cannot see another node's processes: wait for expiry
     assert not holder_gone(f"{host}/not-a-pid/t1") and os.getpid() > 0
+
+
+def test_a_job_is_never_billed_past_its_budget_and_says_what_was_absorbed(store):
+    job, _ = store.create(NewJob(kind="compression", tenant_id=store.tenant_id, tenant="acme", spec={"model": "m"},
+                                 device_class="cpu", budget_micros=200_000))
+    a1 = store.acquire(job.id, "t", 30, 3)
+    store.heartbeat(a1, 30, device_seconds=3600.0)  # 173,750 micros, then the worker dies
+    a2 = store.acquire(job.id, "t2", 30, 3, holder_gone=dead)
+    # the last step overshoots: half an hour more would be 86,875 micros, 60,625 past the budget
+    done = store.finish(a2, "BUDGET_EXCEEDED", device_seconds=1800.0, message="stopped before epoch 3")
+    rows = ledger(store)
+    assert [r.micros for r in rows] == [173_750, 26_250]
+    assert done.cost_micros == sum(r.micros for r in rows) == 200_000
+    assert done.message == "stopped before epoch 3 (the last step overshot the budget by 60625 micros: not billed)"
+    within, _ = store.create(NewJob(kind="compression", tenant_id=store.tenant_id, tenant="acme",
+                                    spec={"model": "m"}, device_class="cpu", budget_micros=200_000))
+    lease = store.acquire(within.id, "t", 30, 3)
+    assert store.finish(lease, SUCCEEDED, device_seconds=1800.0).cost_micros == 86_875  # under it: billed as run

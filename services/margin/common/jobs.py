@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import (
@@ -360,12 +360,17 @@ class JobStore:
     def finish(self, lease: Lease, state: str, *, device_seconds: float, message: str = "",
                result: dict | None = None, metrics: dict | None = None, progress: dict | None = None,
                checkpoint: dict | None = None) -> Job:
-        """End the job (fenced) and bill every attempt not billed yet."""
+        """End the job (fenced) and bill every attempt not billed yet — never more than the job's budget in all:
+        the stop before a step that would cross it is a projection, and when the last step still overshoots the
+        platform absorbs the difference (the message says how much)."""
         if state not in TERMINAL:
             raise ValueError(f"{state} is not a terminal state")
         cost = run_cost(self._catalog, lease.job.device_class, device_seconds / 3600.0)
         with self._sessions.begin() as s:
             row = self._fenced(s, lease)
+            cost, absorbed = self._within_budget(s, lease, cost)
+            if absorbed:
+                message = f"{message} (the last step overshot the budget by {absorbed} micros: not billed)".strip()
             row.state, row.ended_at, row.message = state, utcnow(), message
             row.lease_until = None
             if result:
@@ -406,6 +411,22 @@ class JobStore:
             raise LeaseLost(f"job {lease.job.id}: attempt {lease.fence} no longer holds the job "
                             f"(fence now {row.fence if row else '-'}, state {row.state if row else '-'})")
         return row
+
+    @staticmethod
+    def _within_budget(s: Session, lease: Lease, cost: RunCost) -> tuple[RunCost, int]:
+        """This attempt's cost capped so that all attempts together stay within the job's budget; and the
+        micros absorbed."""
+        budget = lease.job.budget_micros
+        if not budget:
+            return cost, 0
+        prior = sum(a.total_micros for a in s.scalars(select(AttemptRow).where(
+            AttemptRow.job_id == lease.job.id, AttemptRow.attempt != lease.fence)))
+        allowed = max(budget - prior, 0)
+        if cost.total_micros <= allowed:
+            return cost, 0
+        compute = min(cost.compute_micros, allowed)
+        return replace(cost, compute_micros=compute, energy_micros=allowed - compute,
+                       total_micros=allowed), cost.total_micros - allowed
 
     @staticmethod
     def _record_attempt_cost(s: Session, lease: Lease, device_seconds: float, cost: RunCost) -> AttemptRow:
