@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from margin.common import protoconv
-from margin.v1 import common_pb2, compression_pb2, training_pb2
-from training_stack import TrainingStack, training_stack, wait_for
+from margin.v1 import common_pb2, compression_pb2
+from training_stack import TrainingStack, train_digits_mlp, training_stack, wait_for
 from typer.testing import CliRunner, Result
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
@@ -26,13 +25,7 @@ seen: dict[str, str] = {}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingStack]:
     with training_stack(Path(tmp_path_factory.mktemp("cli_compression"))) as s:
-        stub, md = s.stub()
-        spec = training_pb2.TrainingSpec(model="digits", family="mlp", epochs=30, learning_rate=0.003,
-                                         architecture=protoconv.struct({"hidden": [128]}),
-                                         dataset=common_pb2.DatasetRef(builtin="sklearn:digits"))
-        job = stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec), metadata=md)
-        wait_for(lambda: stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md).state
-                 == common_pb2.JOB_STATE_SUCCEEDED, 120)
+        train_digits_mlp(s)
         yield s
 
 

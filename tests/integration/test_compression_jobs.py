@@ -11,9 +11,9 @@ import torch
 from google.protobuf import json_format
 from margin.common import protoconv
 from margin.modelzoo.datasets import load_builtin, split
-from margin.v1 import common_pb2, compression_pb2, registry_pb2, training_pb2
+from margin.v1 import common_pb2, compression_pb2, registry_pb2
 
-from tests.integration.training_stack import TrainingStack, training_stack, wait_for
+from tests.integration.training_stack import TrainingStack, train_digits_mlp, training_stack, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
 State = common_pb2.JobState
@@ -23,13 +23,7 @@ SOURCE = common_pb2.VersionRef(model="digits", number=1)
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> TrainingStack:
     with training_stack(tmp_path_factory.mktemp("compression")) as s:
-        stub, md = s.stub()
-        spec = training_pb2.TrainingSpec(model="digits", family="mlp", epochs=30, learning_rate=0.003,
-                                         architecture=protoconv.struct({"hidden": [128]}),
-                                         dataset=common_pb2.DatasetRef(builtin="sklearn:digits"))
-        job = stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec), metadata=md)
-        wait_for(lambda: stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md).state
-                 == State.Value("JOB_STATE_SUCCEEDED"), 120)
+        train_digits_mlp(s)
         yield s
 
 

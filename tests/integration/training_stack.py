@@ -134,3 +134,18 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
 
 
 __all__ = ["ProcessSpec", "TrainingStack", "training_stack", "wait_for"]
+
+
+def train_digits_mlp(stack: TrainingStack, timeout: float = 120.0) -> str:
+    """Train the digits MLP the compression suites start from (version 1 of "digits"); returns the job id."""
+    from margin.common import protoconv
+    from margin.v1 import common_pb2, training_pb2
+
+    stub, md = stack.stub()
+    spec = training_pb2.TrainingSpec(model="digits", family="mlp", epochs=30, learning_rate=0.003,
+                                     architecture=protoconv.struct({"hidden": [128]}),
+                                     dataset=common_pb2.DatasetRef(builtin="sklearn:digits"))
+    job = stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec), metadata=md)
+    wait_for(lambda: stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md).state
+             == common_pb2.JOB_STATE_SUCCEEDED, timeout)
+    return job.id
