@@ -124,7 +124,13 @@ def test_the_formula_for_sample_values_by_hand(tmp_path: Path) -> None:
     targets = json.loads(env_of(named(objs, "Deployment", "margin-budget"))["MARGIN_AUTOSCALER_TARGETS"])
     assert targets == {"cpu": "margin-triton-cpu", "nvidia-l4": "margin-triton-l4"}
     urls = json.loads(env_of(named(objs, "Deployment", "margin-inference"))["MARGIN_TRITON_URLS"])
-    assert urls == {"cpu": "margin-triton-cpu:8001", "nvidia-l4": "margin-triton-l4:8001"}
+    # each pool's headless Service: the gateway resolves it to every ready replica
+    assert urls == {"cpu": "dns:///margin-triton-cpu-replicas:8001", "nvidia-l4": "dns:///margin-triton-l4-replicas:8001"}
+    for pool in ("cpu", "l4"):
+        headless = named(objs, "Service", f"margin-triton-{pool}-replicas")["spec"]
+        assert headless["clusterIP"] == "None" and not headless["publishNotReadyAddresses"]
+        assert headless["selector"] == named(objs, "Deployment", f"margin-triton-{pool}")["spec"]["selector"][
+            "matchLabels"]
 
 
 def _pool(**autoscaling: object) -> dict:

@@ -7,7 +7,6 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,122 +14,35 @@ import pytest
 import torch
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from margin.cluster.processes import ManagedProcess, MissingDependency, redis_spec
+from margin.cluster.processes import ManagedProcess
 from margin.common.ledger import LedgerRow
-from margin.common.protoconv import signature_to_proto
-from margin.common.service import start_service
-from margin.common.tensors import Signature, TensorSpec
 from margin.inference.metering import REQUESTS
 from margin.inference.ratelimit import Limits
-from margin.inference.service import InferenceSettings, inference_builder
-from margin.inference.triton_process import find_triton, triton_spec
-from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+from margin.inference.triton_process import triton_spec
+from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2
 from sqlalchemy import func, select
 
-from tests.conftest import running_cluster
+from tests.integration.inference_stack import (
+    Stack,
+    another_service,
+    code_of,
+    deploy,
+    health,
+    inference_stack,
+    outputs,
+    predict,
+    tensor,
+    upload_model,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
-
-SIGNATURE = Signature((TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("logits", "FP32", (-1, 10)),))
-
-
-@dataclass
-class Stack:
-    cluster: object
-    triton: ManagedProcess
-    inference: object
-    stubs: dict
-    scripted: dict
-    home: Path
-    settings: InferenceSettings
-
-    def stub(self, tenant: str = "acme") -> inference_pb2_grpc.InferenceStub:
-        return self.stubs[tenant]
-
-    def md(self, tenant: str = "acme") -> tuple:
-        return (("authorization", f"Bearer {self.cluster.keys[tenant]}"),)
-
-
-def scripted_mlp(seed: int) -> torch.jit.ScriptModule:
-    torch.manual_seed(seed)
-    return torch.jit.script(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)))
-
-
-def upload_model(cluster, model: str, module: torch.jit.ScriptModule, path: Path, metrics: dict) -> int:
-    module.save(str(path))
-    client = cluster.client()
-    return client.upload_file(path, registry_pb2.UploadMetadata(
-        model=model, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, signature=signature_to_proto(SIGNATURE),
-        metrics=metrics)).number
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    try:
-        find_triton()
-    except MissingDependency as err:
-        pytest.skip(str(err))
-    home = tmp_path_factory.mktemp("inference")
-    redis_proc = ManagedProcess(redis_spec(home), home)
-    redis_proc.start()
-    redis_proc.wait_healthy(30)
-    triton = ManagedProcess(triton_spec(home, home / "repo"), home)
-    triton.start()
-    triton.wait_healthy(60)
-    try:
-        with running_cluster(f"sqlite:///{home / 'margin.db'}", home / "artifacts") as cluster:
-            settings = InferenceSettings(triton_url=triton.spec.address,
-                                         registry_address=cluster.registry.server.address,
-                                         redis_url=f"redis://{redis_proc.spec.address}/0", repository=home / "repo",
-                                         flush_every_s=3600, watch_every_s=0.1, budget_ttl_s=0)
-            inference = start_service(inference_builder(settings), database_url=f"sqlite:///{home / 'margin.db'}",
-                                      admin_key=cluster.admin_key, auth_cache_seconds=0)
-            scripted = {}
-            client = cluster.client()
-            client.create_model("digits")
-            for number, (seed, metrics) in enumerate(
-                    [(1, {"accuracy": 0.97, "cost_per_million_micros": 900_000}),
-                     (2, {"accuracy": 0.96, "cost_per_million_micros": 300_000}),
-                     (3, {"accuracy": 0.90, "cost_per_million_micros": 100_000})], start=1):
-                scripted[number] = scripted_mlp(seed)
-                assert upload_model(cluster, "digits", scripted[number], home / f"m{number}.pt", metrics) == number
-            channel = grpc.insecure_channel(inference.server.address)
-            stubs = {t: inference_pb2_grpc.InferenceStub(channel) for t in ("acme", "other")}
-            yield Stack(cluster, triton, inference, stubs, scripted, home, settings)
-            inference.stop()
-    finally:
-        triton.stop()
-        redis_proc.stop()
-
-
-def tensor(x: np.ndarray, name: str = "input", dtype: int = common_pb2.DTYPE_FP32) -> common_pb2.Tensor:
-    return common_pb2.Tensor(name=name, dtype=dtype, shape=x.shape, raw=x.tobytes())
-
-
-def predict(stack: Stack, x: np.ndarray, number: int = 1, tenant: str = "acme", model: str = "digits",
-            **kw) -> inference_pb2.PredictResponse:
-    return stack.stub(tenant).Predict(inference_pb2.PredictRequest(
-        version=common_pb2.VersionRef(model=model, number=number), inputs=[kw.pop("t", None) or tensor(x)], **kw),
-        metadata=stack.md(tenant))
-
-
-def deploy(stack: Stack, number: int, tenant: str = "acme", model: str = "digits",
-           device_class: str = "") -> inference_pb2.Deployment:
-    return stack.stub(tenant).Deploy(inference_pb2.DeployRequest(
-        version=common_pb2.VersionRef(model=model, number=number), device_class=device_class,
-        batching=inference_pb2.BatchingConfig(max_batch_size=16, max_queue_delay_microseconds=500)),
-        metadata=stack.md(tenant))
-
-
-def code_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
-
-
-def outputs(resp: inference_pb2.PredictResponse) -> np.ndarray:
-    out = resp.outputs[0]
-    return np.frombuffer(out.raw, dtype=np.float32).reshape(out.shape)
+    with inference_stack(tmp_path_factory.mktemp("inference")) as s:
+        yield s
 
 
 def test_deploy_predict_matches_torchscript_then_undeploy(stack):
@@ -342,15 +254,7 @@ class Pooled:
         return ready
 
     def health(self) -> int:
-        with grpc.insecure_channel(self.view.inference.server.address) as channel:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+        return health(self.view)
 
 
 @pytest.fixture(scope="module")
@@ -368,23 +272,8 @@ def pooled(stack):
         settings = dataclasses.replace(stack.settings, triton_url="127.0.0.1:1",  # unused: each class has a pool
                                        repository=repository,
                                        triton_urls={c: t.spec.address for c, t in tritons.items()})
-        service = start_service(inference_builder(settings), database_url=f"sqlite:///{stack.home / 'margin.db'}",
-                                admin_key=stack.cluster.admin_key, auth_cache_seconds=0)
-        try:
-            stack.cluster.client().create_model("pooled")
-            scripted = {n: scripted_mlp(10 + n) for n in (1, 2, 3)}
-            for n, module in scripted.items():
-                assert upload_model(stack.cluster, "pooled", module, stack.home / f"pooled{n}.pt", {}) == n
-            channel = grpc.insecure_channel(service.server.address)
-            stubs = {t: inference_pb2_grpc.InferenceStub(channel) for t in ("acme", "other")}
-            tenant_id = service.context.tenants.authenticate(stack.cluster.keys["acme"]).tenant_id
-            found = Pooled(dataclasses.replace(stack, inference=service, stubs=stubs, scripted=scripted),
-                           tritons, tenant_id)
-            wait_for(lambda: found.health() == health_pb2.HealthCheckResponse.SERVING, 60,
-                     "the pooled service never turned SERVING")
-            yield found
-        finally:
-            service.stop()
+        with another_service(stack, settings, "pooled", (11, 12, 13), "pooled") as (view, tenant_id):
+            yield Pooled(view, tritons, tenant_id)
     finally:
         for triton in tritons.values():
             triton.stop()

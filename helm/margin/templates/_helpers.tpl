@@ -91,12 +91,13 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
 {{- printf "%s:50051" (include "margin.component" .) -}}
 {{- end -}}
 
-{{/* {"deviceClass": "<triton pool service>:8001", ...} for MARGIN_TRITON_URLS. */}}
+{{/* {"deviceClass": "dns:///<triton pool>-replicas:8001", ...} for MARGIN_TRITON_URLS: each pool's headless Service,
+whose name (in the release's namespace, like every service address here) resolves to every ready replica. */}}
 {{- define "margin.tritonUrls" -}}
 {{- $root := . -}}
 {{- $urls := dict -}}
 {{- range .Values.triton.pools -}}
-{{- $_ := set $urls .deviceClass (printf "%s:8001" (include "margin.component" (list $root (printf "triton-%s" .name)))) -}}
+{{- $_ := set $urls .deviceClass (printf "dns:///%s-replicas:8001" (include "margin.component" (list $root (printf "triton-%s" .name)))) -}}
 {{- end -}}
 {{- toJson $urls -}}
 {{- end -}}

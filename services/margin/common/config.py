@@ -73,7 +73,9 @@ PRICE_CATALOG = Setting("MARGIN_PRICE_CATALOG", None,
                         "YAML file merged over the default price catalog (device $/hour, watts, $/kWh).")
 
 REDIS_URL = Setting("MARGIN_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for rate limits, quotas and the broker.")
-TRITON_URL = Setting("MARGIN_TRITON_URL", "127.0.0.1:8001", "Triton's gRPC address (the inference service).")
+TRITON_URL = Setting("MARGIN_TRITON_URL", "127.0.0.1:8001",
+                     "Triton's gRPC address (the inference service): host:port, or a pool's replicas as "
+                     "dns:///host:port (every address of the name) or ipv4:a:p,b:q.")
 REGISTRY_ADDR = Setting("MARGIN_REGISTRY_ADDR", "127.0.0.1:50051", "The registry's gRPC address, for other services.")
 MODEL_REPOSITORY = Setting("MARGIN_MODEL_REPOSITORY", None,
                            "Triton's model repository directory; default $MARGIN_HOME/model-repository.")

@@ -2,14 +2,17 @@
 
 Deploy is idempotent (the same version and settings return the existing deployment) and leaves the
 deployment READY or FAILED with the reason. A deployment lives on the Triton pool of its device class
-(:mod:`margin.inference.pools`); after a pool's Triton restarts, :meth:`DeploymentManager.reload` brings that
-pool's READY deployments back, because Triton in explicit mode starts with nothing loaded.
+(:mod:`margin.inference.pools`), loaded on every replica of the pool (:mod:`margin.inference.replicas`); when a
+replica comes up (a restart, or a new one the autoscaler added), :meth:`DeploymentManager.reload` loads there the
+pool's READY deployments it lacks, because Triton in explicit mode starts with nothing loaded. Undeploy removes the
+model from the repository too, so a replica started with ``--load-model=*`` does not load it again.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import shutil
 import tempfile
 import threading
 import time
@@ -29,6 +32,7 @@ from margin.common.paging import decode_token, encode_token, page_size
 from margin.common.tenancy import as_utc
 from margin.common.tensors import Signature
 from margin.inference.pools import TritonPools
+from margin.inference.replicas import TritonReplicas
 from margin.inference.tables import DeploymentRow
 from margin.inference.triton_client import RawTensor, TritonClient
 from margin.inference.validation import ITEM_SIZES
@@ -149,7 +153,7 @@ class DeploymentManager:
             try:
                 self._export(api_key, version, triton_name, options, self.repository_for(spec.device_class))
                 triton.load(triton_name)
-                capacity, p50 = self._calibrate(triton, triton_name, version.signature)
+                capacity, p50 = self._calibrate(triton.replica(), triton_name, version.signature)
             except Exception as err:
                 self._save(tenant_id, name, triton_name, version, settings, FAILED, str(err)[:900])
                 raise
@@ -165,24 +169,31 @@ class DeploymentManager:
         with self._lock(current.triton_name):
             if current.state != UNLOADED and self.pools.serves(current.device_class):  # else no pool has it now
                 self.pools.for_class(current.device_class).unload(current.triton_name)
+                shutil.rmtree(self.repository_for(current.device_class) / current.triton_name, ignore_errors=True)
             with self._sessions.begin() as s:
                 s.get(DeploymentRow, self._row_id(tenant_id, name)).state = UNLOADED
         return self._row(tenant_id, name)
 
-    def reload(self, classes: Iterable[str] | None = None) -> int:
-        """Load every READY deployment again on its pool, or only those of device ``classes`` (the classes of a pool
-        whose Triton restarted with an empty explicit-mode server). Returns how many it tried."""
+    def reload(self, classes: Iterable[str] | None = None, on: TritonClient | None = None) -> int:
+        """Load every READY deployment on its pool, or only those of device ``classes`` (the classes of a pool whose
+        replica came up), on every replica or only ``on`` (the replica that came up), skipping a replica where it
+        is ready already (a replica started with ``--load-model=*``). Returns how many it loaded somewhere."""
         query = select(DeploymentRow.triton_name, DeploymentRow.device_class).where(DeploymentRow.state == READY)
         if classes is not None:
             query = query.where(DeploymentRow.device_class.in_(list(classes)))
         with self._sessions() as s:
             rows = s.execute(query).all()
+        loaded = 0
         for triton_name, device_class in rows:
+            target = on or self.pools.for_class(device_class)
+            if target.model_ready(triton_name):
+                continue
             try:
-                self.pools.for_class(device_class).load(triton_name)
+                target.load(triton_name)
+                loaded += 1
             except Exception:
-                log.exception("could not reload %s", triton_name)
-        return len(rows)
+                log.exception("could not load %s on %s", triton_name, target.url)
+        return loaded
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, tenant_id: int, name: str) -> Deployment:
@@ -260,7 +271,7 @@ class DeploymentManager:
             self._registry.download(api_key, version.model, version.number, artifact)
             export_version(record, artifact, repository, triton_name, options)
 
-    def _leave_previous_pool(self, previous: Deployment, triton: TritonClient) -> None:
+    def _leave_previous_pool(self, previous: Deployment, triton: TritonReplicas) -> None:
         """A redeploy on a device class served by another pool unloads the deployment from the pool it was on."""
         if previous.state == UNLOADED or not self.pools.serves(previous.device_class):
             return
@@ -268,6 +279,7 @@ class DeploymentManager:
         if old is not triton:
             try:
                 old.unload(previous.triton_name)
+                shutil.rmtree(self.repository_for(previous.device_class) / previous.triton_name, ignore_errors=True)
             except MarginError as err:
                 log.warning("could not unload %s from its previous pool (%s): %s", previous.triton_name,
                             previous.device_class, err)

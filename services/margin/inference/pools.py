@@ -4,6 +4,8 @@ By default one Triton (``MARGIN_TRITON_URL``) serves every device class. A clust
 class (a "cpu" pool, an "nvidia-l4" pool, each running its own Triton) sets ``MARGIN_TRITON_URLS`` to a JSON object
 mapping each class to its pool's gRPC address; a deployment is then loaded, calibrated and served on the pool of its
 device class, and a class that no pool serves cannot be deployed. Classes mapped to the same address share a pool.
+An address may name a pool's several replicas (``dns:///<headless service>:8001``, ``ipv4:a:p,b:q``): see
+:mod:`margin.inference.replicas`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from margin.common.config import TRITON_URLS, ConfigError
 from margin.common.errors import FailedPrecondition
-from margin.inference.triton_client import TritonClient
+from margin.inference.replicas import TritonReplicas, parse_pool_address
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class UnservedDeviceClass(FailedPrecondition):
 
 @dataclass(frozen=True)
 class Pool:
-    client: TritonClient
+    client: TritonReplicas
     classes: frozenset[str] | None  # None: every device class
 
     @property
@@ -34,18 +36,18 @@ class Pool:
 
 
 class TritonPools:
-    """The Triton client of each device class: one client for every class, or a mapping class -> client."""
+    """The Triton pool of each device class: one pool for every class, or a mapping class -> pool."""
 
-    def __init__(self, clients: TritonClient | Mapping[str, TritonClient]):
-        if isinstance(clients, TritonClient):
-            self._default: TritonClient | None = clients
-            self._by_class: dict[str, TritonClient] = {}
+    def __init__(self, clients: TritonReplicas | Mapping[str, TritonReplicas]):
+        if isinstance(clients, TritonReplicas):
+            self._default: TritonReplicas | None = clients
+            self._by_class: dict[str, TritonReplicas] = {}
             self.pools: tuple[Pool, ...] = (Pool(clients, None),)
             return
         if not clients:
             raise ValueError("TritonPools needs at least one device class (or one client for every class)")
         self._default, self._by_class = None, dict(clients)
-        grouped: dict[int, tuple[TritonClient, set[str]]] = {}
+        grouped: dict[int, tuple[TritonReplicas, set[str]]] = {}
         for device_class, client in clients.items():
             grouped.setdefault(id(client), (client, set()))[1].add(device_class)
         self.pools = tuple(Pool(client, frozenset(classes)) for client, classes in grouped.values())
@@ -56,15 +58,15 @@ class TritonPools:
         """Clients for ``urls`` (device class -> address; one client per address), or for ``default_url`` serving
         every class when ``urls`` is empty. With ``known_classes``, a class outside it is a :class:`ConfigError`."""
         if not urls:
-            return cls(TritonClient(default_url))
+            return cls(TritonReplicas(default_url))
         unknown = sorted(set(urls) - set(known_classes)) if known_classes is not None else []
         if unknown:
             raise ConfigError(f"{TRITON_URLS.env} names device classes that are not in the price catalog: {unknown} "
                               f"(known classes: {sorted(known_classes)})")
-        by_url: dict[str, TritonClient] = {}
+        by_url: dict[str, TritonReplicas] = {}
         for url in urls.values():
             if url not in by_url:
-                by_url[url] = TritonClient(url)
+                by_url[url] = TritonReplicas(url)
         pools = cls({device_class: by_url[url] for device_class, url in urls.items()})
         log.info("Triton pools: %s", ", ".join(f"{p.name} at {p.client.url}" for p in pools.pools))
         return pools
@@ -77,7 +79,7 @@ class TritonPools:
     def serves(self, device_class: str) -> bool:
         return self._default is not None or device_class in self._by_class
 
-    def for_class(self, device_class: str) -> TritonClient:
+    def for_class(self, device_class: str) -> TritonReplicas:
         """The Triton serving ``device_class``; :class:`UnservedDeviceClass` naming the pools when none does."""
         client = self._default if self._default is not None else self._by_class.get(device_class)
         if client is None:
@@ -86,7 +88,7 @@ class TritonPools:
         return client
 
     def server_ready(self) -> dict[str, bool]:
-        """Each pool's readiness, by pool name."""
+        """Each pool's readiness (at least one replica ready), by pool name."""
         return {pool.name: pool.client.server_ready() for pool in self.pools}
 
     def close(self) -> None:
@@ -111,4 +113,9 @@ def parse_triton_urls(raw: str | None) -> dict[str, str]:
     if bad:
         raise ConfigError(f"{TRITON_URLS.env} has empty device classes or addresses that are not non-empty strings: "
                           f"{', '.join(bad)}; {hint}")
+    for device_class, address in value.items():
+        try:
+            parse_pool_address(address)
+        except ConfigError as err:
+            raise ConfigError(f"{TRITON_URLS.env}, device class {device_class!r}: {err}") from None
     return dict(value)

@@ -19,6 +19,7 @@ from margin.inference.gateway import Gateway
 from margin.inference.metering import Meter
 from margin.inference.pools import TritonPools, parse_triton_urls
 from margin.inference.ratelimit import Limits, RateLimiter
+from margin.inference.replicas import parse_pool_address
 from margin.inference.servicer import InferenceServicer
 from margin.sdk.registry_source import RegistrySource
 from margin.v1 import inference_pb2, inference_pb2_grpc
@@ -43,10 +44,10 @@ class InferenceSettings:
 
 
 class TritonWatcher:
-    """Health follows the Triton pools: NOT_SERVING while any pool is unreachable; when a pool comes back, its
-    READY deployments are loaded again (explicit model control starts empty), and health returns to SERVING once
-    every pool is ready. The service starts NOT_SERVING and does the same once for each pool, so deployments
-    survive a restart of both."""
+    """Health follows the Triton pools: NOT_SERVING while any pool has no ready replica. Every replica that comes
+    up — a restart, or a new one the autoscaler added — gets its pool's READY deployments that it lacks (explicit
+    model control starts empty), and health returns to SERVING once every pool has a ready replica. The service
+    starts NOT_SERVING and does the same once for each replica, so deployments survive a restart of both."""
 
     def __init__(self, pools: TritonPools, deployments: DeploymentManager, every_s: float):
         self._pools, self._deployments, self._every = pools, deployments, every_s
@@ -65,13 +66,16 @@ class TritonWatcher:
             self._check()
 
     def _check(self) -> None:
-        ready = self._pools.server_ready()
+        ready = {}
         for pool in self._pools.pools:
-            if ready[pool.name] and not self._ready[pool.name]:
-                log.warning("Triton pool %s (%s) is back: reloading its deployments", pool.name, pool.client.url)
-                self._deployments.reload(pool.classes)
-            elif self._ready[pool.name] and not ready[pool.name]:
-                log.warning("Triton pool %s (%s) is unreachable", pool.name, pool.client.url)
+            def prepare(replica, pool=pool) -> None:
+                loaded = self._deployments.reload(pool.classes, on=replica)
+                log.warning("Triton pool %s: replica %s is ready; loaded %d deployment(s) it lacked", pool.name,
+                            replica.url, loaded)
+            pool.client.probe(prepare)
+            ready[pool.name] = bool(pool.client.live)
+            if self._ready[pool.name] and not ready[pool.name]:
+                log.warning("Triton pool %s (%s) has no ready replica", pool.name, pool.client.url)
         self._ready = ready
         up = all(ready.values())
         if up != self.up:
@@ -119,7 +123,8 @@ def settings_from_env() -> InferenceSettings:
     if instance_kind not in INSTANCE_KINDS:
         raise config.ConfigError(f"MARGIN_TRITON_INSTANCE_KIND={instance_kind!r}: use one of {list(INSTANCE_KINDS)}")
     return InferenceSettings(
-        triton_url=config.TRITON_URL.get(), triton_urls=parse_triton_urls(config.TRITON_URLS.raw()),
+        triton_url=parse_pool_address(config.TRITON_URL.get()).text,
+        triton_urls=parse_triton_urls(config.TRITON_URLS.raw()),
         registry_address=config.REGISTRY_ADDR.get(), redis_url=config.REDIS_URL.get(),
         repository=Path(repository) if repository else config.margin_home() / "model-repository",
         instance_kind=instance_kind,

@@ -136,8 +136,9 @@ def triton_env(install: TritonInstall) -> dict[str, str]:
 
 
 def triton_spec(home: Path, repository: Path, grpc_port: int | None = None, http_port: int | None = None,
-                metrics_port: int | None = None) -> ProcessSpec:
-    """A :class:`ProcessSpec` for ``tritonserver`` serving ``repository`` (explicit model control).
+                metrics_port: int | None = None, load_all: bool = False) -> ProcessSpec:
+    """A :class:`ProcessSpec` for ``tritonserver`` serving ``repository`` (explicit model control; with
+    ``load_all``, every model in the repository is loaded at start, as the chart's serving pools do).
 
     The backend directory is assembled under ``<home>/triton/backends``. Ports left None are picked free;
     ``spec.port``/``spec.address`` is the gRPC endpoint (what the gateway and the health check use), and
@@ -162,5 +163,6 @@ def triton_spec(home: Path, repository: Path, grpc_port: int | None = None, http
         "--exit-on-error=false",
         "--strict-readiness=false",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        *(["--load-model=*"] if load_all else []),
     ]
     return ProcessSpec("triton", argv, ports["grpc"], "triton", triton_env(install), ports)
