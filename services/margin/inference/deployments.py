@@ -169,7 +169,7 @@ class DeploymentManager:
         with self._lock(current.triton_name):
             if current.state != UNLOADED and self.pools.serves(current.device_class):  # else no pool has it now
                 self.pools.for_class(current.device_class).unload(current.triton_name)
-                shutil.rmtree(self.repository_for(current.device_class) / current.triton_name, ignore_errors=True)
+                self._remove_from_repository(current)
             with self._sessions.begin() as s:
                 s.get(DeploymentRow, self._row_id(tenant_id, name)).state = UNLOADED
         return self._row(tenant_id, name)
@@ -271,6 +271,11 @@ class DeploymentManager:
             self._registry.download(api_key, version.model, version.number, artifact)
             export_version(record, artifact, repository, triton_name, options)
 
+    def _remove_from_repository(self, deployment: Deployment) -> None:
+        """Delete an unloaded deployment's model from its pool's repository, so that a replica started with
+        ``--load-model=*`` does not load it again."""
+        shutil.rmtree(self.repository_for(deployment.device_class) / deployment.triton_name, ignore_errors=True)
+
     def _leave_previous_pool(self, previous: Deployment, triton: TritonReplicas) -> None:
         """A redeploy on a device class served by another pool unloads the deployment from the pool it was on."""
         if previous.state == UNLOADED or not self.pools.serves(previous.device_class):
@@ -279,7 +284,7 @@ class DeploymentManager:
         if old is not triton:
             try:
                 old.unload(previous.triton_name)
-                shutil.rmtree(self.repository_for(previous.device_class) / previous.triton_name, ignore_errors=True)
+                self._remove_from_repository(previous)
             except MarginError as err:
                 log.warning("could not unload %s from its previous pool (%s): %s", previous.triton_name,
                             previous.device_class, err)
