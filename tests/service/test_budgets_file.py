@@ -13,7 +13,7 @@ from margin.budget.service import build_budget
 from margin.budget.store import BudgetRow
 from margin.common.config import ConfigError
 from margin.common.service import StartedService, start_service
-from margin.common.tenancy import TenantRow
+from margin.common.tenancy import PLATFORM_TENANT, TenantRow
 from margin.sdk import connect
 from margin.v1 import budget_pb2, budget_pb2_grpc
 from sqlalchemy import func, select
@@ -67,7 +67,7 @@ def spend(service: StartedService, tenant: str) -> budget_pb2.SpendReport:
 def rows(service: StartedService) -> tuple[dict[str, int], dict[int, datetime]]:
     """(tenant name -> id, tenant id -> its budget row's updated_at), read straight from the database."""
     with service.context.sessions() as s:
-        tenants = {r.name: r.id for r in s.scalars(select(TenantRow))}
+        tenants = {r.name: r.id for r in s.scalars(select(TenantRow)) if r.name != PLATFORM_TENANT}
         updated = {r.tenant_id: r.updated_at for r in s.scalars(select(BudgetRow))}
     return tenants, updated
 
@@ -113,7 +113,7 @@ def test_restarting_with_the_same_file_changes_nothing(tmp_path, monkeypatch):
         applied = service.spec.extra["budgets_file"]
         assert (applied.created, applied.updated, sorted(applied.unchanged)) == ((), (), ["acme", "globex"])
         with service.context.sessions() as s:
-            assert s.scalar(select(func.count()).select_from(TenantRow)) == 2
+            assert s.scalar(select(func.count()).select_from(TenantRow).where(TenantRow.name != PLATFORM_TENANT)) == 2
 
 
 def test_the_file_owns_its_fields_and_keeps_existing_tenants_and_webhooks(tmp_path, monkeypatch):

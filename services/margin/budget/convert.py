@@ -1,9 +1,11 @@
 """margin.v1 budget messages <-> the budget core's dataclasses."""
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 
 from margin.budget.autoscaler.planner import Plan
+from margin.budget.fleet import prices, views
+from margin.budget.fleet.metering import DeploymentUsage, FleetReport, JobUsage, PoolReport
 from margin.budget.store import DEFAULT_THRESHOLDS, Budget, Spend, SpendLine
 from margin.common import protoconv
 from margin.common.errors import InvalidArgument
@@ -13,9 +15,13 @@ from margin.v1 import budget_pb2
 
 PERIOD_TO_PROTO = {"daily": budget_pb2.BUDGET_PERIOD_DAILY, "monthly": budget_pb2.BUDGET_PERIOD_MONTHLY}
 PERIOD_FROM_PROTO = {v: k for k, v in PERIOD_TO_PROTO.items()}
-CATEGORY_TO_PROTO = {"training": budget_pb2.SPEND_CATEGORY_TRAINING,
-                     "compression": budget_pb2.SPEND_CATEGORY_COMPRESSION,
-                     "serving": budget_pb2.SPEND_CATEGORY_SERVING}
+SPEND_CATEGORY_TO_PROTO = {"training": budget_pb2.SPEND_CATEGORY_TRAINING,
+                           "compression": budget_pb2.SPEND_CATEGORY_COMPRESSION,
+                           "serving": budget_pb2.SPEND_CATEGORY_SERVING}
+CATEGORY_TO_PROTO = {**SPEND_CATEGORY_TO_PROTO, "fleet": budget_pb2.SPEND_CATEGORY_FLEET,
+                     "idle": budget_pb2.SPEND_CATEGORY_IDLE, "jobs": budget_pb2.SPEND_CATEGORY_JOBS,
+                     "revenue": budget_pb2.SPEND_CATEGORY_REVENUE}
+SPEND_CATEGORY_FROM_PROTO = {v: k for k, v in SPEND_CATEGORY_TO_PROTO.items()}
 CATEGORY_FROM_PROTO = {v: k for k, v in CATEGORY_TO_PROTO.items()}
 POLICY_TO_PROTO = {"reject": budget_pb2.EXHAUSTED_POLICY_REJECT, "degrade": budget_pb2.EXHAUSTED_POLICY_DEGRADE,
                    "throttle": budget_pb2.EXHAUSTED_POLICY_THROTTLE}
@@ -23,9 +29,17 @@ POLICY_FROM_PROTO = {**{v: k for k, v in POLICY_TO_PROTO.items()}, budget_pb2.EX
 
 
 def category(value: int, what: str = "category") -> str:
-    if value not in CATEGORY_FROM_PROTO:
+    """A spend category (what budgets limit and RecordSpend records)."""
+    if value not in SPEND_CATEGORY_FROM_PROTO:
         raise InvalidArgument(f"{what}: set a spend category (training, compression or serving)")
-    return CATEGORY_FROM_PROTO[value]
+    return SPEND_CATEGORY_FROM_PROTO[value]
+
+
+def ledger_category(value: int) -> str:
+    """A ListLedger filter: any category of the ledger, or none (0)."""
+    if value and value not in CATEGORY_FROM_PROTO:
+        raise InvalidArgument(f"category {value} is not a ledger category")
+    return CATEGORY_FROM_PROTO.get(value, "")
 
 
 def budget_from_proto(msg: budget_pb2.Budget, tenant_id: int, webhook_secret: str) -> Budget:
@@ -72,7 +86,8 @@ def spend_to_proto(spend: Spend, tenant: str) -> budget_pb2.SpendReport:
         projected_end_of_period=protoconv.money(spend.projected_micros, currency),
         by_category=[_line(x, currency) for x in spend.by_category],
         by_model=[_line(x, currency) for x in spend.by_model],
-        by_deployment=[_line(x, currency) for x in spend.by_deployment])
+        by_deployment=[_line(x, currency) for x in spend.by_deployment],
+        burn_per_hour=protoconv.money(spend.burn_micros_per_hour, currency))
     if spend.budget is not None:
         msg.budget.CopyFrom(budget_to_proto(spend.budget, tenant, spend))
         msg.remaining.CopyFrom(protoconv.money(spend.remaining_micros, currency))
@@ -106,7 +121,92 @@ def plan_to_proto(plan: Plan) -> budget_pb2.ScalingPlan:
         chosen_replicas=plan.chosen, reason=plan.reason, price_per_replica_hour=protoconv.money(
             plan.price_micros_per_hour), hours_left_in_period=plan.hours_left, observed_rps=plan.observed_rps,
         capacity_rps_per_replica=plan.capacity_rps, queue_time_us_per_request=plan.queue_us_per_request,
-        target_kind=plan.target_kind, applied=plan.applied, time=protoconv.timestamp(plan.at))
+        target_kind=plan.target_kind, applied=plan.applied, time=protoconv.timestamp(plan.at), state=plan.state)
     if plan.remaining_micros is not None:
         msg.remaining_serving_budget.CopyFrom(protoconv.money(plan.remaining_micros))
     return msg
+
+
+# -- the fleet -----------------------------------------------------------------------------------------------------
+def _time(ts, what: str) -> datetime:
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"{what} is not a valid time") from None
+
+
+def fleet_report_from_proto(msg: budget_pb2.ReportFleetRequest) -> FleetReport:
+    if not msg.HasField("interval_start") or not msg.HasField("interval_end"):
+        raise InvalidArgument("a fleet report needs interval_start and interval_end")
+    pools = tuple(PoolReport(
+        pool=p.pool, kind=p.kind, device_class=p.device_class, replica=p.replica, replica_us=p.replica_us,
+        replicas=p.replicas,
+        deployments=tuple(DeploymentUsage(
+            tenant=d.tenant, deployment=d.deployment, model=d.model, version=d.version, triton_name=d.triton_name,
+            state=d.state, device_class=d.device_class or p.device_class, compute_ns=d.compute_ns,
+            executions=d.executions, inferences=d.inferences, gateway_requests=d.gateway_requests,
+            reserved_replica_us=d.reserved_replica_us, min_replicas=d.min_replicas, max_replicas=d.max_replicas,
+            capacity_rps=d.capacity_rps, price_micros_per_hour=d.price_micros_per_hour) for d in p.deployments),
+        jobs=tuple(JobUsage(j.tenant, j.job_id, j.kind, j.busy_us) for j in p.jobs)) for p in msg.pools)
+    return FleetReport(_time(msg.interval_start, "interval_start"), _time(msg.interval_end, "interval_end"), pools,
+                       msg.observer, msg.snapshot_only)
+
+
+def fleet_view_to_proto(view: views.FleetView, currency: str = "USD") -> budget_pb2.FleetView:
+    def m(micros: int):
+        return protoconv.money(micros, currency)
+
+    return budget_pb2.FleetView(
+        pools=[budget_pb2.FleetPoolLine(
+            pool=p.pool, kind=p.kind, device_class=p.device_class, replica_seconds=p.replica_seconds,
+            price_per_hour=m(p.price_micros_per_hour), bill=m(p.bill_micros), allocated=m(p.allocated_micros),
+            idle=m(p.idle_micros), utilization=p.utilization, intervals=p.intervals, replicas=p.replicas)
+            for p in view.pools],
+        bill=m(view.bill_micros), tenants=m(view.tenants_micros), jobs=m(view.jobs_micros),
+        platform_idle=m(view.idle_micros), balanced=view.balanced, idle_policy=view.policy,
+        by_tenant=[budget_pb2.SpendLine(key=t, category=budget_pb2.SPEND_CATEGORY_SERVING, amount=m(micros),
+                                        entries=n) for t, micros, n in view.by_tenant])
+
+
+def margin_view_to_proto(view: views.MarginView, currency: str = "USD") -> budget_pb2.MarginView:
+    def m(micros: int):
+        return protoconv.money(micros, currency)
+
+    msg = budget_pb2.MarginView(
+        lines=[budget_pb2.MarginLine(tenant=x.tenant, model=x.model, requests=x.requests, revenue=m(x.revenue_micros),
+                                     cost=m(x.cost_micros), gross_margin=m(x.margin_micros)) for x in view.lines],
+        revenue=m(view.revenue_micros), cost=m(view.cost_micros),
+        gross_margin=m(view.revenue_micros - view.cost_micros), has_price_list=view.has_price_list,
+        series=[budget_pb2.MarginPoint(time=protoconv.timestamp(t), cost=m(c), revenue=m(r))
+                for t, c, r in view.series])
+    if view.platform_idle_micros is not None:
+        msg.platform_idle.CopyFrom(m(view.platform_idle_micros))
+    return msg
+
+
+def window_from_proto(msg: budget_pb2.GetSpendRequest) -> tuple[datetime | None, datetime | None]:
+    since = _time(msg.since, "since") if msg.HasField("since") else None
+    until = _time(msg.until, "until") if msg.HasField("until") else None
+    if since and until and until <= since:
+        raise InvalidArgument("until must be after since")
+    return since, until
+
+
+def prices_from_proto(msg: budget_pb2.PriceList) -> list[prices.Price]:
+    entries = []
+    for e in msg.entries:
+        currency = {c for c in (e.per_million.currency, e.per_request.currency) if c} or {"USD"}
+        if len(currency) > 1:
+            raise InvalidArgument(f"price_list: {e.model or 'every model'} is priced in two currencies")
+        if e.per_million.micros < 0 or e.per_request.micros < 0:
+            raise InvalidArgument(f"price_list: the price of {e.model or 'every model'} is negative")
+        if e.per_request.micros > prices.MAX_MICROS_PER_MILLION // 1_000_000:
+            raise InvalidArgument(f"price_list: the per-request price of {e.model or 'every model'} is too large")
+        entries.append(prices.Price(e.model, e.per_million.micros + e.per_request.micros * 1_000_000,
+                                    currency.pop()))
+    return entries
+
+
+def prices_to_proto(tenant: str, entries: list[prices.Price]) -> budget_pb2.PriceList:
+    return budget_pb2.PriceList(tenant=tenant, entries=[budget_pb2.PriceListEntry(
+        model=p.model, per_million=protoconv.money(p.micros_per_million, p.currency)) for p in entries])

@@ -30,3 +30,12 @@ def projected_micros(spent_micros: int, start: datetime, end: datetime, at: date
 
 def _microseconds(delta: timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def projected_with_burn(spent_micros: int, serving_micros: int, burn_micros_per_hour: int, start: datetime,
+                        end: datetime, at: datetime) -> int:
+    """End-of-period spend: what was spent, plus the serving fleet's current burn for the time left (idle replicas
+    cost the same every hour whether or not they served), plus the other categories (jobs) at their rate so far."""
+    left = max(0, _microseconds(end - at))
+    others = projected_micros(spent_micros - serving_micros, start, end, at) - (spent_micros - serving_micros)
+    return spent_micros + burn_micros_per_hour * left // 3_600_000_000 + others

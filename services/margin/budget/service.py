@@ -7,22 +7,33 @@ from __future__ import annotations
 from margin.budget import seed
 from margin.budget.alerts import AlertWatcher
 from margin.budget.autoscaler.wiring import build_autoscaler
+from margin.budget.fleet.allocation import POLICIES
+from margin.budget.fleet.metering import FleetMeter
 from margin.budget.servicer import BudgetsServicer
 from margin.budget.store import BudgetStore
-from margin.common import config
+from margin.common import config, costs
 from margin.common.service import ServiceContext, ServiceSpec
 from margin.v1 import budget_pb2, budget_pb2_grpc
 
 SERVICE_NAME = budget_pb2.DESCRIPTOR.services_by_name["Budgets"].full_name
-ADMIN_METHODS = (f"/{SERVICE_NAME}/CreateTenant", f"/{SERVICE_NAME}/CreateApiKey")
+ADMIN_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("CreateTenant", "CreateApiKey", "ReportFleet", "SetPriceList"))
+
+
+def idle_policy() -> str:
+    policy = config.IDLE_POLICY.get()
+    if policy not in POLICIES:
+        raise config.ConfigError(f"{config.IDLE_POLICY.env}={policy!r}: use one of {list(POLICIES)}")
+    return policy
 
 
 def build_budget(ctx: ServiceContext) -> ServiceSpec:
-    store = BudgetStore(ctx.sessions)
+    store = BudgetStore(ctx.sessions, config.FLEET_INTERVAL_SECONDS.get_float(),
+                        config.BURN_WINDOW_SECONDS.get_float())
+    fleet = FleetMeter(ctx.sessions, ctx.tenants, costs.PriceCatalog.load(), idle_policy())
     budgets_file = config.BUDGETS_FILE.raw()
     seeded = seed.apply_file(budgets_file, ctx.tenants, store) if budgets_file else None
     planner, loop = build_autoscaler(ctx.sessions, store)
-    servicer = BudgetsServicer(ctx.tenants, store, planner)
+    servicer = BudgetsServicer(ctx.tenants, store, planner, fleet)
     watcher = AlertWatcher(store, ctx.sessions, config.BUDGET_ALERT_INTERVAL_SECONDS.get_float())
 
     def start(_server) -> None:
@@ -35,4 +46,5 @@ def build_budget(ctx: ServiceContext) -> ServiceSpec:
 
     return ServiceSpec(register=[lambda server: budget_pb2_grpc.add_BudgetsServicer_to_server(servicer, server)],
                        service_names=[SERVICE_NAME], admin_methods=ADMIN_METHODS, on_started=start, on_stop=stop,
-                       extra={"budgets": store, "alerts": watcher, "planner": planner, "budgets_file": seeded})
+                       extra={"budgets": store, "fleet": fleet, "alerts": watcher, "planner": planner,
+                              "budgets_file": seeded})

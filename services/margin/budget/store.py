@@ -5,7 +5,9 @@ per spend category (training, compression, serving), the serving policy for when
 (``reject``, ``degrade`` or ``throttle``), alert thresholds (fractions of the total; 0.5, 0.8 and 1.0 by default)
 and an optional webhook. Spend is read from the one ledger every service appends to
 (:mod:`margin.common.ledger`): sums by category, model and deployment over the current period, what is left,
-and the end-of-period projection from the burn rate so far.
+and the end-of-period projection: the serving fleet's current burn (what its allocated cost came to over the last
+few metering intervals, idle replicas included) for the time left, plus the jobs at their rate so far. Only the
+spend categories count (the ledger's platform lines and revenue are not a tenant's spend).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import base64
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import (
     JSON,
@@ -31,15 +33,23 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
-from margin.budget.periods import PERIODS, bounds, projected_micros
+from margin.budget.periods import PERIODS, bounds, projected_with_burn
 from margin.common.db import Base
 from margin.common.errors import InvalidArgument
-from margin.common.ledger import CATEGORIES, LedgerEntry, LedgerRow, append_entries
+from margin.common.ledger import (
+    CATEGORIES,
+    FLEET_ID_PREFIXES,
+    SPEND_CATEGORIES,
+    LedgerEntry,
+    LedgerRow,
+    append_entries,
+)
 from margin.common.paging import page_size
 from margin.common.tenancy import as_utc, utcnow
 
 POLICIES = ("reject", "degrade", "throttle")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
+BURN_WINDOW_S = 300.0   # the serving burn rate is read over this much of the recent past
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
 
@@ -108,6 +118,7 @@ class Spend:
     by_category: list[SpendLine]
     by_model: list[SpendLine]
     by_deployment: list[SpendLine]
+    burn_micros_per_hour: int = 0  # the serving fleet's current burn (allocated), plus nothing of the jobs
 
     def remaining_for(self, category: str) -> int | None:
         """What is left for ``category``: the smaller of the total's and the category limit's remainder."""
@@ -167,8 +178,9 @@ def _budget(row: BudgetRow) -> Budget:
 
 
 class BudgetStore:
-    def __init__(self, sessions: sessionmaker):
+    def __init__(self, sessions: sessionmaker, interval_s: float = 15.0, burn_window_s: float = BURN_WINDOW_S):
         self._sessions = sessions
+        self._interval_s, self._burn_window_s = interval_s, burn_window_s
 
     # -- budgets ------------------------------------------------------------------------------------------------
     def set_budget(self, budget: Budget) -> Budget:
@@ -203,7 +215,8 @@ class BudgetStore:
         at = as_utc(at) or utcnow()
         budget = self.get_budget(tenant_id)
         start, end = bounds(budget.period if budget else "monthly", at)
-        in_period = and_(LedgerRow.tenant_id == tenant_id, LedgerRow.created_at >= start, LedgerRow.created_at < end)
+        in_period = and_(LedgerRow.tenant_id == tenant_id, LedgerRow.created_at >= start, LedgerRow.created_at < end,
+                         LedgerRow.category.in_(SPEND_CATEGORIES))
         with self._sessions() as s:
             def grouped(*columns) -> list[tuple]:
                 return s.execute(select(*columns, func.sum(LedgerRow.micros), func.count())
@@ -215,12 +228,36 @@ class BudgetStore:
         limits = budget.category_limits if budget else {}
         by_category = [SpendLine(c, c, int(m), n, limits.get(c)) for c, m, n in categories]
         spent = sum(line.micros for line in by_category)
+        serving = next((line.micros for line in by_category if line.key == "serving"), 0)
+        burn = sum(self.serving_burn(tenant_id, at, start).values())
         return Spend(
             tenant_id=tenant_id, budget=budget, period_start=start, period_end=end, spent_micros=spent,
             remaining_micros=budget.total_micros - spent if budget else None,
-            projected_micros=projected_micros(spent, start, end, at), by_category=by_category,
+            projected_micros=projected_with_burn(spent, serving, burn, start, end, at), by_category=by_category,
             by_model=[SpendLine(k, c, int(m), n) for k, c, m, n in models if k],
-            by_deployment=[SpendLine(k, c, int(m), n) for k, c, m, n in deployments if k])
+            by_deployment=[SpendLine(k, c, int(m), n) for k, c, m, n in deployments if k],
+            burn_micros_per_hour=burn)
+
+    def serving_burn(self, tenant_id: int, at: datetime | None = None, period_start: datetime | None = None) \
+            -> dict[str, int]:
+        """Each deployment's allocated serving cost per hour over the recent past: the entries of the last
+        ``burn_window_s`` (at most since ``period_start``), over the time they cover — from one metering interval
+        before the first of them, when the deployment started billing within the window."""
+        at = as_utc(at) or utcnow()
+        window_start = at - timedelta(seconds=self._burn_window_s)
+        if period_start is not None:
+            window_start = max(window_start, period_start)
+        with self._sessions() as s:
+            rows = s.execute(select(LedgerRow.deployment, func.sum(LedgerRow.micros), func.min(LedgerRow.created_at))
+                             .where(LedgerRow.tenant_id == tenant_id, LedgerRow.category == "serving",
+                                    LedgerRow.created_at >= window_start, LedgerRow.created_at <= at)
+                             .group_by(LedgerRow.deployment)).all()
+        burn = {}
+        for deployment, micros, first in rows:
+            covered_from = max(window_start, as_utc(first) - timedelta(seconds=self._interval_s))
+            seconds = max((at - covered_from).total_seconds(), self._interval_s)
+            burn[deployment] = int(int(micros) * 3600 / seconds)
+        return burn
 
     def remaining(self, tenant_id: int, category: str, at: datetime | None = None) -> int | None:
         """What ``category`` may still spend this period; None when the tenant has no budget."""
@@ -228,7 +265,15 @@ class BudgetStore:
 
     # -- the ledger ---------------------------------------------------------------------------------------------
     def record(self, entries: list[LedgerEntry]) -> tuple[int, int]:
-        """Append entries; ids already present are skipped, so a retried batch never bills twice."""
+        """Append entries; ids already present are skipped, so a retried batch never bills twice. Only spend
+        categories, and never an id of the fleet metering's (:data:`~margin.common.ledger.FLEET_ID_PREFIXES`)."""
+        for entry in entries:
+            if entry.category not in SPEND_CATEGORIES:
+                raise InvalidArgument(f"entry {entry.id}: only spend ({', '.join(SPEND_CATEGORIES)}) is recorded "
+                                      "this way; the fleet's lines come from its metering")
+            if entry.id.startswith(FLEET_ID_PREFIXES):
+                raise InvalidArgument(f"entry {entry.id}: ids starting {', '.join(FLEET_ID_PREFIXES)} belong to the "
+                                      "fleet metering")
         try:
             return append_entries(self._sessions, entries)
         except ValueError as err:

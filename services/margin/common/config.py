@@ -131,6 +131,28 @@ BUDGETS_FILE = Setting("MARGIN_BUDGETS_FILE", None,
 BUDGET_ALERT_INTERVAL_SECONDS = Setting("MARGIN_BUDGET_ALERT_INTERVAL_SECONDS", "5",
                                        "How often the budget service checks every budgeted tenant's spend for "
                                        "crossed alert thresholds.")
+BUDGET_ADDR = Setting("MARGIN_BUDGET_ADDR", "127.0.0.1:50055",
+                      "The budget service's gRPC address: where the inference gateway and the workers report the "
+                      "fleet they see, and the gateway reads each tenant's serving budget.")
+FLEET_INTERVAL_SECONDS = Setting("MARGIN_FLEET_INTERVAL_SECONDS", "15",
+                                 "The metering interval: every this many seconds (aligned to the clock) each pool's "
+                                 "live replica-seconds × price is billed and allocated.")
+IDLE_POLICY = Setting("MARGIN_IDLE_POLICY", "usage",
+                      "Who pays for idle replica time (the budget service): usage (split the whole bill by Triton "
+                      "compute time; an interval without any by reserved replicas), reservation (by reserved "
+                      "replicas) or platform (tenants pay their usage share, the idle rest is the platform's).")
+BURN_WINDOW_SECONDS = Setting("MARGIN_BURN_WINDOW_SECONDS", "300",
+                              "How much of the recent past the serving burn rate (projections, the autoscaler) is "
+                              "read over.")
+TRITON_DEVICE_CLASS = Setting("MARGIN_TRITON_DEVICE_CLASS", "cpu",
+                              "The device class (price) of the replicas of MARGIN_TRITON_URL's pool, when it serves "
+                              "every class (the local Triton runs on this machine's CPU).")
+SCALE_TO_ZERO_AFTER_SECONDS = Setting("MARGIN_SCALE_TO_ZERO_AFTER_SECONDS", "900",
+                                      "A deployment with min_replicas 0 idle this long is unloaded (its own "
+                                      "scale_to_zero_after_seconds wins).")
+COLD_START_TIMEOUT_SECONDS = Setting("MARGIN_COLD_START_TIMEOUT_SECONDS", "30",
+                                     "How long a Predict waits for a scaled-to-zero deployment to load before it "
+                                     "answers UNAVAILABLE with a retry hint (the load goes on).")
 
 ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, GRPC_WORKERS, METRICS_PORT,
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
@@ -138,7 +160,9 @@ ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, G
                 RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
                 JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES, HELD_OUT_SENTENCES,
                 BUDGET_ALERT_INTERVAL_SECONDS, TRITON_METRICS_URL, AUTOSCALER_TARGET, AUTOSCALER_NAMESPACE,
-                AUTOSCALER_INTERVAL_SECONDS, TRITON_URLS, AUTOSCALER_TARGETS, BUDGETS_FILE]
+                AUTOSCALER_INTERVAL_SECONDS, TRITON_URLS, AUTOSCALER_TARGETS, BUDGETS_FILE, BUDGET_ADDR,
+                FLEET_INTERVAL_SECONDS, IDLE_POLICY, BURN_WINDOW_SECONDS, TRITON_DEVICE_CLASS,
+                SCALE_TO_ZERO_AFTER_SECONDS, COLD_START_TIMEOUT_SECONDS]
 
 
 def margin_home() -> Path:

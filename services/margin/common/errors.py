@@ -48,7 +48,14 @@ class PermissionDenied(MarginError):
 
 
 class Unavailable(MarginError):
+    """A dependency is down or not ready yet. ``retry_after_s`` (e.g. a cold start in progress) is sent as trailing
+    metadata when set."""
+
     code_name = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unimplemented(MarginError):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from margin.common import auth
-from margin.common.errors import MarginError, PermissionDenied, ResourceExhausted
+from margin.common.errors import MarginError, PermissionDenied, ResourceExhausted, Unavailable
 from margin.common.metrics import RPC_REQUESTS, RPC_SECONDS
 from margin.common.tenancy import Principal
 
@@ -62,7 +62,7 @@ class CallPolicy:
     def failure(self, context: grpc.ServicerContext, exc: BaseException) -> Failure | None:
         if isinstance(exc, MarginError):
             trailers = ()
-            if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
+            if isinstance(exc, ResourceExhausted | Unavailable) and exc.retry_after_s is not None:
                 trailers = (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
             return Failure(getattr(grpc.StatusCode, exc.code_name), str(exc), trailers)
         if _code(context) is not None:  # the servicer already aborted with its own status

@@ -14,7 +14,11 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from margin.common.db import Base
 from margin.common.tenancy import utcnow
 
-CATEGORIES = ("training", "compression", "serving")
+SPEND_CATEGORIES = ("training", "compression", "serving")  # what a tenant spends: its budget counts these
+PLATFORM_CATEGORIES = ("fleet", "idle", "jobs")             # the platform's own lines (the bill and its idle part)
+CATEGORIES = (*SPEND_CATEGORIES, *PLATFORM_CATEGORIES, "revenue")
+# Ids of the entries only the fleet metering writes (margin.budget.fleet): no other writer may take them.
+FLEET_ID_PREFIXES = ("fleet:", "alloc:", "idle:", "jobs:", "revenue:")
 
 
 class LedgerRow(Base):

@@ -23,6 +23,8 @@ from margin.common.db import Base
 from margin.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from margin.common.names import validate_name
 
+PLATFORM_TENANT = "_platform"  # holds the platform's own ledger lines (the bill, idle); never a caller (no keys)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -105,12 +107,36 @@ class TenantStore:
                 raise NotFound(f"tenant {name!r} not found")
             return Tenant(row.id, row.name, as_utc(row.created_at))
 
+    def ensure_platform(self) -> int:
+        """The id of :data:`PLATFORM_TENANT`, created on first use (its name is one no tenant can take)."""
+        for _ in range(2):
+            with self._sessions() as s:
+                found = s.scalar(select(TenantRow.id).where(TenantRow.name == PLATFORM_TENANT))
+            if found is not None:
+                return found
+            try:
+                with self._sessions.begin() as s:
+                    row = TenantRow(name=PLATFORM_TENANT)
+                    s.add(row)
+                    s.flush()
+                    return row.id
+            except IntegrityError:  # another replica made it first: read it
+                continue
+        raise RuntimeError(f"cannot create the {PLATFORM_TENANT} tenant")
+
+    def names(self) -> dict[int, str]:
+        """Every tenant's name by id."""
+        with self._sessions() as s:
+            return dict(s.execute(select(TenantRow.id, TenantRow.name)).all())
+
     def create_api_key(self, tenant: str, description: str = "", ttl_seconds: int = 0) -> tuple[str, ApiKeyInfo]:
         """Make a new key for ``tenant``; the returned plaintext is never stored."""
         if ttl_seconds < 0:
             raise InvalidArgument("ttl_seconds must be >= 0 (0 = never expires)")
         if len(description) > 200:
             raise InvalidArgument("description is longer than 200 characters")
+        if tenant == PLATFORM_TENANT:
+            raise InvalidArgument(f"{PLATFORM_TENANT} holds the platform's own ledger lines and has no keys")
         t = self.get_tenant(tenant)
         key_id = secrets.token_hex(6)
         key = f"mk_{key_id}_{secrets.token_urlsafe(32)}"
