@@ -18,9 +18,8 @@ at ``--peak-load`` replicas' worth of capacity (default 20, i.e. 29 replicas at 
 
 **Simulation.** Discrete time, ``--step-s`` (10 s) steps over one day (8,640 steps). At the start of each step a
 policy picks the number of replicas; new replicas are billed at once and serve after ``--startup-s`` (60 s);
-replicas removed stop serving and billing at once (those still starting go first). Spend is integer micros:
-replica-seconds × price / 3600, rounded up. The queue is a fluid queue per step with constant arrival rate λ and
-service rate C = ready replicas × capacity:
+replicas removed stop serving and billing at once (those still starting go first). The queue is a fluid queue per
+step with constant arrival rate λ and service rate C = ready replicas × capacity:
 
 - a request that arrives when the backlog is Q waits Q / C (first come, first served); the backlog grows at
   λ − C while λ > C and drains at C − λ otherwise; it is capped at C × ``--queue-timeout-s`` (30 s): requests
@@ -48,6 +47,17 @@ Policies see last step's measurements, as a scraper would:
 All three share min 2 / max 64 replicas, the same 0.7 target, and start the day with the replicas the first
 step's traffic needs (static: its peak count).
 
+**Spend comes from the platform's allocation code**, as the budget service bills a serving pool: every step is a
+metering interval, billed and split by ``margin.budget.fleet.allocation.allocate``. The pool is the deployment's
+provisioned replicas (replica_us = provisioned × step × 10^6, at the replica price); its one consumer is the
+deployment, with compute_ns = the requests it served in the step × 10^9 / capacity (a request occupies a replica
+for 1 / capacity seconds) and reserved_us = min replicas × step × 10^6; ``--idle-policy`` (usage, the default;
+reservation; platform) says how the bill is split; each party's carry and the bill carry are threaded from step to
+step as the budget service threads them. The deployment's spend — what its budget, its overrun and the Margin
+controller's remaining budget and own burn rate read, for all three policies — is the sum of its allocations; the
+platform's idle line is the platform party's. Per trace and policy the ledger total (both) is checked against the
+exact replica-seconds × price: the bill carry keeps it at the floor of the exact total.
+
 **Traces** (requests/s over the day; noise: multiplicative log-normal, σ 5 %, seeded):
 
 - ``diurnal``: sinusoid peaking at 16:00, trough 15 % of the peak at 04:00;
@@ -64,17 +74,20 @@ would be affordable at the moment it is made by the controller's own rule (spent
 time left), and Margin run again with that budget (where it is larger), to show when the controller's pacing,
 not the total, decides.
 
-**Figures** per trace and policy: money spent, budget overrun (spent − the period's final budget, 0 when under),
-share of requests within the latency target, replica-hours, and reaction time: for each demand step-up (a burst,
-the flash crowd) the seconds from its start until ready replicas × capacity ≥ the step-up's noise-free arrival
-rate (mean and worst over the step-ups; "never" when capacity does not catch up before it ends); for the budget
-cut, the seconds from the cut until the policy's spend rate fits the cut budget (replicas × price × time left ≤
-what is left). Per trace: Margin's saving vs static peak and its SLO gap to plain HPA (HPA − Margin, points).
+**Figures** per trace and policy: money spent (allocated to the deployment), budget overrun (spent − the
+period's final budget, 0 when under), share of requests within the latency target, replica-hours, and reaction
+time: for each demand step-up (a burst, the flash crowd) the seconds from its start until ready replicas ×
+capacity ≥ the step-up's noise-free arrival rate (mean and worst over the step-ups; "never" when capacity does not
+catch up before it ends); for the budget cut, the seconds from the cut until the policy's spend rate fits the cut
+budget (replicas × price × time left ≤ what is left); the ledger: the deployment's allocations, the platform's
+idle line, their total and the exact replica-seconds × price. Per trace: Margin's saving vs static peak and its
+SLO gap to plain HPA (HPA − Margin, points).
 
-Goals: zero overrun in every trace; Margin ≥ 30 % cheaper than static peak in every trace; SLO share within 2
-points of plain HPA in the traces whose budget allows HPA's choices (all but ``cut``).
+Goals: the ledger total = floor(replica-seconds × price) for every trace and policy; zero overrun in every
+trace; Margin ≥ 30 % cheaper than static peak in every trace; SLO share within 2 points of plain HPA in the traces
+whose budget allows HPA's choices (all but ``cut``). All on allocated spend.
 
-    PYTHONPATH=services python bench/autoscaler_bench.py
+    PYTHONPATH=services python bench/autoscaler_bench.py [--idle-policy usage|reservation|platform] [--png '']
 """
 from __future__ import annotations
 
@@ -88,11 +101,14 @@ import os
 import platform
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from harness import cpu_model, run_and_write
 from margin.budget.autoscaler.controller import Controller, Inputs, Settings
+from margin.budget.fleet.allocation import MICROSECONDS_PER_HOUR, PLATFORM, Consumer, allocate
+from margin.budget.fleet.allocation import POLICIES as IDLE_POLICIES
 from margin.common.costs import PriceCatalog
 from rich.console import Console
 from rich.table import Table
@@ -107,6 +123,7 @@ TITLES = {"diurnal": "diurnal", "bursty": "bursty", "flash": "flash crowd (10× 
 GOAL_SAVING = 0.30       # Margin at least 30 % cheaper than static peak
 GOAL_SLO_GAP_PTS = 2.0   # Margin's share within the target at most 2 points under plain HPA's
 REPO = Path(__file__).resolve().parent.parent
+DEPLOYMENT = "bench/deployment"   # the one party on the pool besides the platform's idle line
 
 
 # -- the measured replica --------------------------------------------------------------------------
@@ -367,6 +384,7 @@ class SimSettings:
     price: int
     minimum: int
     maximum: int
+    idle_policy: str = "usage"
 
 
 def replicas_for(rps: float, s: SimSettings) -> int:
@@ -374,11 +392,19 @@ def replicas_for(rps: float, s: SimSettings) -> int:
 
 
 def simulate(trace: Trace, policy, s: SimSettings, initial: int) -> dict:
+    """One day of one policy. Every step is a metering interval of the pool (the deployment's provisioned
+    replicas), billed and split by the platform's own allocation code, carries threaded as the budget service
+    threads them; the deployment's spend is the sum of its allocations."""
     n, dt_s = len(trace.rps), s.step_s
     pods = [-float("inf")] * initial          # ready-at times, sorted
     provisioned, ready_series, spent_series = np.zeros(n, int), np.zeros(n, int), np.zeros(n, np.int64)
     backlog = 0.0
-    replica_s = spent = 0
+    replica_s = spent = idle = billed = 0
+    carries: dict[str, Fraction] = {}
+    bill_carry = Fraction(0)
+    compute_ns_per_request = 1e9 / s.capacity  # a request occupies a replica for 1 / capacity seconds
+    reserved_us = s.minimum * dt_s * 1_000_000
+    bases: Counter[str] = Counter()
     within = arrived = dropped = 0.0
     changes = reversals = 0
     last_down_s: float | None = None
@@ -404,13 +430,23 @@ def simulate(trace: Trace, policy, s: SimSettings, initial: int) -> dict:
         backlog = out.backlog
         within, arrived, dropped = within + out.within, arrived + out.arrived, dropped + out.dropped
         replica_s += len(pods) * dt_s
-        spent = -(-replica_s * s.price // HOUR_S)
+        share = allocate(len(pods) * dt_s * 1_000_000, s.price,
+                         [Consumer(DEPLOYMENT, round(out.served * compute_ns_per_request), reserved_us)],
+                         s.idle_policy, carries, bill_carry)
+        carries, bill_carry = share.carries, share.bill_carry
+        spent += share.micros[DEPLOYMENT]
+        idle += share.micros[PLATFORM]
+        billed += share.bill
+        bases[share.basis] += 1
         provisioned[k], ready_series[k], spent_series[k] = len(pods), ready, spent
         accepted = out.arrived - out.dropped
         obs.arrived_rps, obs.served_rps = out.arrived / dt_s, out.served / dt_s
         obs.queue_us_per_request = out.wait_sum_s / accepted * 1e6 if accepted > 0 and ready else 0.0
+    exact = Fraction(replica_s * 1_000_000 * s.price, MICROSECONDS_PER_HOUR)  # replica-seconds × price, exact
+    assert billed == spent + idle, "the allocations do not sum to the bills"
     return {"provisioned": provisioned, "ready": ready_series, "spent": spent_series,
-            "spent_micros": int(spent), "replica_hours": replica_s / HOUR_S,
+            "spent_micros": int(spent), "platform_idle_micros": int(idle), "ledger_micros": int(spent + idle),
+            "exact_bill": exact, "bases": dict(bases), "replica_hours": replica_s / HOUR_S,
             "slo_share": within / arrived, "dropped_share": dropped / arrived,
             "scale_changes": changes, "reversals": reversals, "reasons": dict(policy.reasons)}
 
@@ -458,10 +494,12 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     s = SimSettings(step_s=args.step_s, startup_s=args.startup_s, capacity=cap.rps,
                     target=settings.target_utilization,
                     wait_ok_s=(args.latency_target_ms - cap.unloaded_ms) / 1000, timeout_s=args.queue_timeout_s,
-                    price=price, minimum=args.min_replicas, maximum=args.max_replicas)
+                    price=price, minimum=args.min_replicas, maximum=args.max_replicas, idle_policy=args.idle_policy)
     console.print(f"replica: {cap.rps:,.0f} req/s ({cap.path} path, concurrency {cap.concurrency}, p50 "
                   f"{cap.p50_ms:.2f} / p99 {cap.p99_ms:.2f} ms; unloaded p50 {cap.unloaded_ms:.2f} ms; from "
-                  f"{cap.source} of {cap.date}); price {price / 1e6:.4f} USD/h ({args.device_class})")
+                  f"{cap.source} of {cap.date}); price {price / 1e6:.4f} USD/h ({args.device_class}); spend: "
+                  f"every {s.step_s} s step billed and allocated by margin.budget.fleet.allocation.allocate, "
+                  f"idle policy {s.idle_policy}")
     traces = make_traces(args.peak_load * cap.rps, args.step_s, args.seed, args.noise, args.cut_fraction)
     results: dict[str, dict] = {}
     series: dict[str, dict] = {}
@@ -488,7 +526,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
                 "slo_share_pct": 100 * r["slo_share"], "dropped_pct": 100 * r["dropped_share"],
                 "replica_hours": r["replica_hours"], "reaction": reaction(trace, r, s),
                 "peak_replicas": int(r["provisioned"].max()), "scale_changes": r["scale_changes"],
-                "reversals_within_startup": r["reversals"], "reasons": r["reasons"]}
+                "reversals_within_startup": r["reversals"], "reasons": r["reasons"], "ledger": ledger(r)}
         m, st, h = per_policy["margin"], per_policy["static"], per_policy["hpa"]
         affording = budget_affording(hpa, s)
         ample = None
@@ -501,7 +539,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
                      "slo_gap_vs_hpa_pts": h["slo_share_pct"] - 100 * a["slo_share"],
                      "saving_vs_static_pct": 100 * (1 - a["spent_micros"] / st["spent_micros"]),
                      "budget_bound_steps": a["reasons"].get("budget", 0), "reasons": a["reasons"],
-                     "reaction": reaction(roomy, a, s)}
+                     "reaction": reaction(roomy, a, s), "ledger": ledger(a)}
         results[name] = {
             "title": TITLES[name], "budget_usd": trace.budget_micros / 1e6,
             "final_budget_usd": trace.final_budget / 1e6,
@@ -513,6 +551,8 @@ def run(args: argparse.Namespace, console: Console) -> dict:
             "requests": float(trace.rps.sum() * s.step_s), "static_replicas": static_n,
             "policies": per_policy,
             "margin_saving_vs_static_pct": 100 * (1 - m["spent_micros"] / st["spent_micros"]),
+            "margin_ledger_saving_vs_static_pct":  # the whole bill (deployment + platform idle), whatever the policy
+                100 * (1 - m["ledger"]["ledger_micros"] / st["ledger"]["ledger_micros"]),
             "slo_gap_vs_hpa_pts": h["slo_share_pct"] - m["slo_share_pct"],
             "margin_budget_bound_steps": m["reasons"].get("budget", 0),
             "margin_with_budget_affording_hpa": ample}
@@ -532,21 +572,50 @@ def run(args: argparse.Namespace, console: Console) -> dict:
             "controller_queue_target_us": settings.queue_target_us, "margin_signal": args.margin_signal,
             "peak_load_replicas": args.peak_load, "peak_rps": args.peak_load * cap.rps, "noise_sigma": args.noise,
             "seed": args.seed, "budget_headroom_over_hpa": args.budget_headroom, "cut_fraction": args.cut_fraction,
-            "queue_model": "fluid backlog (FIFO, cap = timeout × capacity) + M/M/c Erlang C wait when no backlog"},
+            "queue_model": "fluid backlog (FIFO, cap = timeout × capacity) + M/M/c Erlang C wait when no backlog",
+            "spend": {"code": "margin.budget.fleet.allocation.allocate", "idle_policy": s.idle_policy,
+                      "interval_s": s.step_s,
+                      "pool": "the deployment's provisioned replicas: replica_us = provisioned × step × 10^6",
+                      "consumer": "the deployment: compute_ns = requests served in the step × 10^9 / capacity rps, "
+                                  "reserved_us = min replicas × step × 10^6",
+                      "carries": "each party's carry and the bill carry threaded from step to step",
+                      "deployment_spend": "Σ its allocations (what the budget, the overrun and the controller's "
+                                          "remaining budget and own burn rate read)",
+                      "platform_idle": "Σ the platform party's allocations"}},
         "traces": results,
     }
     out["goals"] = goals(results)
-    if args.png:
+    if args.png is not None:
         plot(series, s, args.png)
         out["png"] = str(args.png)
     return out
+
+
+def ledger(run: dict) -> dict:
+    """A run's ledger against its bill: Σ allocations (the deployment's and the platform's idle line) vs the
+    exact replica-seconds × price."""
+    exact: Fraction = run["exact_bill"]
+    return {"ledger_micros": run["ledger_micros"], "deployment_micros": run["spent_micros"],
+            "platform_idle_micros": run["platform_idle_micros"],
+            "exact_bill_micros": f"{exact.numerator}/{exact.denominator}" if exact.denominator > 1
+            else str(exact.numerator),
+            "exact_bill_micros_float": float(exact), "floor_exact_micros": math.floor(exact),
+            "ledger_over_exact": float(run["ledger_micros"] / exact) if exact else 1.0,
+            "equal": run["ledger_micros"] == math.floor(exact), "split_by": run["bases"]}
 
 
 def goals(results: dict) -> list[dict]:
     overruns = {n: r["policies"]["margin"]["overrun_usd"] for n, r in results.items()}
     savings = {n: r["margin_saving_vs_static_pct"] for n, r in results.items()}
     gaps = {n: r["slo_gap_vs_hpa_pts"] for n, r in results.items() if r["budget_allows_hpa"]}
+    books = {n: [p["ledger"] for p in r["policies"].values()] for n, r in results.items()}
     return [
+        {"name": "ledger = replica-seconds × price", "goal": "every trace and policy: Σ allocations (deployment + "
+                                                            "platform idle) = floor(replica-seconds × price)",
+         "value": {n: "equal" if all(b["equal"] for b in bs) else
+                   f"off by {max(abs(b['ledger_micros'] - b['floor_exact_micros']) for b in bs)} micros"
+                   for n, bs in books.items()},
+         "met": all(b["equal"] for bs in books.values() for b in bs)},
         {"name": "zero overrun", "goal": "Margin's overrun = 0 in every trace",
          "value": {n: round(v, 6) for n, v in overruns.items()}, "met": all(v == 0 for v in overruns.values())},
         {"name": "cheaper than static peak", "goal": f"Margin ≥ {GOAL_SAVING:.0%} cheaper than static peak in "
@@ -613,6 +682,21 @@ def report(result: dict, console: Console) -> None:
                         f"{p['hpa']['reversals_within_startup']} / {p['margin']['reversals_within_startup']}",
                         *extra)
     console.print(summary)
+    books = Table(title=f"Ledger vs bill ({st['spend']['idle_policy']} idle policy): every {st['step_s']} s step "
+                        "billed and allocated by margin.budget.fleet.allocation.allocate",
+                  caption="ledger = Σ allocations to the deployment + the platform's idle line; bill = replica-seconds "
+                          "× price, exact (µ$); goal: ledger = floor(bill), ratio 1.000000")
+    for col in ("trace", "policy", "deployment µ$", "platform idle µ$", "ledger µ$", "replica-s × price µ$",
+                "ledger / bill", "equal"):
+        books.add_column(col, justify="left" if col in ("trace", "policy") else "right")
+    for name, r in result["traces"].items():
+        for i, kind in enumerate(POLICIES):
+            b = r["policies"][kind]["ledger"]
+            books.add_row(name if i == 0 else "", LABELS[kind], f"{b['deployment_micros']:,}",
+                          f"{b['platform_idle_micros']:,}", f"{b['ledger_micros']:,}",
+                          f"{b['exact_bill_micros_float']:,.3f}", f"{b['ledger_over_exact']:.6f}",
+                          "yes" if b["equal"] else "[red]no[/]", end_section=i == len(POLICIES) - 1)
+    console.print(books)
     for goal in result["goals"]:
         mark = "[green]met[/]" if goal["met"] else "[red]missed[/]"
         console.print(f"{mark}  {goal['name']}: {goal['goal']} - measured {goal['value']}")
@@ -638,22 +722,36 @@ def plot(series: dict, s: SimSettings, path: Path) -> None:
         left.set_xlim(0, 24)
         left.set_ylabel("replicas")
         for kind in POLICIES:
-            right.plot(hours, runs[kind]["spent"] / 1e6, color=colors[kind], lw=1.2, label=LABELS[kind])
+            right.plot(hours, runs[kind]["spent"] / 1e6, color=colors[kind], lw=1.2,
+                       label=f"{LABELS[kind]} (allocated)")
         budget = np.array([trace.budget_at(k) for k in range(len(trace.rps))]) / 1e6
         right.step(hours, budget, where="post", color="black", ls="--", lw=1, label="budget")
         right.set_ylim(0, max(budget.max(), runs["hpa"]["spent"][-1] / 1e6) * 1.3)
-        right.set_title(f"{TITLES[name]}: cumulative spend (USD)")
+        right.set_title(f"{name}: cumulative spend allocated to the deployment (USD)")
         right.set_xlim(0, 24)
         right.set_ylabel("USD")
         if row == 0:
             left.legend(loc="upper left", fontsize=8)
-            right.legend(loc="upper left", fontsize=8)
+            right.legend(loc="upper left", fontsize=8, title=f"allocate(), {s.idle_policy} idle policy",
+                         title_fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("hour of the day")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def png_path(text: str) -> Path | None:
+    """``--png``: a path ending in .png, or no plot for '' / 'none'. (``Path('')`` is ``Path('.')``, which is
+    true, and matplotlib saves ``'.'`` as ``./.png``: an empty argument once left a stray ``.png`` in the
+    repository root.)"""
+    if text.strip().lower() in ("", "none"):
+        return None
+    path = Path(text)
+    if path.suffix.lower() != ".png" or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a .png file path ('' or 'none' for no plot)")
+    return path
 
 
 def main() -> None:
@@ -677,8 +775,12 @@ def main() -> None:
                         help="the controller's observed rps: completed requests (Triton's counter) or arrivals")
     parser.add_argument("--noise", type=float, default=0.05, help="σ of the log-normal noise on the rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--idle-policy", choices=IDLE_POLICIES, default="usage",
+                        help="how the allocation code splits each step's bill between the deployment and the "
+                             "platform's idle line")
     parser.add_argument("--out", type=Path, default=Path("bench/results/autoscaler.json"))
-    parser.add_argument("--png", type=Path, default=Path("bench/results/autoscaler.png"))
+    parser.add_argument("--png", type=png_path, default=Path("bench/results/autoscaler.png"),
+                        help="where the plot goes, a path ending in .png; '' or 'none': no plot")
     args = parser.parse_args()
     if DAY_S % args.step_s or args.step_s < 1 or args.startup_s < 0 or args.min_replicas < 0 \
             or args.max_replicas < max(args.min_replicas, 1):
