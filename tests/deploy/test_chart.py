@@ -128,7 +128,8 @@ def test_the_formula_for_sample_values_by_hand(tmp_path: Path) -> None:
     assert urls == {"cpu": "dns:///margin-triton-cpu-replicas:8001", "nvidia-l4": "dns:///margin-triton-l4-replicas:8001"}
     for pool in ("cpu", "l4"):
         headless = named(objs, "Service", f"margin-triton-{pool}-replicas")["spec"]
-        assert headless["clusterIP"] == "None" and not headless["publishNotReadyAddresses"]
+        # every replica, starting ones included: the gateway bills each one the Service lists, routes to ready ones
+        assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
         assert headless["selector"] == named(objs, "Deployment", f"margin-triton-{pool}")["spec"]["selector"][
             "matchLabels"]
 
@@ -153,6 +154,14 @@ BAD_VALUES = {
     "unpriced device class": ({"triton": {"pools": [{"name": "x", "deviceClass": "tpu-v5", "autoscaling": {
         "engine": "hpa", "minReplicas": 1, "budget": {"amount": 5, "period": "daily"}}}]}},
         'no price for device class "tpu-v5"'),
+    "unknown idle policy": ({"metering": {"idlePolicy": "tenants"}},
+                            "value must be one of 'usage', 'reservation', 'platform'"),
+    "a metering interval of 0": ({"metering": {"intervalSeconds": 0}}, "/metering/intervalSeconds"),
+    "a fractional metering interval": ({"metering": {"intervalSeconds": 7.5}}, "/metering/intervalSeconds"),
+    "scale to zero after 0 s": ({"serving": {"scaleToZeroAfterSeconds": 0}}, "/serving/scaleToZeroAfterSeconds"),
+    "a negative cold-start wait": ({"serving": {"coldStartTimeoutSeconds": -1}}, "/serving/coldStartTimeoutSeconds"),
+    "a typo under serving": ({"serving": {"scaleToZeroAfter": 60}},
+                             "additional properties 'scaleToZeroAfter' not allowed"),
 }
 
 
@@ -220,6 +229,52 @@ def test_network_policies_admit_only_known_callers() -> None:
     workloads = {w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
                  for w in of_kind(objs, "Deployment") + of_kind(objs, "StatefulSet")}
     assert workloads <= covered
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and not selector.get(
+        "matchExpressions")
+
+
+def test_the_gateway_and_every_worker_reach_the_budget_services_grpc_port() -> None:
+    # ReportFleet: the inference gateway and each worker report the replicas they see to the budget service
+    objs = render(CHART / "ci" / "gpu-pools-values.yaml")
+    policy = named(objs, "NetworkPolicy", "margin-budget")["spec"]
+    budget = named(objs, "Deployment", "margin-budget")
+    assert _matches(policy["podSelector"], budget["spec"]["template"]["metadata"]["labels"])
+    assert policy["policyTypes"] == ["Ingress"]  # no egress policy anywhere stops the callers
+    assert not [p for p in of_kind(objs, "NetworkPolicy") if "Egress" in p["spec"]["policyTypes"]]
+    grpc_rules = [rule for rule in policy["ingress"] if {"port": 50051, "protocol": "TCP"} in rule["ports"]]
+    callers = [w for w in of_kind(objs, "Deployment") if w["metadata"]["name"] == "margin-inference"
+               or w["metadata"]["labels"].get("margin.dev/role") == "worker"]
+    assert len(callers) == 1 + len(merged_values(CHART / "ci" / "gpu-pools-values.yaml")["workers"]["pools"])
+    for caller in callers:
+        labels = caller["spec"]["template"]["metadata"]["labels"]
+        assert any(_matches(peer["podSelector"], labels) and "namespaceSelector" not in peer
+                   for rule in grpc_rules for peer in rule["from"]), caller["metadata"]["name"]
+        env = env_of(caller)
+        assert env["MARGIN_BUDGET_ADDR"] == "margin-budget:50051"
+
+
+def test_metering_and_scale_to_zero_settings_reach_every_margin_process(tmp_path: Path) -> None:
+    defaults = {"MARGIN_FLEET_INTERVAL_SECONDS": "15", "MARGIN_IDLE_POLICY": "usage",
+                "MARGIN_SCALE_TO_ZERO_AFTER_SECONDS": "900", "MARGIN_COLD_START_TIMEOUT_SECONDS": "30"}
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({"metering": {"intervalSeconds": 60, "idlePolicy": "platform"},
+                                      "serving": {"scaleToZeroAfterSeconds": 120, "coldStartTimeoutSeconds": 45}}))
+    set_ = {"MARGIN_FLEET_INTERVAL_SECONDS": "60", "MARGIN_IDLE_POLICY": "platform",
+            "MARGIN_SCALE_TO_ZERO_AFTER_SECONDS": "120", "MARGIN_COLD_START_TIMEOUT_SECONDS": "45"}
+    for rendered, want in ((render(CHART / "ci" / "gpu-pools-values.yaml"), defaults), (render(values), set_)):
+        processes = [w for w in of_kind(rendered, "Deployment")
+                     if w["spec"]["template"]["metadata"]["labels"].get("margin.dev/caller") == "true"]
+        names = {w["metadata"]["name"] for w in processes}
+        assert {"margin-inference", "margin-budget"} <= names and any(n.startswith("margin-worker-") for n in names)
+        for w in processes:
+            env = env_of(w)
+            assert {k: env.get(k) for k in want} == want, w["metadata"]["name"]
+        for w in of_kind(rendered, "Deployment"):  # Triton is not a Margin process
+            if w["metadata"]["name"].startswith("margin-triton-"):
+                assert not set(want) & set(env_of(w))
 
 
 def test_external_postgres_renders_no_database_and_reads_the_url_from_the_named_secret() -> None:

@@ -8,6 +8,7 @@ tests check what it sent (method, path, content type, body) and what the objects
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from kube_standin import MERGE, KubeApiStandIn, hpa_path, keda_path, scale_path
 from kubernetes import client
 from margin.budget.autoscaler.controller import Decision
 from margin.budget.autoscaler.kube import (
+    MIN_ANNOTATION,
     REASON_ANNOTATION,
     SCALED_AT_ANNOTATION,
     KubeScaler,
@@ -73,11 +75,11 @@ def hpa(min_replicas: int = 2, max_replicas: int = 10) -> dict[str, Any]:
     }
 
 
-def scaled_object(max_count: int = 10) -> dict[str, Any]:
+def scaled_object(max_count: int = 10, min_count: int = 1) -> dict[str, Any]:
     return {
         "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
         "metadata": {"name": "resnet", "namespace": NS},
-        "spec": {"scaleTargetRef": {"name": "resnet"}, "minReplicaCount": 1, "maxReplicaCount": max_count,
+        "spec": {"scaleTargetRef": {"name": "resnet"}, "minReplicaCount": min_count, "maxReplicaCount": max_count,
                  "triggers": [{"type": "prometheus", "metadata": {"threshold": "50"}}]},
     }
 
@@ -183,6 +185,174 @@ def test_target_validation() -> None:
         Target("hpa")
     with pytest.raises(ScalingError, match="no Kubernetes API client"):
         KubeScaler(None).apply(Target("hpa", NS, "resnet"), 2, "x")
+
+
+# -- the pool's floor: scale to zero (minimum 0) and back (minimum 1) -------------------------------------------------
+KEDA = Target("keda", NS, "resnet")
+HPA = Target("hpa", NS, "resnet")
+
+
+def test_keda_floor_zero_then_back_restores_the_charts_min(stand_in: KubeApiStandIn,
+                                                           api_client: client.ApiClient) -> None:
+    stand_in.put_object(KEDA_PATH, scaled_object(max_count=6, min_count=2))  # the chart's minReplicas 2
+    keda = scaler(api_client)
+
+    # every deployment of the pool scaled to zero: KEDA may take the pool to 0, its ceiling stays >= 1
+    assert keda.apply(KEDA, 0, "nothing loaded", minimum=0) is True
+    patch = stand_in.requests_of("PATCH")[-1]
+    assert patch.content_type == MERGE
+    assert patch.body["spec"] == {"minReplicaCount": 0, "maxReplicaCount": 1}
+    assert patch.body["metadata"]["annotations"][MIN_ANNOTATION] == "2"
+    stored = stand_in.objects[KEDA_PATH]
+    assert (stored["spec"]["minReplicaCount"], stored["spec"]["maxReplicaCount"]) == (0, 1)
+    assert stored["metadata"]["annotations"][MIN_ANNOTATION] == "2"
+
+    # the same again: read, nothing written
+    version = stored["metadata"]["resourceVersion"]
+    stand_in.requests.clear()
+    assert keda.apply(KEDA, 0, "nothing loaded", minimum=0) is False
+    assert [r.method for r in stand_in.requests] == ["GET"]
+    assert stand_in.objects[KEDA_PATH]["metadata"]["resourceVersion"] == version
+
+    # a deployment is loaded again: the chart's floor comes back and the annotation goes (null in the merge patch)
+    stand_in.requests.clear()
+    assert keda.apply(KEDA, 4, "demand 4", minimum=1) is True
+    patch = stand_in.requests_of("PATCH")[-1]
+    assert patch.body["spec"] == {"minReplicaCount": 2, "maxReplicaCount": 4}
+    assert MIN_ANNOTATION in patch.body["metadata"]["annotations"]
+    assert patch.body["metadata"]["annotations"][MIN_ANNOTATION] is None
+    stored = stand_in.objects[KEDA_PATH]
+    assert (stored["spec"]["minReplicaCount"], stored["spec"]["maxReplicaCount"]) == (2, 4)
+    assert MIN_ANNOTATION not in stored["metadata"]["annotations"]
+    assert stored["spec"]["triggers"] == scaled_object()["spec"]["triggers"]
+
+    stand_in.requests.clear()
+    assert keda.apply(KEDA, 4, "demand 4", minimum=1) is False
+    assert [r.method for r in stand_in.requests] == ["GET"]
+
+
+def test_keda_floor_zero_keeps_a_ceiling_of_at_least_one_and_the_replicas_above_it(
+        stand_in: KubeApiStandIn, api_client: client.ApiClient) -> None:
+    stand_in.put_object(KEDA_PATH, scaled_object(max_count=6, min_count=1))
+    assert scaler(api_client).apply(KEDA, 3, "draining", minimum=0) is True
+    assert stand_in.requests_of("PATCH")[-1].body["spec"] == {"minReplicaCount": 0, "maxReplicaCount": 3}
+    assert stand_in.objects[KEDA_PATH]["metadata"]["annotations"][MIN_ANNOTATION] == "1"
+
+
+def test_keda_restored_floor_never_exceeds_the_ceiling_nor_falls_below_the_minimum(
+        stand_in: KubeApiStandIn, api_client: client.ApiClient) -> None:
+    stand_in.put_object(KEDA_PATH, scaled_object(max_count=6, min_count=3))
+    keda = scaler(api_client)
+    assert keda.apply(KEDA, 0, "idle", minimum=0) is True
+    # the budget pays for 1 replica: floor 1 (KEDA refuses min > max), the chart's 3 still remembered
+    assert keda.apply(KEDA, 1, "budget: 1 affordable", minimum=1) is True
+    stored = stand_in.objects[KEDA_PATH]
+    assert (stored["spec"]["minReplicaCount"], stored["spec"]["maxReplicaCount"]) == (1, 1)
+    assert stored["metadata"]["annotations"][MIN_ANNOTATION] == "3"
+    # the budget pays for 5: the whole floor fits again
+    assert keda.apply(KEDA, 5, "demand 5", minimum=1) is True
+    stored = stand_in.objects[KEDA_PATH]
+    assert (stored["spec"]["minReplicaCount"], stored["spec"]["maxReplicaCount"]) == (3, 5)
+    assert MIN_ANNOTATION not in stored["metadata"]["annotations"]
+
+
+def test_keda_without_a_floor_leaves_min_and_the_annotation_alone(stand_in: KubeApiStandIn,
+                                                                  api_client: client.ApiClient) -> None:
+    obj = scaled_object(max_count=6, min_count=0)
+    obj["metadata"]["annotations"] = {MIN_ANNOTATION: "2"}
+    stand_in.put_object(KEDA_PATH, obj)
+    assert scaler(api_client).apply(KEDA, 4, "demand 4") is True  # minimum None: the old behaviour
+    assert stand_in.requests_of("PATCH")[-1].body["spec"] == {"maxReplicaCount": 4}
+    stored = stand_in.objects[KEDA_PATH]
+    assert stored["spec"]["minReplicaCount"] == 0 and stored["metadata"]["annotations"][MIN_ANNOTATION] == "2"
+
+
+def test_hpa_floor_zero_keeps_one_replica_and_restores_the_charts_min(
+        stand_in: KubeApiStandIn, api_client: client.ApiClient, caplog: pytest.LogCaptureFixture) -> None:
+    stand_in.put_object(HPA_PATH, hpa(min_replicas=2, max_replicas=10))
+    hpas = scaler(api_client)
+    caplog.set_level(logging.WARNING, logger="margin.budget.autoscaler.kube")
+
+    # replicas 0 on an HPA: maxReplicas 1 (not 0, which the API server rejects under minReplicas >= 1)
+    assert hpas.apply(HPA, 0, "nothing loaded", minimum=0) is True
+    patch = stand_in.requests_of("PATCH")[-1]
+    assert patch.body["spec"] == {"maxReplicas": 1, "minReplicas": 1}
+    annotations = patch.body["metadata"]["annotations"]
+    assert annotations[MIN_ANNOTATION] == "2"
+    assert annotations[REASON_ANNOTATION].startswith("nothing loaded; the HPA keeps 1 replica")
+    assert "HPAScaleToZero" in annotations[REASON_ANNOTATION]
+    stored = stand_in.objects[HPA_PATH]["spec"]
+    assert (stored["minReplicas"], stored["maxReplicas"]) == (1, 1)
+
+    # ticks later: no write while nothing changes; the warning was logged once, not every tick
+    stand_in.requests.clear()
+    for _ in range(3):
+        assert hpas.apply(HPA, 0, "nothing loaded", minimum=0) is False
+    assert [r.method for r in stand_in.requests] == ["GET"] * 3
+    assert hpas.apply(HPA, 2, "draining", minimum=0) is True  # a write, still no second warning
+    kept = [r for r in caplog.records if "HPAScaleToZero" in r.getMessage()]
+    assert len(kept) == 1 and kept[0].levelno == logging.WARNING
+    assert "hpa serving/resnet" in kept[0].getMessage() and "keeps one replica" in kept[0].getMessage()
+
+    # back to a floor of 1: the chart's minReplicas 2 returns, the annotation goes
+    assert hpas.apply(HPA, 4, "demand 4", minimum=1) is True
+    patch = stand_in.requests_of("PATCH")[-1]
+    assert patch.body["spec"] == {"maxReplicas": 4, "minReplicas": 2}
+    assert patch.body["metadata"]["annotations"][MIN_ANNOTATION] is None
+    stored = stand_in.objects[HPA_PATH]
+    assert (stored["spec"]["minReplicas"], stored["spec"]["maxReplicas"]) == (2, 4)
+    assert MIN_ANNOTATION not in stored["metadata"]["annotations"]
+    assert stored["metadata"]["annotations"]["team"] == "vision"
+    assert "HPAScaleToZero" not in stored["metadata"]["annotations"][REASON_ANNOTATION]
+
+    # a floor of 0 again, after a floor of 1: logged again (once)
+    assert hpas.apply(HPA, 0, "idle again", minimum=0) is True
+    assert len([r for r in caplog.records if "HPAScaleToZero" in r.getMessage()]) == 2
+
+
+def test_hpa_with_a_floor_of_one_at_min_one_needs_no_annotation(stand_in: KubeApiStandIn,
+                                                                api_client: client.ApiClient) -> None:
+    stand_in.put_object(HPA_PATH, hpa(min_replicas=1, max_replicas=5))
+    hpas = scaler(api_client)
+    assert hpas.apply(HPA, 0, "nothing loaded", minimum=0) is True
+    patch = stand_in.requests_of("PATCH")[-1]
+    assert patch.body["spec"] == {"maxReplicas": 1}
+    assert MIN_ANNOTATION not in patch.body["metadata"]["annotations"]
+    assert MIN_ANNOTATION not in stand_in.objects[HPA_PATH]["metadata"]["annotations"]
+    stand_in.requests.clear()
+    assert hpas.apply(HPA, 1, "demand 1", minimum=1) is False  # max 1, min 1 already: nothing to write
+    assert [r.method for r in stand_in.requests] == ["GET"]
+
+
+def test_deployment_goes_to_zero_and_back(stand_in: KubeApiStandIn, api_client: client.ApiClient) -> None:
+    stand_in.put_object(SCALE_PATH, deployment_scale(replicas=2))
+    deployment = Target("deployment", NS, "resnet")
+    plain = scaler(api_client)
+    assert plain.apply(deployment, 0, "nothing loaded", minimum=0) is True
+    assert stand_in.requests_of("PATCH")[-1].body == {"spec": {"replicas": 0}}
+    assert stand_in.objects[SCALE_PATH]["spec"]["replicas"] == 0
+    stand_in.requests.clear()
+    assert plain.apply(deployment, 0, "nothing loaded", minimum=0) is False
+    assert [r.method for r in stand_in.requests] == ["GET"]
+    assert plain.apply(deployment, 3, "demand 3", minimum=1) is True
+    assert stand_in.requests_of("PATCH")[-1].body == {"spec": {"replicas": 3}}
+    assert stand_in.objects[SCALE_PATH]["spec"]["replicas"] == 3
+
+
+def test_pool_applier_passes_the_floor_through(stand_in: KubeApiStandIn, api_client: client.ApiClient) -> None:
+    stand_in.put_object(KEDA_PATH, scaled_object(max_count=6, min_count=2))
+    apply = pool_applier(scaler(api_client), "keda", NS)
+    assert apply("resnet", 0, "nothing loaded", 0) is True
+    assert stand_in.objects[KEDA_PATH]["spec"]["minReplicaCount"] == 0
+    assert apply("resnet", 3, "demand 3") is True  # the floor defaults to 1: restored
+    assert stand_in.objects[KEDA_PATH]["spec"]["minReplicaCount"] == 2
+    assert stand_in.objects[KEDA_PATH]["spec"]["maxReplicaCount"] == 3
+
+
+@pytest.mark.parametrize("minimum", [-1, True, 1.0, "1"])
+def test_a_bad_floor_is_refused(minimum: Any) -> None:
+    with pytest.raises(ValueError, match="minimum must be None or a non-negative int"):
+        KubeScaler(None).apply(Target("report-only"), 1, "x", minimum)
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-{{/* Environment every Margin process (services and workers) shares. */}}
+{{/* Environment every Margin process (services and workers) shares: one view of the configuration, of which each
+process reads what it uses (metering.* and serving.* included: every process that reports its fleet meters on the
+same interval). */}}
 {{- define "margin.commonEnv" -}}
 - {name: MARGIN_LOG_FORMAT, value: json}
 - {name: MARGIN_GRPC_PORT, value: "50051"}
@@ -14,6 +16,10 @@
 - {name: MARGIN_BUDGET_ADDR, value: {{ include "margin.serviceAddress" (list . "budget") | quote }}}
 - {name: MARGIN_COMPRESSION_ADDR, value: {{ include "margin.serviceAddress" (list . "compression") | quote }}}
 - {name: MARGIN_INFERENCE_ADDR, value: {{ include "margin.serviceAddress" (list . "inference") | quote }}}
+- {name: MARGIN_FLEET_INTERVAL_SECONDS, value: {{ .Values.metering.intervalSeconds | quote }}}
+- {name: MARGIN_IDLE_POLICY, value: {{ .Values.metering.idlePolicy | quote }}}
+- {name: MARGIN_SCALE_TO_ZERO_AFTER_SECONDS, value: {{ .Values.serving.scaleToZeroAfterSeconds | quote }}}
+- {name: MARGIN_COLD_START_TIMEOUT_SECONDS, value: {{ .Values.serving.coldStartTimeoutSeconds | quote }}}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef: {name: {{ include "margin.databaseSecret" . }}, key: {{ include "margin.databaseKey" . }}}

@@ -11,6 +11,26 @@ replica count to the cluster through the ``kubernetes`` client, on the object th
 - ``deployment`` — an ``apps/v1`` Deployment without an autoscaler: its ``scale`` subresource's ``spec.replicas``.
 - ``report-only`` — no Kubernetes (local runs): nothing is sent; the plan is only computed and reported.
 
+The pool's floor, ``minimum`` (the planner passes 0 when every deployment of the pool is scaled to zero, so nothing
+needs a replica, else 1; None leaves the object's floor alone, as before floors existed):
+
+- ``keda`` — ``minimum`` 0 sets ``spec.minReplicaCount: 0`` (KEDA scales the Deployment to zero) and
+  ``spec.maxReplicaCount: max(replicas, 1)`` (KEDA needs a ceiling of at least 1). The floor the object had (the
+  chart's ``minReplicas``) is kept in the annotation ``margin.dev/min-replica-count``; once ``minimum`` is 1 or more
+  again, ``minReplicaCount`` is restored from it (never below ``minimum``) and the annotation removed (set to null in
+  the merge patch). (KEDA refuses ``minReplicaCount: 0`` on a ScaledObject with ``idleReplicaCount``; the chart
+  sets none.)
+- ``hpa`` — an HPA cannot go below ``minReplicas: 1`` without the ``HPAScaleToZero`` feature gate (alpha, off by
+  default), so ``minimum`` 0 leaves one replica: ``minReplicas`` 1 and ``maxReplicas`` at least 1 (``replicas`` 0 gives
+  ``maxReplicas: 1``, not the API server's min > max rejection). This is logged once per target (again only after
+  the floor was 1 or more in between), and the reason annotation says so. A chart floor above 1 lowered this way is
+  remembered in the same annotation and restored like KEDA's. Use KEDA for pools that should reach zero replicas.
+- ``deployment`` — ``replicas`` as given, 0 included; ``minimum`` changes nothing there.
+
+With ``minimum`` given, an HPA's / ScaledObject's ceiling is never below ``minimum`` nor below 1, and a floor above
+the ceiling is lowered to it (never below ``minimum``), the object's own floor remembered in the annotation until the
+ceiling lets it back — KEDA, like the API server for HPAs, refuses a floor above the ceiling.
+
 Every patch is a JSON merge patch (``application/merge-patch+json``), set explicitly: left to itself the client
 sends a dict body to a built-in type as ``application/strategic-merge-patch+json`` (it picks
 ``json-patch+json`` and swaps it when the body is not a list), which custom resources such as KEDA's reject.
@@ -18,8 +38,8 @@ The HPA and the ScaledObject also get two annotations, ``margin.dev/scaling-reas
 ``margin.dev/scaled-at`` (UTC, RFC 3339), so ``kubectl describe`` tells why the ceiling moved. The scale
 subresource carries no annotations of the Deployment, so there the reason is only logged.
 
-Each apply first reads the object and sends nothing when it already holds the value (no write, no new
-``resourceVersion``, no audit-log noise every tick).
+Each apply first reads the object and sends nothing when it already holds the values (ceiling, floor and the
+remembered floor: no write, no new ``resourceVersion``, no audit-log noise every tick).
 
 Least-privilege RBAC (a namespaced ``Role`` in the serving namespace, bound to the autoscaler's ServiceAccount;
 the Helm chart renders it), only the rule for the configured kind:
@@ -63,6 +83,9 @@ log = logging.getLogger(__name__)
 KINDS = frozenset({"hpa", "keda", "deployment", "report-only"})
 REASON_ANNOTATION = "margin.dev/scaling-reason"
 SCALED_AT_ANNOTATION = "margin.dev/scaled-at"
+# The floor an HPA / ScaledObject had before the autoscaler lowered it (scale to zero, or a ceiling under it).
+MIN_ANNOTATION = "margin.dev/min-replica-count"
+HPA_KEEPS_ONE = "the HPA keeps 1 replica: minReplicas >= 1 without the HPAScaleToZero feature gate"
 MERGE_PATCH = "application/merge-patch+json"
 # The client (v37) sends POST/PUT bodies without a Content-Type (and ignores ``_content_type`` there); the API server
 # assumes JSON then, but say it: ``_headers`` is honoured.
@@ -145,18 +168,22 @@ class KubeScaler:
     def __init__(self, api_client: client.ApiClient | None, clock: Callable[[], datetime] | None = None):
         self._api_client = api_client
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._kept_one: set[Target] = set()  # HPAs told (logged) that they keep one replica at floor 0
 
     def apply_decision(self, target: Target, decision: Decision) -> bool:
         return self.apply(target, decision.chosen, decision.reason)
 
-    def apply(self, target: Target, replicas: int, reason: str) -> bool:
-        """Set the target's replica ceiling (or count) to ``replicas``; True when a patch was sent.
+    def apply(self, target: Target, replicas: int, reason: str, minimum: int | None = None) -> bool:
+        """Set the target's replica ceiling (or count) to ``replicas`` and, when ``minimum`` is given, its floor (see
+        the module docstring); True when a patch was sent.
 
-        False: ``report-only``, or the object already holds the value. Raises :class:`ScalingError` when the
+        False: ``report-only``, or the object already holds the values. Raises :class:`ScalingError` when the
         API answers with an error (the message has the HTTP status and reason) or cannot be reached.
         """
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be a non-negative int, got {replicas!r}")
+        if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0):
+            raise ValueError(f"minimum must be None or a non-negative int, got {minimum!r}")
         if target.kind == "report-only":
             log.info("report-only: would scale to %d replicas (%s)", replicas, reason)
             return False
@@ -164,48 +191,118 @@ class KubeScaler:
             raise ScalingError(f"{target}: no Kubernetes API client configured (use kind 'report-only' locally)")
         apply = {"hpa": self._apply_hpa, "keda": self._apply_keda, "deployment": self._apply_deployment}[target.kind]
         try:
-            changed = apply(target, replicas, reason)
+            changed = apply(target, replicas, reason, minimum)
         except (ApiException, HTTPError) as exc:
             raise _wrap(ScalingError, f"scaling {target} to {replicas}", exc) from exc
         if changed:
             log.info("%s: scaled to %d replicas (%s)", target, replicas, reason)
         return changed
 
-    def _annotations(self, reason: str) -> dict[str, str]:
+    def _annotations(self, reason: str) -> dict[str, Any]:
         return {REASON_ANNOTATION: reason[:MAX_ANNOTATION_CHARS], SCALED_AT_ANNOTATION: _rfc3339(self._clock())}
 
-    def _apply_hpa(self, target: Target, replicas: int, reason: str) -> bool:
+    def _floor(self, target: Target, annotations: dict[str, str] | None, current_min: int, ceiling: int,
+               minimum: int, lowest: int) -> tuple[int, str | None]:
+        """(the floor to set, the value of :data:`MIN_ANNOTATION` afterwards: None = absent).
+
+        ``current_min`` is the object's floor now, ``ceiling`` the one it gets, ``lowest`` the least floor the kind
+        takes (KEDA 0, an HPA 1). The floor the object had before the autoscaler lowered it (``original``) is the
+        annotation's when present, else ``current_min``. ``minimum`` 0 gives ``lowest``; otherwise ``original`` as far
+        as the ceiling allows, never below ``minimum``. ``original`` is remembered while the floor set is below it.
+        """
+        original = current_min
+        saved = (annotations or {}).get(MIN_ANNOTATION)
+        if saved is not None:
+            try:
+                original = int(saved)
+                if original < 0:
+                    raise ValueError(saved)
+            except ValueError:
+                log.warning("%s: ignoring annotation %s=%r (not a replica count); the floor now is %d", target,
+                            MIN_ANNOTATION, saved, current_min)
+                original = current_min
+        floor = lowest if minimum == 0 else max(minimum, min(original, ceiling), lowest)
+        return floor, (str(original) if floor < original else None)
+
+    def _apply_hpa(self, target: Target, replicas: int, reason: str, minimum: int | None) -> bool:
         api = client.AutoscalingV2Api(self._api_client)
         hpa = api.read_namespaced_horizontal_pod_autoscaler(target.name, target.namespace)
         current_max = hpa.spec.max_replicas
         current_min = hpa.spec.min_replicas if hpa.spec.min_replicas is not None else 1  # the API's default
         spec: dict[str, Any] = {}
-        if current_max != replicas:
-            spec["maxReplicas"] = replicas
-        if replicas < current_min:
-            # minReplicas must stay >= 1 (0 only with the HPAScaleToZero gate): a ceiling of 0 leaves min at 1,
-            # which the API server rejects (min > max) — surfaced as a ScalingError, not hidden.
-            new_min = max(replicas, 1)
-            if new_min != current_min:
-                spec["minReplicas"] = new_min
-        if not spec:
+        annotations: dict[str, Any] = {}
+        if minimum is None:
+            new_max = replicas
+            if replicas < current_min:
+                # minReplicas must stay >= 1 (0 only with the HPAScaleToZero gate): a ceiling of 0 leaves min at 1,
+                # which the API server rejects (min > max) — surfaced as a ScalingError, not hidden.
+                new_min = max(replicas, 1)
+            else:
+                new_min = current_min
+        else:
+            new_max = max(replicas, minimum, 1)
+            current_annotations = hpa.metadata.annotations if hpa.metadata is not None else None
+            new_min, remembered = self._floor(target, current_annotations, current_min, new_max, minimum, 1)
+            if remembered != (current_annotations or {}).get(MIN_ANNOTATION):
+                annotations[MIN_ANNOTATION] = remembered  # None: removed by the merge patch
+            self._note_hpa_floor(target, minimum, replicas)
+            if minimum == 0:
+                reason = f"{reason[:MAX_ANNOTATION_CHARS - len(HPA_KEEPS_ONE) - 2]}; {HPA_KEEPS_ONE}"
+        if current_max != new_max:
+            spec["maxReplicas"] = new_max
+        if new_min != current_min:
+            spec["minReplicas"] = new_min
+        if not spec and not annotations:
             return False
-        body = {"metadata": {"annotations": self._annotations(reason)}, "spec": spec}
+        body: dict[str, Any] = {"metadata": {"annotations": {**self._annotations(reason), **annotations}}}
+        if spec:
+            body["spec"] = spec
         api.patch_namespaced_horizontal_pod_autoscaler(target.name, target.namespace, body, _content_type=MERGE_PATCH)
         return True
 
-    def _apply_keda(self, target: Target, replicas: int, reason: str) -> bool:
+    def _note_hpa_floor(self, target: Target, minimum: int, replicas: int) -> None:
+        """Log, once per target until the floor is 1 or more again, that an HPA cannot scale to zero."""
+        if minimum != 0:
+            self._kept_one.discard(target)
+            return
+        if target in self._kept_one:
+            return
+        self._kept_one.add(target)
+        log.warning("%s: the pool's floor is 0, but an HPA keeps minReplicas >= 1 without the HPAScaleToZero "
+                    "feature gate: the HPA keeps one replica%s (a KEDA ScaledObject can scale the pool to zero)",
+                    target, " (maxReplicas 1, not 0)" if replicas == 0 else "")
+
+    def _apply_keda(self, target: Target, replicas: int, reason: str, minimum: int | None) -> bool:
         api = client.CustomObjectsApi(self._api_client)
         obj = api.get_namespaced_custom_object(KEDA_GROUP, KEDA_VERSION, target.namespace, KEDA_PLURAL, target.name)
-        if (obj.get("spec") or {}).get("maxReplicaCount") == replicas:
+        current = obj.get("spec") or {}
+        spec: dict[str, Any] = {}
+        annotations: dict[str, Any] = {}
+        if minimum is None:
+            new_max = replicas
+        else:
+            new_max = max(replicas, minimum, 1)  # KEDA needs maxReplicaCount >= 1
+            current_min = current.get("minReplicaCount")
+            current_min = 0 if current_min is None else int(current_min)  # KEDA's default
+            current_annotations = (obj.get("metadata") or {}).get("annotations")
+            new_min, remembered = self._floor(target, current_annotations, current_min, new_max, minimum, 0)
+            if new_min != current_min:
+                spec["minReplicaCount"] = new_min
+            if remembered != (current_annotations or {}).get(MIN_ANNOTATION):
+                annotations[MIN_ANNOTATION] = remembered  # None: removed by the merge patch
+        if current.get("maxReplicaCount") != new_max:
+            spec["maxReplicaCount"] = new_max
+        if not spec and not annotations:
             return False
-        body = {"metadata": {"annotations": self._annotations(reason)}, "spec": {"maxReplicaCount": replicas}}
+        body: dict[str, Any] = {"metadata": {"annotations": {**self._annotations(reason), **annotations}}}
+        if spec:
+            body["spec"] = spec
         api.patch_namespaced_custom_object(
             KEDA_GROUP, KEDA_VERSION, target.namespace, KEDA_PLURAL, target.name, body, _content_type=MERGE_PATCH
         )
         return True
 
-    def _apply_deployment(self, target: Target, replicas: int, reason: str) -> bool:
+    def _apply_deployment(self, target: Target, replicas: int, reason: str, minimum: int | None) -> bool:
         api = client.AppsV1Api(self._api_client)
         scale = api.read_namespaced_deployment_scale(target.name, target.namespace)
         if scale.spec is not None and scale.spec.replicas == replicas:

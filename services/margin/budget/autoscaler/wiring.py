@@ -74,13 +74,14 @@ def parse_targets(raw: str, kind: str) -> dict[str, str]:
 
 
 def pool_applier(scaler: KubeScaler, kind: str, namespace: str) -> Apply:
-    """The planner's ``apply``: set the pool object ``pool`` (of ``kind`` in ``namespace``) to ``replicas``. A
+    """The planner's ``apply``: set the pool object ``pool`` (of ``kind`` in ``namespace``) to ``replicas``, with the
+    pool's floor ``minimum`` (0: every deployment of the pool is scaled to zero; see :meth:`KubeScaler.apply`). A
     Kubernetes error is logged — once per pool until it changes or clears, not every tick — and answers False."""
     failing: dict[str, str] = {}
 
-    def apply(pool: str, replicas: int, reason: str) -> bool:
+    def apply(pool: str, replicas: int, reason: str, minimum: int = 1) -> bool:
         try:
-            changed = scaler.apply(Target(kind, namespace, pool), replicas, reason)
+            changed = scaler.apply(Target(kind, namespace, pool), replicas, reason, minimum)
         except KubeError as err:
             (log.debug if failing.get(pool) == str(err) else log.error)(
                 "cannot set pool %s to %d replicas: %s", pool, replicas, err)
