@@ -311,6 +311,17 @@ def test_budget_set_show_and_spend_by_deployment(cli: CliCluster) -> None:
                                      "INVALID_ARGUMENT")
 
 
+def test_report_fleet_and_margin_with_the_local_clusters_keys(cli: CliCluster) -> None:
+    fleet = cli.ok("report", "fleet")  # no key given: the local cluster's admin key, from MARGIN_HOME
+    text = " ".join(fleet.out.split())
+    assert "(replica-seconds × price) = tenants $" in text and "— equal to the micro" in text, fleet
+    refused = cli.fails(1, *cli.acme("report", "fleet"))
+    assert "admin key" in _one_error(refused, "PERMISSION_DENIED")
+    margin = cli.ok(*cli.acme("report", "margin"))
+    assert "Revenue and gross margin" in margin.out, margin
+    assert "no price list is set" in " ".join(margin.out.split()), margin
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 def test_download_of_a_missing_version_is_one_readable_line(cli: CliCluster) -> None:
     target = cli.work / "x"

@@ -67,9 +67,14 @@ def spend_table(report: budget_pb2.SpendReport) -> Table:
     table.add_section()
     table.add_row("[bold]total[/]", f"[bold]{format_money(total)}[/]", str(sum(x.entries for x in lines.values())),
                   render.money(b.total) if has_budget else "—", bar(total, b.total.micros) if has_budget else "—")
+    notes = []
     if has_budget:
-        table.caption = (f"remaining {render.money(report.remaining)}; projected end of period "
-                         f"{render.money(report.projected_end_of_period)} at the burn rate so far")
+        notes.append(f"remaining {render.money(report.remaining)}; projected end of period "
+                     f"{render.money(report.projected_end_of_period)} at the burn rate so far")
+    if report.burn_per_hour.micros:
+        notes.append(f"burning {render.money(report.burn_per_hour)} per hour now")
+    if notes:
+        table.caption = "; ".join(notes)
     return table
 
 
@@ -84,13 +89,15 @@ def breakdown_table(title: str, lines) -> Table:
 
 
 def ledger_total(stub: budget_pb2_grpc.BudgetsStub, metadata: tuple) -> tuple[int, int]:
-    """(micros, entries) of the whole ledger of the caller's tenant this period, read page by page."""
+    """(micros, entries) of the caller's tenant's spend entries this period (its revenue entries are income, not
+    spend), read page by page."""
     report = stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=metadata)
     request = budget_pb2.ListLedgerRequest(page_size=1000)
     if report.budget.HasField("period_start"):
         request.since.CopyFrom(report.budget.period_start)
         request.until.CopyFrom(report.budget.period_end)
-    entries = all_pages(partial(stub.ListLedger, metadata=metadata), request, "entries")
+    entries = [e for e in all_pages(partial(stub.ListLedger, metadata=metadata), request, "entries")
+               if e.category in CATEGORIES.values()]
     return sum(e.amount.micros for e in entries), len(entries)
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
+import grpc
 import typer
 from google.protobuf import json_format
 from rich import box
@@ -24,7 +26,7 @@ from margin.cli.context import connection
 from margin.cli.jobs import STATES, TERMINAL, budget_micros, state_filter
 from margin.cli.shared import KeyOpt, grpc_errors, parse_ref
 from margin.common.costs import format_money
-from margin.v1 import common_pb2, compression_pb2, compression_pb2_grpc
+from margin.v1 import common_pb2, compression_pb2, compression_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 compress_app = typer.Typer(help="Compress registered models: explicit recipes, AutoCompress, the Pareto front.",
                            no_args_is_help=True)
@@ -157,34 +159,94 @@ def summary(job: compression_pb2.CompressionJob) -> str:
 # (header, justify): numbers are right-aligned and never wrapped; two-line headers keep the table within 150 columns
 FRONT_COLUMNS = (("#", "right"), ("recipe", "left"), ("version", "right"), ("size", "right"), ("R", "right"),
                  ("params", "right"), ("sparsity", "right"), ("{metric}", "right"), ("Δ\npts", "right"),
-                 ("p50 b1\nms", "right"), ("p50 b32\nms", "right"), ("$/1M\ninferences", "right"),
+                 ("p50 b1\nms", "right"), ("p50 b32\nms", "right"), ("compute\n$/1M\n(worker)", "right"),
                  ("run cost", "right"), ("break-even\ninferences", "right"), ("flags", "left"))
+SERVED_AT = 12  # right after the worker's compute $/1M
+SERVED_COLUMN = ("served\n$/1M\n(Triton)", "right")  # only when a variant is deployed: next to the worker's figure
+WORKER_LABEL = "model compute cost per million (worker)"
+SERVED_LABEL = "served cost per million (Triton)"
 
 MIN_WIDTHS = {"#": 1, "recipe": 10, "flags": 8}
 
 
-def front_table(job: compression_pb2.CompressionJob) -> Table:
-    """One row per variant: what it is, what it measured, what it costs to run and to make, and its flags."""
+Served = Mapping[tuple[str, int], inference_pb2.Deployment]
+
+
+def _served_cost(v: compression_pb2.VariantReport, served: Served) -> str:
+    d = served.get((v.version.model, v.version.number)) if v.HasField("version") else None
+    if d is None or not d.HasField("served_cost_per_million"):
+        return "—"
+    return render.money(d.served_cost_per_million)
+
+
+def front_table(job: compression_pb2.CompressionJob, served: Served | None = None) -> Table:
+    """One row per variant: what it is, what it measured, what it costs to run and to make, and its flags. The
+    worker's figure is the model compute cost per million inferences; with ``served`` (deployments by (model,
+    version)) and one of the versions deployed, the served cost per million on Triton stands next to it."""
+    served = served or {}
+    with_served = any(v.HasField("version") and (v.version.model, v.version.number) in served
+                      for v in [*job.variants, *([job.baseline] if job.HasField("baseline") else [])])
+    columns = list(FRONT_COLUMNS)
+    if with_served:
+        columns.insert(SERVED_AT, SERVED_COLUMN)
     metric = next((v.quality_metric for v in job.variants if v.quality_metric), "quality")
     floor = f", floor {job.auto.floor.metric} ≥ {job.auto.floor.minimum:g}" if _has_floor(job) else ""
     table = Table(title=f"Variants of {_ref(job.source)} ({objective_name(job)}{floor})", box=box.SIMPLE_HEAVY,
-                  show_edge=False, pad_edge=False, collapse_padding=True)
-    for header, justify in FRONT_COLUMNS:
+                  show_edge=False, pad_edge=False, collapse_padding=True,
+                  caption=f"{WORKER_LABEL}: measured by the compression worker on the TorchScript artifact"
+                          + (f"; {SERVED_LABEL}: what the version's deployment costs as served" if with_served
+                             else ""))
+    for header, justify in columns:
         table.add_column(header.format(metric=metric), justify=justify, no_wrap=justify == "right",
                          overflow="fold", min_width=MIN_WIDTHS.get(header, 0))
     rows = [(-1, job.baseline)] if job.HasField("baseline") else []
     for i, v in [*rows, *enumerate(job.variants)]:
         source = i < 0
-        table.add_row("0" if source else str(i + 1), "source" if source else escape(_name(v, i)),
-                      _ref(v.version) if v.HasField("version") else "—",
-                      render.human_bytes(v.size_bytes), f"{v.compression_ratio:.2f}×", f"{v.parameters:,}",
-                      f"{v.sparsity:.1%}", f"{v.quality:.4f}", "—" if source else f"{v.quality_delta * 100:+.2f}",
-                      f"{v.latency_p50_ms_batch1:.3f}", f"{v.latency_p50_ms_batch32:.3f}",
-                      render.money(v.cost_per_million), "—" if source else render.money(v.run_cost),
-                      "—" if source else _break_even(v.break_even_inferences),
-                      "as trained" if source else _flags(job, i, v),
-                      style="dim" if source else "bold green" if i == job.chosen else None)
+        cells = ["0" if source else str(i + 1), "source" if source else escape(_name(v, i)),
+                 _ref(v.version) if v.HasField("version") else "—",
+                 render.human_bytes(v.size_bytes), f"{v.compression_ratio:.2f}×", f"{v.parameters:,}",
+                 f"{v.sparsity:.1%}", f"{v.quality:.4f}", "—" if source else f"{v.quality_delta * 100:+.2f}",
+                 f"{v.latency_p50_ms_batch1:.3f}", f"{v.latency_p50_ms_batch32:.3f}",
+                 render.money(v.cost_per_million), "—" if source else render.money(v.run_cost),
+                 "—" if source else _break_even(v.break_even_inferences),
+                 "as trained" if source else _flags(job, i, v)]
+        if with_served:
+            cells.insert(SERVED_AT, _served_cost(v, served))
+        table.add_row(*cells, style="dim" if source else "bold green" if i == job.chosen else None)
     return table
+
+
+def deployed_versions(job: compression_pb2.CompressionJob, address: str | None, key: str | None,
+                      timeout_s: float = 5.0) -> dict[tuple[str, int], inference_pb2.Deployment]:
+    """The deployments of the job's source and variants, by (model, version), from the inference gateway with the
+    tenant's key; none when the gateway is unreachable or has no address (the report then shows the worker's
+    figures only). A loaded deployment wins over an unloaded one of the same version."""
+    models = sorted({v.version.model for v in [*job.variants, job.baseline] if v.HasField("version")}
+                    | ({job.source.model} - {""}))
+    try:
+        conn = connection("inference", address, key)
+    except typer.BadParameter:  # no inference address: nothing deployed to show
+        return {}
+    stub = inference_pb2_grpc.InferenceStub(conn.channel)
+    found: dict[tuple[str, int], inference_pb2.Deployment] = {}
+    dead = (inference_pb2.DEPLOYMENT_STATE_UNLOADED, inference_pb2.DEPLOYMENT_STATE_FAILED)
+    try:
+        for model in models:
+            request = inference_pb2.ListDeploymentsRequest(model=model, page_size=100)
+            while True:
+                reply = stub.ListDeployments(request, metadata=conn.metadata, timeout=timeout_s)
+                for d in reply.deployments:
+                    key_ = (d.version.model, d.version.number)
+                    if d.state not in dead and (key_ not in found or found[key_].state in dead):
+                        found[key_] = d
+                if not reply.next_page_token:
+                    break
+                request.page_token = reply.next_page_token
+    except grpc.RpcError:  # unreachable, or this key may not list deployments: the worker's figures stand alone
+        return {}
+    finally:
+        conn.channel.close()
+    return found
 
 
 def _dollars(value: float, _position: int | None = None) -> str:
@@ -250,16 +312,18 @@ def plot_front(job: compression_pb2.CompressionJob, path: Path) -> Path:
     return path
 
 
-def report(job: compression_pb2.CompressionJob, console: Console | None = None, png: Path | None = None) -> bool:
-    """Print the summary line and the front table, save the front plot (``png``, default
-    ``compression-<job id>.png`` here) and print its path. Returns whether the job SUCCEEDED."""
+def report(job: compression_pb2.CompressionJob, console: Console | None = None, png: Path | None = None,
+           served: Served | None = None) -> bool:
+    """Print the summary line and the front table (with ``served``: the served cost per million of the deployed
+    versions), save the front plot (``png``, default ``compression-<job id>.png`` here) and print its path. Returns
+    whether the job SUCCEEDED."""
     out = console or shared.console
     ok = job.state == common_pb2.JOB_STATE_SUCCEEDED
     out.print(summary(job), style=None if ok else "red")
     if not job.variants:
         out.print("no variants were made")
         return ok
-    out.print(front_table(job))
+    out.print(front_table(job, served))
     path = plot_front(job, png or Path(f"compression-{job.id}.png"))
     out.print(f"front plot saved to {path}")
     return ok
@@ -413,11 +477,17 @@ def compress_list(state: str | None = typer.Option(None, "--state", help="|".joi
 @compress_app.command("report")
 @grpc_errors
 def compress_report(job_id: str = typer.Argument(..., metavar="ID"), png: Path | None = PngOpt,
-                    compression_addr: str = CompressionOpt, api_key: str = KeyOpt) -> None:
-    """Print a job's outcome and front table and save the front plot; exit 0 if it SUCCEEDED, else 1."""
+                    compression_addr: str = CompressionOpt,
+                    inference_addr: str = typer.Option(None, "--inference", help="inference gateway address, for the "
+                                                       "served cost of deployed variants (default: the local "
+                                                       "cluster's; skipped when unreachable)"),
+                    api_key: str = KeyOpt) -> None:
+    """Print a job's outcome and front table (with the served cost per million of any variant deployed on Triton)
+    and save the front plot; exit 0 if it SUCCEEDED, else 1."""
     stub, md = compression(compression_addr, api_key)
     job = stub.GetCompressionJob(compression_pb2.GetCompressionJobRequest(id=job_id), metadata=md)
-    raise typer.Exit(0 if report(job, shared.console, png) else 1)
+    served = deployed_versions(job, inference_addr, api_key) if job.variants else {}
+    raise typer.Exit(0 if report(job, shared.console, png, served) else 1)
 
 
 @compress_app.command("estimate")

@@ -34,5 +34,7 @@ def connection(service: str, address: str | None = None, key: str | None = None)
     return connect(service_address(service, address), api_key(key))
 
 
-def admin_connection(address: str | None = None) -> Connection:
-    return connect(service_address("budget", address), state.admin_key())
+def admin_connection(address: str | None = None, key: str | None = None) -> Connection:
+    """The budget service with the operator's key: ``key`` when given, else $MARGIN_ADMIN_KEY, else the local
+    cluster's."""
+    return connect(service_address("budget", address), key or state.admin_key())

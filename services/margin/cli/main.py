@@ -15,6 +15,7 @@ from margin.cli.budget import budget_app, scaling_plan, spend
 from margin.cli.compress import compress_app
 from margin.cli.context import admin_connection, connection
 from margin.cli.jobs import jobs_app, train_app
+from margin.cli.reports import prices_app, report_app
 from margin.cli.shared import KeyOpt, RegistryOpt, console, grpc_errors, parse_ref
 from margin.cluster import local
 from margin.common import config, protoconv
@@ -39,8 +40,12 @@ app.add_typer(train_app, name="train")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(compress_app, name="compress")
 app.add_typer(budget_app, name="budget")
+app.add_typer(report_app, name="report")
+app.add_typer(prices_app, name="prices")
 app.command("spend")(spend)
 app.command("scaling-plan")(scaling_plan)
+
+
 def pairs(items: list[str], option: str) -> dict[str, str]:
     """``["k=v", ...]`` → dict, or a usage error naming the option."""
     out = {}
@@ -291,14 +296,27 @@ def inference(address: str | None, key: str | None) -> tuple[inference_pb2_grpc.
 @grpc_errors
 def deploy(ref: str, device_class: str = typer.Option("cpu", help="price-catalog device class"),
            instances: int = 1, max_batch_size: int = 32, max_queue_delay_us: int = 500,
+           min_replicas: int | None = typer.Option(None, "--min-replicas", min=0,
+                                                   help="replicas kept however idle (default 1); 0: scale to zero "
+                                                        "when idle, the next request loads it again"),
+           scale_to_zero_after: int | None = typer.Option(None, "--scale-to-zero-after", min=1, metavar="SECONDS",
+                                                          help="with --min-replicas 0: unload after this long idle "
+                                                               "(default: the platform's)"),
            inference_addr: str = InferenceOpt, api_key: str = KeyOpt) -> None:
     """Deploy a version (MODEL, MODEL:N or MODEL@ALIAS) on Triton; prints its price and measured capacity."""
+    if scale_to_zero_after is not None and min_replicas != 0:
+        raise typer.BadParameter("only a deployment that scales to zero is unloaded when idle: add --min-replicas 0",
+                                 param_hint="--scale-to-zero-after")
+    request = inference_pb2.DeployRequest(
+        version=parse_ref(ref), device_class=device_class, instances=instances,
+        batching=inference_pb2.BatchingConfig(max_batch_size=max_batch_size,
+                                              max_queue_delay_microseconds=max_queue_delay_us),
+        scale_to_zero_after_seconds=scale_to_zero_after or 0)
+    if min_replicas is not None:  # unset: the service's default (1)
+        request.min_replicas = min_replicas
     stub, md = inference(inference_addr, api_key)
     with console.status(f"deploying {ref} (export, load on Triton, measure capacity)…"):
-        d = stub.Deploy(inference_pb2.DeployRequest(
-            version=parse_ref(ref), device_class=device_class, instances=instances,
-            batching=inference_pb2.BatchingConfig(max_batch_size=max_batch_size,
-                                                  max_queue_delay_microseconds=max_queue_delay_us)), metadata=md)
+        d = stub.Deploy(request, metadata=md)
     console.print(render.deployments_table([d]))
 
 
@@ -314,7 +332,8 @@ def undeploy(name: str, inference_addr: str = InferenceOpt, api_key: str = KeyOp
 @grpc_errors
 def deployments(model: str = typer.Option("", help="only this model's"), inference_addr: str = InferenceOpt,
                 api_key: str = KeyOpt) -> None:
-    """List deployments with state, price per hour, measured capacity and cost per million requests."""
+    """List deployments: state (scaled to zero included), price per hour, measured capacity, cost per million
+    requests as measured at Deploy and as served, and the last cold start."""
     stub, md = inference(inference_addr, api_key)
     items = all_pages(partial(stub.ListDeployments, metadata=md), inference_pb2.ListDeploymentsRequest(model=model),
                       "deployments")

@@ -64,17 +64,54 @@ def versions_table(model: str, versions: list[registry_pb2.ModelVersion]) -> Tab
     return table
 
 
+def deployment_state(d: inference_pb2.Deployment) -> str:
+    """``READY``, ``LOADING``, …, and ``scaled to zero`` (with when it scales to zero, for those that do)."""
+    if d.state == inference_pb2.DEPLOYMENT_STATE_SCALED_TO_ZERO:
+        state = "scaled to zero"
+    else:
+        state = inference_pb2.DeploymentState.Name(d.state).removeprefix("DEPLOYMENT_STATE_")
+    loaded = (inference_pb2.DEPLOYMENT_STATE_READY, inference_pb2.DEPLOYMENT_STATE_LOADING)
+    if d.min_replicas == 0 and d.state in loaded:
+        after = f"{d.scale_to_zero_after_seconds:,} s idle" if d.scale_to_zero_after_seconds else "idle"
+        state += f"\n[dim]to zero after {after}[/]"
+    return state
+
+
+def cold_start(d: inference_pb2.Deployment) -> str:
+    """The last load from zero: how long it took, and when."""
+    if not d.last_cold_start_ms and not d.last_cold_start_time.seconds:
+        return "—"
+    return f"{d.last_cold_start_ms:,.0f} ms\n[dim]{_when(d.last_cold_start_time) or '?'}[/]"
+
+
+def served_cost(d: inference_pb2.Deployment) -> str:
+    """The cost per million requests as served (what routing compares) and where it comes from; then, once the
+    deployment has served enough lately, what its requests actually cost (its allocated share of the pool's bill,
+    idle time included)."""
+    if not d.HasField("served_cost_per_million"):
+        return "—"
+    source = {"triton": "Triton, live", "deploy": "Deploy"}.get(d.served_cost_source, d.served_cost_source or "?")
+    text = f"{format_money(d.served_cost_per_million.micros)}\n[dim]({source})[/]"
+    if d.HasField("allocated_cost_per_million"):
+        text += f"\n[dim]billed {format_money(d.allocated_cost_per_million.micros)}[/]"
+    return text
+
+
 def deployments_table(deployments: list) -> Table:
+    """One row per deployment: state (``scaled to zero`` included), price per replica-hour, measured capacity and
+    p50, cost per million requests as measured at Deploy and as served (live on Triton, or the Deploy figure), and the
+    last cold start."""
     table = Table(title="Deployments")
     for col, justify in (("name", "left"), ("version", "left"), ("state", "left"), ("device", "left"),
                          ("instances", "right"), ("price/hour", "right"), ("capacity", "right"),
-                         ("p50", "right"), ("cost/1M req", "right")):
+                         ("p50", "right"), ("cost/1M req", "right"), ("served/1M", "right"),
+                         ("cold start", "right")):
         table.add_column(col, justify=justify)
     for d in deployments:
-        table.add_row(d.name, f"{d.version.model}:{d.version.number}",
-                      inference_pb2.DeploymentState.Name(d.state).removeprefix("DEPLOYMENT_STATE_"), d.device_class,
+        table.add_row(d.name, f"{d.version.model}:{d.version.number}", deployment_state(d), d.device_class,
                       str(d.instances), format_money(d.price_per_hour.micros), f"{d.capacity_rps:,.0f} req/s",
-                      f"{d.latency_p50_ms:.2f} ms", format_money(d.cost_per_million.micros))
+                      f"{d.latency_p50_ms:.2f} ms", format_money(d.cost_per_million.micros), served_cost(d),
+                      cold_start(d))
     return table
 
 
