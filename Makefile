@@ -108,7 +108,7 @@ k8s: tools ## Regenerate k8s/base from the chart (kustomize users); a test keeps
 lint: setup ## Ruff over the code
 	$(VENV)/bin/ruff check services tests bench
 
-bench: bench-registry bench-gateway bench-training bench-compression bench-autoscaler ## Run every benchmark (tables printed, JSON in bench/results/)
+bench: bench-registry bench-gateway bench-training bench-compression bench-autoscaler bench-costtruth ## Run every benchmark (tables printed, JSON in bench/results/)
 
 bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
 	$(PY) bench/registry_bench.py --size-mb 200
@@ -125,7 +125,10 @@ bench-compression: setup ## Quantized MiniLM-L6 on CPU; AutoCompress on the digi
 bench-autoscaler: setup ## Replay 4 traffic traces through simulated replicas (capacity from gateway.json): static peak vs HPA vs Margin's controller; writes bench/results/autoscaler.json and .png
 	$(PY) bench/autoscaler_bench.py
 
+bench-costtruth: setup ## The local cluster plays a recorded trace (idle, ramp, burst, idle) through the gateway and straight to Triton: bill vs Σ allocations + idle, /proc up-time, cold starts; writes bench/results/costtruth.json
+	$(PY) bench/costtruth_bench.py
+
 clean: down ## Remove generated code, the venv and the deploy tools
 	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache $(TOOLS)
 
-.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression bench-autoscaler clean tools helm-lint k8s images e2e-kind
+.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression bench-autoscaler bench-costtruth clean tools helm-lint k8s images e2e-kind

@@ -387,7 +387,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         registry = start(service_spec("registry", "margin.registry", workdir, admin_key, {}), workdir, started, 30)
         gateway = start(service_spec("inference", "margin.inference", workdir, admin_key, {
             "MARGIN_TRITON_URL": triton.spec.address, "MARGIN_REGISTRY_ADDR": registry.spec.address,
-            "MARGIN_REDIS_URL": f"redis://{redis_proc.spec.address}/0",
+            "MARGIN_BUDGET_ADDR": budget.spec.address, "MARGIN_REDIS_URL": f"redis://{redis_proc.spec.address}/0",
             "MARGIN_MODEL_REPOSITORY": str(repository),
             "MARGIN_RATE_LIMIT_RPS": str(args.rate_limit), "MARGIN_RATE_LIMIT_BURST": str(args.rate_limit)}),
             workdir, started, 60)

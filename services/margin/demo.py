@@ -6,8 +6,10 @@ against the estimate. The job registers safetensors + architecture (the trainabl
 weights, exports TorchScript (the servable form, a child of the trained version), points the ``production`` alias
 at it, then compresses the trained version with AutoCompress, deploys the chosen variant next to the original
 and predicts the validation set through the gateway both ways, printing the side-by-side cost report
-(:mod:`margin.demo_serving`). A job that ends below 97 % validation accuracy, or a compression that chooses no
-variant, fails the demo (non-zero exit).
+(:mod:`margin.demo_serving`). It ends with the reconciliation of the fleet's bill — every replica-second the local
+Triton and worker were up, busy or idle, × their price, equal to the micro to what the tenants and the platform's
+idle line were allocated — and the margin report (:mod:`margin.demo_costs`). A job that ends below 97 % validation
+accuracy, a compression that chooses no variant, or a bill that does not reconcile fails the demo (non-zero exit).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load
 
-from margin import demo_serving
+from margin import demo_costs, demo_serving
 from margin.cli import budget as budget_cli
 from margin.cli import jobs, render
 from margin.cluster import local
@@ -42,7 +44,7 @@ VALIDATION_FRACTION = 0.2
 SEED = 0
 TARGET_ACCURACY = 0.97
 BUDGET_DOLLARS = "0.05"                # the job's own cap; a run costs about $0.0002–0.002 on cpu
-METER_WAIT_S = 10.0                    # the gateway flushes its meter to the ledger every second
+METER_WAIT_S = 15.0                    # the local cluster bills its fleet every 5 s
 TENANT_BUDGET = "100"                  # the demo tenant's monthly budget (limits per category in set_budget)
 
 
@@ -54,6 +56,7 @@ def measured_cost(catalog: costs.PriceCatalog, seconds: float, device_class: str
 
 def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
     console = console or Console()
+    started = time.time()
     with console.status("starting the local cluster (Redis, Triton, budget, registry, training, worker)…"):
         cluster = local.up()
     services = cluster["services"]
@@ -69,7 +72,9 @@ def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
             raise
 
     budget = connect(services["budget"]["address"], key)
+    admin = connect(services["budget"]["address"], local.state.admin_key())
     set_budget(console, budget)
+    demo_costs.set_prices(console, admin, local.DEMO_TENANT, MODEL)
     training = connect(services["training"]["address"], key)
     try:
         job = train(console, training, epochs)
@@ -97,7 +102,13 @@ def run(console: Console | None = None, epochs: int = EPOCHS) -> None:
     budget_stub = budget_pb2_grpc.BudgetsStub(budget.channel)
     console.print(budget_cli.plan_table(budget_stub.GetScalingPlan(budget_pb2.GetScalingPlanRequest(
         deployment=f"{MODEL}-v{chosen.number}"), metadata=budget.metadata)))
-    budget.close()
+    try:
+        demo_costs.reconcile(console, admin, budget, started, local.state.home() / "reports")
+    except demo_costs.Unbalanced as err:
+        raise DemoFailed(str(err)) from None
+    finally:
+        budget.close()
+        admin.close()
     console.print(f"[bold]production[/] → {MODEL}:{servable.number}; compressed → {MODEL}:{chosen.number}. The "
                   "cluster keeps running: `margin jobs list`, `margin compress list`, `margin deployments`, "
                   f"`margin lineage {MODEL}:{chosen.number}`, `make down` to stop it.")
@@ -121,7 +132,7 @@ def spend_report(console: Console, conn: Connection) -> None:
     """The tenant's spend this period by category, and the check that the categories sum to the ledger."""
     stub = budget_pb2_grpc.BudgetsStub(conn.channel)
     deadline = time.monotonic() + METER_WAIT_S
-    with console.status("waiting for the gateway's meter to write the requests to the ledger (every second)…"):
+    with console.status("waiting for the fleet's metering interval to bill the serving (every 5 s)…"):
         while True:
             report = stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=conn.metadata)
             if any(line.key == "serving" for line in report.by_category) or time.monotonic() > deadline:

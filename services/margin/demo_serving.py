@@ -2,10 +2,12 @@
 the original on Triton, and let routing pick between them.
 
 AutoCompress searches the built-in recipes for the variant with the lowest measured cost per million inferences
-that keeps accuracy within half a point of the source. Each variant, and the source itself, carries the serving
-figures the compression worker measured on the same device class; the gateway's routing compares those figures.
-The validation set is then predicted twice through the gateway — pinned to the original (``digits@production``)
-and routed by the policy alone — and the side-by-side report shows what each costs.
+that keeps accuracy within half a point of the source: the model's own compute, measured on the compression worker
+(nothing else can be measured before a variant is served). Once both are deployed, the gateway's routing compares
+them *as served* — through Triton, measured at Deploy and then live from Triton's statistics
+(:mod:`margin.inference.served_cost`). The validation set is then predicted twice through the gateway — pinned to the
+original (``digits@production``) and routed by the policy alone — and the side-by-side report shows both figures and
+what each request cost.
 """
 from __future__ import annotations
 
@@ -104,8 +106,9 @@ def predict_all(stub: inference_pb2_grpc.InferenceStub, metadata: tuple, route: 
 
 def side_by_side(job: compression_pb2.CompressionJob, deployed: list[inference_pb2.Deployment],
                  served: dict[str, Served]) -> Table:
-    """The cost report: the original and the chosen variant as the compression job measured them (what routing
-    compares), as Deploy measured them on Triton, and what predicting the validation set cost through the gateway."""
+    """The cost report: the original and the chosen variant as the compression job measured them (the model's own
+    compute), as served through Triton (what routing compares), and what predicting the validation set cost through
+    the gateway (an estimate per request; the ledger allocates the pool's whole bill)."""
     pair = (job.baseline, job.variants[job.chosen])
     table = Table(title="Original vs compressed, side by side (cpu)")
     table.add_column("")
@@ -119,12 +122,14 @@ def side_by_side(job: compression_pb2.CompressionJob, deployed: list[inference_p
         ("held-out accuracy", *(f"{v.quality:.4f}" for v in pair)),
         ("worker p50, batch 1 / 32", *(f"{v.latency_p50_ms_batch1:.3f} / {v.latency_p50_ms_batch32:.3f} ms"
                                        for v in pair)),
-        ("cost per million inferences (routing)", *(render.money(v.cost_per_million) for v in pair)),
+        ("model compute cost per million (worker)", *(render.money(v.cost_per_million) for v in pair)),
         ("Triton p50, batch 1 (Deploy)", *(f"{d.latency_p50_ms:.2f} ms" for d in deployed)),
         ("Triton cost per million requests (Deploy)", *(render.money(d.cost_per_million) for d in deployed)),
+        ("served cost per million (routing)", *(f"{render.money(d.served_cost_per_million)} ({d.served_cost_source})"
+                                                for d in deployed)),
         ("gateway: served accuracy", *(f"{r.accuracy:.2%}" if r else "—" for r in runs)),
-        ("gateway: cost per 32-image request", *(f"{r.cost_micros / r.requests:.4f} µ$" if r else "—"
-                                                for r in runs)),
+        ("gateway: estimated cost per 32-image request", *(f"{r.cost_micros / r.requests:.4f} µ$" if r else "—"
+                                                          for r in runs)),
         ("making it", "the training job",
          f"{render.money(pair[1].run_cost)}; break-even after "
          + (f"{pair[1].break_even_inferences:,} inferences" if pair[1].break_even_inferences >= 0 else "never")),
@@ -147,6 +152,8 @@ def serve(console: Console, conn: Connection, job: compression_pb2.CompressionJo
         version=common_pb2.VersionRef(model=original.model),
         routing=inference_pb2.RoutingPolicy(floor=common_pb2.QualityFloor(metric="val_accuracy",
                                                                           minimum=floor.minimum))), data)
+    deployed = [stub.GetDeployment(inference_pb2.GetDeploymentRequest(name=d.name), metadata=conn.metadata)
+                for d in deployed]  # the served figures as they are now, after the traffic
     console.print(side_by_side(job, deployed, {pinned.version: pinned, routed.version: routed}))
     console.print(f"pinned to {original.model}@{original.alias}: served by {pinned.version}; routed by the policy "
                   f"val_accuracy ≥ {floor.minimum:.4f}: served by [bold]{routed.version}[/], the cheapest deployed "
@@ -154,7 +161,7 @@ def serve(console: Console, conn: Connection, job: compression_pb2.CompressionJo
     if routed.cost_micros >= pinned.cost_micros and routed.version != pinned.version:
         console.print("[dim]Through Triton a request of this tiny model costs about the same either way: its "
                       "compute is microseconds, and the python backend and gRPC around it take milliseconds. The "
-                      "compression's saving is the model's own compute per inference (the routing figure above), "
+                      "compression's saving is the model's own compute per inference (the worker's figure above), "
                       "which a larger model's requests are made of.[/]")
     if routed.accuracy < floor.minimum - 1e-9:
         raise DemoFailed(f"routing served {routed.version} at {routed.accuracy:.2%}, below the floor "

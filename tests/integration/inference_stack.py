@@ -18,12 +18,14 @@ from margin.cluster.processes import ManagedProcess, MissingDependency, redis_sp
 from margin.common.protoconv import signature_to_proto
 from margin.common.service import start_service
 from margin.common.tensors import Signature, TensorSpec
+from margin.inference.scaling import ScalingSettings
 from margin.inference.service import InferenceSettings, inference_builder
 from margin.inference.triton_process import find_triton, triton_spec
 from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
 from tests.conftest import running_cluster
 
+FLEET_INTERVAL_S = 1.0  # the metering interval of the test stacks: a report every second
 SIGNATURE = Signature((TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("logits", "FP32", (-1, 10)),))
 
 
@@ -49,9 +51,10 @@ def scripted_mlp(seed: int) -> torch.jit.ScriptModule:
     return torch.jit.script(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)))
 
 
-def upload_model(cluster, model: str, module: torch.jit.ScriptModule, path: Path, metrics: dict) -> int:
+def upload_model(cluster, model: str, module: torch.jit.ScriptModule, path: Path, metrics: dict,
+                 tenant: str = "acme") -> int:
     module.save(str(path))
-    client = cluster.client()
+    client = cluster.client(tenant)
     return client.upload_file(path, registry_pb2.UploadMetadata(
         model=model, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, signature=signature_to_proto(SIGNATURE),
         metrics=metrics)).number
@@ -77,7 +80,9 @@ def inference_stack(home: Path) -> Iterator[Stack]:
             settings = InferenceSettings(triton_url=triton.spec.address,
                                          registry_address=cluster.registry.server.address,
                                          redis_url=f"redis://{redis_proc.spec.address}/0", repository=home / "repo",
-                                         flush_every_s=3600, watch_every_s=0.1, budget_ttl_s=0)
+                                         watch_every_s=0.1, budget_ttl_s=0,
+                                         budget_address=cluster.budget.server.address,
+                                         scaling=ScalingSettings(interval_s=FLEET_INTERVAL_S))
             inference = start_service(inference_builder(settings), database_url=f"sqlite:///{home / 'margin.db'}",
                                       admin_key=cluster.admin_key, auth_cache_seconds=0)
             scripted = {}
@@ -135,6 +140,15 @@ def wait_for(condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
+
+
+def billed_through(stack: Stack, moment: float | None = None, timeout: float = 20.0) -> None:
+    """Wait until the gateway's fleet observer has closed every metering interval up to ``moment`` (now) and the
+    budget service has taken the reports: the ledger then holds what was served until then."""
+    moment = time.time() if moment is None else moment
+    observer = stack.inference.spec.extra["observer"]
+    wait_for(lambda: observer.last_closed_end >= moment, timeout, "the fleet observer closed no interval")
+    assert observer.flush(timeout), "the budget service did not take the fleet reports"
 
 
 def health(stack: Stack) -> int:

@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from tests.integration.inference_stack import (
     Stack,
     another_service,
+    billed_through,
     code_of,
     deploy,
     health,
@@ -107,17 +108,31 @@ def test_routing_picks_the_cheapest_variant_that_meets_the_floor(stack):
             routing=inference_pb2.RoutingPolicy(floor=common_pb2.QualityFloor(metric="accuracy", minimum=minimum))),
             metadata=stack.md())
 
-    assert routed(0.95).served_version.number == 2  # v1 and v2 meet 0.95; v2 is cheaper
-    assert routed(0.80).served_version.number == 3  # all three meet it; v3 is cheapest
+    # routing compares the cost as served through Triton, not the worker's bare-model figure in the metrics
+    expected = cheapest_as_served(stack, [1, 2])  # v1 and v2 meet 0.95
+    assert routed(0.95).served_version.number == expected
+    expected = cheapest_as_served(stack, [1, 2, 3])  # all three meet 0.80
+    assert routed(0.80).served_version.number == expected
     code, details = code_of(lambda: routed(0.99))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "digits-v1" in details and "accuracy=0.97" in details  # names the best available
 
 
+def cheapest_as_served(stack, numbers: list[int]) -> int:
+    """The version routing should pick among ``numbers``: by each deployment's served cost per million (the live
+    allocated figure when all have one, else every Deploy figure), then the higher accuracy, then the newer."""
+    billed_through(stack)  # what Triton did so far is in the live figures: they move only when a deployment serves
+    found = {n: stack.stub().GetDeployment(inference_pb2.GetDeploymentRequest(name=f"digits-v{n}"),
+                                           metadata=stack.md()) for n in numbers}
+    live = all(d.served_cost_source == "triton" for d in found.values())
+    accuracy = {1: 0.97, 2: 0.96, 3: 0.90}
+    return min(numbers, key=lambda n: ((found[n].served_cost_per_million if live else found[n].cost_per_million).micros,
+                                       -accuracy[n], -n))
+
+
 def test_thousand_requests_from_eight_clients_lose_none_and_meter_exactly(stack):
     deploy(stack, 2)
-    meter = stack.inference.spec.extra["meter"]
-    meter.flush()
+    billed_through(stack)
     sessions = stack.inference.context.sessions
     with sessions() as s:
         before = s.scalar(select(func.coalesce(func.sum(LedgerRow.quantity), 0))
@@ -134,7 +149,7 @@ def test_thousand_requests_from_eight_clients_lose_none_and_meter_exactly(stack)
 
     with ThreadPoolExecutor(8) as pool:
         assert sum(pool.map(client, range(8))) == 1000
-    meter.flush()
+    billed_through(stack)
     with sessions() as s:
         after = s.scalar(select(func.coalesce(func.sum(LedgerRow.quantity), 0))
                          .where(LedgerRow.deployment == "digits-v2"))
@@ -367,7 +382,8 @@ def test_a_spent_serving_budget_rejects_degrades_or_throttles_by_the_tenants_pol
     code, details = code_of(lambda: predict(stack, x, number=1))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "serving budget" in details and "$0.00005" in details
     policy(budget_pb2.EXHAUSTED_POLICY_DEGRADE)
-    assert predict(stack, x, number=1).served_version.number == 3  # the cheapest variant of the model
+    expected = cheapest_as_served(stack, [1, 2, 3])
+    assert predict(stack, x, number=1).served_version.number == expected
     policy(budget_pb2.EXHAUSTED_POLICY_THROTTLE)
     time.sleep(2.5)  # a full bucket: 2,000 tokens
     served = refused = 0

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from margin.cluster.processes import ManagedProcess, MissingDependency, ProcessSpec
 from margin.common.tensors import Signature, TensorSpec
+from margin.inference.triton_export import TritonOptions, export_version
 from margin.inference.triton_process import find_triton, prepare_backend_dir, triton_spec
 from margin.registry.domain import VersionRecord
-from margin.registry.triton_export import TritonOptions, export_version
 
 torch = pytest.importorskip("torch")
 triton_grpc = pytest.importorskip("tritonclient.grpc")

@@ -32,11 +32,11 @@ from margin.budget.autoscaler.kube import (
 )
 from margin.budget.autoscaler.planner import POOL_REASON_CHARS, Plan, Planner, pool_reason
 from margin.budget.autoscaler.wiring import build_autoscaler, parse_targets, pool_applier
+from margin.budget.fleet.tables import ServingDeploymentRow as DeploymentRow
 from margin.budget.store import Budget, BudgetStore
 from margin.common.config import ConfigError
 from margin.common.db import make_engine, make_sessionmaker
 from margin.common.tenancy import TenantStore
-from margin.inference.tables import DeploymentRow
 from sqlalchemy import update
 
 NS = "serving"

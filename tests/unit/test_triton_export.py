@@ -1,4 +1,4 @@
-"""Unit tests for margin.registry.triton_export: config.pbtxt text and the exported model folder."""
+"""Unit tests for margin.inference.triton_export: config.pbtxt text and the exported model folder."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from margin.common.errors import FailedPrecondition, InvalidArgument
 from margin.common.tensors import Signature, TensorSpec
-from margin.registry.domain import VersionRecord
-from margin.registry.triton_export import (
+from margin.inference.triton_export import (
     TRITON_DTYPES,
     TritonOptions,
     backends_for,
     export_version,
     triton_config,
 )
+from margin.registry.domain import VersionRecord
 
 # torch.jit is deprecated in this torch release, but TorchScript is what Triton's libtorch backend loads.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")

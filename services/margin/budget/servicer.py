@@ -103,8 +103,10 @@ class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
         return self._tenant(named)
 
     def ReportFleet(self, request, context):
-        billed, duplicates = self.fleet.report(convert.fleet_report_from_proto(request))
-        return budget_pb2.ReportFleetResponse(billed=billed, duplicates=duplicates)
+        billed, duplicates, allocated = self.fleet.report(convert.fleet_report_from_proto(request))
+        return budget_pb2.ReportFleetResponse(billed=billed, duplicates=duplicates, allocations=[
+            budget_pb2.FleetAllocation(tenant=a.tenant, deployment=a.deployment, amount=protoconv.money(a.micros),
+                                       inferences=a.inferences) for a in allocated])
 
     def SetPriceList(self, request, context):
         named = request.price_list.tenant

@@ -241,21 +241,25 @@ class BudgetStore:
     def serving_burn(self, tenant_id: int, at: datetime | None = None, period_start: datetime | None = None) \
             -> dict[str, int]:
         """Each deployment's allocated serving cost per hour over the recent past: the entries of the last
-        ``burn_window_s`` (at most since ``period_start``), over the time they cover — from one metering interval
-        before the first of them, when the deployment started billing within the window."""
+        ``burn_window_s`` (at most since ``period_start``) over the time they cover — from one metering interval
+        before the first of them (when the deployment started billing within the window) to the last of them (while
+        it is still billing: the interval under way is not in the ledger yet)."""
         at = as_utc(at) or utcnow()
         window_start = at - timedelta(seconds=self._burn_window_s)
         if period_start is not None:
             window_start = max(window_start, period_start)
         with self._sessions() as s:
-            rows = s.execute(select(LedgerRow.deployment, func.sum(LedgerRow.micros), func.min(LedgerRow.created_at))
+            rows = s.execute(select(LedgerRow.deployment, func.sum(LedgerRow.micros), func.min(LedgerRow.created_at),
+                                    func.max(LedgerRow.created_at))
                              .where(LedgerRow.tenant_id == tenant_id, LedgerRow.category == "serving",
                                     LedgerRow.created_at >= window_start, LedgerRow.created_at <= at)
                              .group_by(LedgerRow.deployment)).all()
         burn = {}
-        for deployment, micros, first in rows:
-            covered_from = max(window_start, as_utc(first) - timedelta(seconds=self._interval_s))
-            seconds = max((at - covered_from).total_seconds(), self._interval_s)
+        interval = timedelta(seconds=self._interval_s)
+        for deployment, micros, first, last in rows:
+            covered_from = max(window_start, as_utc(first) - interval)
+            covered_to = as_utc(last) if at - as_utc(last) <= 2 * interval else at
+            seconds = max((covered_to - covered_from).total_seconds(), self._interval_s)
             burn[deployment] = int(int(micros) * 3600 / seconds)
         return burn
 

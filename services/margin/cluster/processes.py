@@ -19,6 +19,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 STOP_TIMEOUT_S = 15.0
+LOCAL_FLEET_INTERVAL_S = 5.0  # the local cluster's metering interval (15 s by default in a cluster)
 READY_FILE_ENV = "MARGIN_WORKER_READY_FILE"
 PR_SET_PDEATHSIG = 1
 
@@ -175,6 +176,8 @@ def service_specs(home: Path, admin_key: str, redis_url: str, triton_url: str,
               "MARGIN_LOG_FORMAT": "json", "MARGIN_REDIS_URL": redis_url, "MARGIN_TRITON_URL": triton_url,
               "MARGIN_TRITON_METRICS_URL": triton_metrics_url,
               "MARGIN_MODEL_REPOSITORY": str(home / "model-repository"),
+              "MARGIN_FLEET_INTERVAL_SECONDS": os.environ.get("MARGIN_FLEET_INTERVAL_SECONDS",
+                                                              str(LOCAL_FLEET_INTERVAL_S)),
               **{f"MARGIN_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()}}
     services = [ProcessSpec(name, [sys.executable, "-m", module], ports[name], "grpc",
                             {**shared, "MARGIN_GRPC_PORT": str(ports[name]), "MARGIN_METRICS_PORT": str(free_port())})

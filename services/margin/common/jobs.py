@@ -386,6 +386,24 @@ class JobStore:
             self._bill(s, row)
         return self.get(None, lease.job.id)
 
+    def attempts_between(self, owner_prefix: str, start: datetime,
+                         end: datetime) -> list[tuple[str, str, str, str, float]]:
+        """The attempts whose owner starts with ``owner_prefix`` (a node: ``host/``) that ran within [start, end):
+        (job id, tenant, kind, owner, seconds of the window they ran). A worker's fleet report uses it."""
+        with self._sessions() as s:
+            rows = s.execute(select(AttemptRow.job_id, JobRow.tenant, JobRow.kind, AttemptRow.owner,
+                                    AttemptRow.started_at, AttemptRow.ended_at)
+                             .join(JobRow, JobRow.id == AttemptRow.job_id)
+                             .where(AttemptRow.owner.startswith(owner_prefix, autoescape=True),
+                                    AttemptRow.started_at < end,
+                                    (AttemptRow.ended_at.is_(None)) | (AttemptRow.ended_at > start))).all()
+        out = []
+        for job_id, tenant, kind, owner, started, ended in rows:
+            ran = (min(end, as_utc(ended) or end) - max(start, as_utc(started))).total_seconds()
+            if ran > 0:
+                out.append((job_id, tenant, kind, owner, ran))
+        return out
+
     def record_throughput(self, family: str, device_class: str, precision: str, world_size: int,
                           work_per_second: float, overhead_seconds: float) -> None:
         with self._sessions.begin() as s:

@@ -6,21 +6,27 @@
 - ``throttle``: every row costs ``THROTTLE_FACTOR`` tokens of the tenant's rate limit, so it gets a tenth of
   its usual rate.
 
-The budget is read from the one ledger through :class:`~margin.budget.store.BudgetStore`, cached per tenant for
-a short time so a request does not pay a database query; the gateway's own meter writes the ledger every second,
-so enforcement lags the spend by about that much.
+The spend is the budget service's (``GetSpend`` over gRPC with the platform's key): the allocated cost of the
+tenant's share of its serving pools, idle replicas included, billed every metering interval. It is cached per tenant
+for a short time so a request does not pay a call. When the budget service cannot be reached the gate stays open
+(and says so in the log): serving does not stop because the accounting is down, and the fleet's replica time is
+billed when it is back (the observer keeps its reports until they are taken).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
-from margin.budget.store import BudgetStore
 from margin.common.costs import format_money
-from margin.common.errors import ResourceExhausted
+from margin.common.errors import MarginError, ResourceExhausted
+from margin.sdk.budgets import BudgetsClient
+from margin.v1 import budget_pb2
 
+log = logging.getLogger(__name__)
 THROTTLE_FACTOR = 10
+SERVING = budget_pb2.SPEND_CATEGORY_SERVING
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class ServingBudget:
     policy: str = "reject"
     spent_micros: int = 0
     limit_micros: int = 0
+    remaining_micros: int | None = None  # what serving may still spend this period; None: no budget
 
     def refuse(self, tenant: str) -> ResourceExhausted:
         return ResourceExhausted(f"{tenant}'s serving budget for this period is spent "
@@ -37,34 +44,47 @@ class ServingBudget:
 
 
 OPEN = ServingBudget(exhausted=False)
+POLICIES = {budget_pb2.EXHAUSTED_POLICY_DEGRADE: "degrade", budget_pb2.EXHAUSTED_POLICY_THROTTLE: "throttle"}
+
+
+def serving_budget(report: budget_pb2.SpendReport) -> ServingBudget:
+    """The serving part of a tenant's spend report: spent, its limit (the category's, else the total) and what is
+    left (the smaller of the total's and the category's remainder)."""
+    if not report.budget.HasField("total"):
+        return OPEN
+    total = report.budget.total.micros
+    serving = next((line.amount.micros for line in report.by_category if line.key == "serving"), 0)
+    limit = next((c.limit.micros for c in report.budget.category_limits if c.category == SERVING), None)
+    left = report.remaining.micros if limit is None else min(report.remaining.micros, limit - serving)
+    policy = POLICIES.get(report.budget.exhausted_policy, "reject")
+    return ServingBudget(left <= 0, policy, serving if limit is not None else report.spent.micros,
+                         limit if limit is not None else total, left)
 
 
 class BudgetGate:
-    def __init__(self, budgets: BudgetStore, ttl_s: float = 2.0, clock=time.monotonic):
+    def __init__(self, budgets: BudgetsClient, ttl_s: float = 2.0, clock=time.monotonic):
         self._budgets, self._ttl, self._clock = budgets, ttl_s, clock
-        self._cache: dict[int, tuple[float, ServingBudget]] = {}
+        self._cache: dict[str, tuple[float, ServingBudget]] = {}
         self._lock = threading.Lock()
 
-    def cached(self, tenant_id: int) -> ServingBudget | None:
-        """The tenant's status when a fresh one is cached (no database query), else None."""
+    def cached(self, tenant: str) -> ServingBudget | None:
+        """The tenant's status when a fresh one is cached (no call), else None."""
         with self._lock:
-            cached = self._cache.get(tenant_id)
+            cached = self._cache.get(tenant)
         return cached[1] if cached and self._clock() - cached[0] < self._ttl else None
 
-    def status(self, tenant_id: int) -> ServingBudget:
-        cached = self.cached(tenant_id)
+    def status(self, tenant: str, fresh: bool = False) -> ServingBudget:
+        cached = None if fresh else self.cached(tenant)
         if cached is not None:
             return cached
         now = self._clock()
-        spend = self._budgets.spend(tenant_id)
-        left = spend.remaining_for("serving")
-        if left is None or left > 0:
+        try:
+            status = serving_budget(self._budgets.spend(tenant))
+        except MarginError as err:  # cached like an answer, so a budget service that is down is not asked per request
+            log.warning("cannot read %s's serving budget (%s): serving as if within it", tenant, err)
             status = OPEN
-        else:
-            serving = next((line.micros for line in spend.by_category if line.key == "serving"), 0)
-            limit = spend.budget.limit("serving")
-            status = ServingBudget(True, spend.budget.policy, serving if limit is not None else spend.spent_micros,
-                                   limit if limit is not None else spend.budget.total_micros)
         with self._lock:
-            self._cache[tenant_id] = (now, status)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[tenant] = (now, status)
         return status

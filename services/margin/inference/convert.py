@@ -10,20 +10,27 @@ from margin.inference.triton_client import RawTensor
 from margin.v1 import common_pb2, inference_pb2
 
 STATES = {"LOADING": inference_pb2.DEPLOYMENT_STATE_LOADING, "READY": inference_pb2.DEPLOYMENT_STATE_READY,
-          "FAILED": inference_pb2.DEPLOYMENT_STATE_FAILED, "UNLOADED": inference_pb2.DEPLOYMENT_STATE_UNLOADED}
+          "FAILED": inference_pb2.DEPLOYMENT_STATE_FAILED, "UNLOADED": inference_pb2.DEPLOYMENT_STATE_UNLOADED,
+          "SCALED_TO_ZERO": inference_pb2.DEPLOYMENT_STATE_SCALED_TO_ZERO}
 
 
 def deploy_spec(req: inference_pb2.DeployRequest) -> DeploySpec:
     b = req.batching
     batching = Batching(b.max_batch_size, tuple(b.preferred_batch_sizes), b.max_queue_delay_microseconds) \
         if req.HasField("batching") else Batching()
+    minimum = req.min_replicas if req.HasField("min_replicas") else 1
     return DeploySpec(model=req.version.model, number=req.version.number, alias=req.version.alias,
                       device_class=req.device_class or "cpu", instances=req.instances or 1, batching=batching,
-                      min_replicas=req.min_replicas or 1, max_replicas=req.max_replicas or (req.min_replicas or 1))
+                      min_replicas=minimum, max_replicas=req.max_replicas or max(minimum, 1),
+                      scale_to_zero_after_s=req.scale_to_zero_after_seconds)
 
 
-def deployment_to_proto(d: Deployment) -> inference_pb2.Deployment:
-    return inference_pb2.Deployment(
+def deployment_to_proto(d: Deployment, served: tuple[int, str] | None = None,
+                        allocated: int | None = None) -> inference_pb2.Deployment:
+    """``served``: the deployment's served cost per million and its source; ``allocated``: its allocated cost per
+    million requests lately (:mod:`margin.inference.served_cost`)."""
+    served_micros, source = served or (d.cost_per_million_micros, "deploy")
+    msg = inference_pb2.Deployment(
         name=d.name, version=common_pb2.VersionRef(model=d.model, number=d.version), state=STATES[d.state],
         device_class=d.device_class, instances=d.instances,
         batching=inference_pb2.BatchingConfig(max_batch_size=d.batching.max_batch_size,
@@ -32,7 +39,14 @@ def deployment_to_proto(d: Deployment) -> inference_pb2.Deployment:
         price_per_hour=protoconv.money(d.price_micros_per_hour), capacity_rps=d.capacity_rps,
         cost_per_million=protoconv.money(d.cost_per_million_micros), replicas=d.min_replicas,
         min_replicas=d.min_replicas, max_replicas=d.max_replicas, create_time=protoconv.timestamp(d.created_at),
-        message=d.message, latency_p50_ms=d.latency_p50_ms)
+        message=d.message, latency_p50_ms=d.latency_p50_ms, scale_to_zero_after_seconds=d.scale_to_zero_after_s,
+        last_cold_start_ms=d.last_cold_start_ms, served_cost_per_million=protoconv.money(served_micros),
+        served_cost_source=source)
+    if d.last_cold_start_at is not None:
+        msg.last_cold_start_time.CopyFrom(protoconv.timestamp(d.last_cold_start_at))
+    if allocated is not None:
+        msg.allocated_cost_per_million.CopyFrom(protoconv.money(allocated))
+    return msg
 
 
 def target(req: inference_pb2.PredictRequest) -> Target:

@@ -6,6 +6,10 @@ deployment READY or FAILED with the reason. A deployment lives on the Triton poo
 replica comes up (a restart, or a new one the autoscaler added), :meth:`DeploymentManager.reload` loads there the
 pool's READY deployments it lacks, because Triton in explicit mode starts with nothing loaded. Undeploy removes the
 model from the repository too, so a replica started with ``--load-model=*`` does not load it again.
+
+A deployment may be *scaled to zero* (:meth:`DeploymentManager.scale_to_zero`): unloaded from every replica so it
+costs nothing, its model kept in the repository; :meth:`DeploymentManager.wake` loads it again (a cold start) and
+records how long that took. What decides it is :mod:`margin.inference.scaling`.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,20 +33,21 @@ from margin.common import costs
 from margin.common.errors import FailedPrecondition, InvalidArgument, MarginError, NotFound
 from margin.common.names import validate_name
 from margin.common.paging import decode_token, encode_token, page_size
-from margin.common.tenancy import as_utc
+from margin.common.tenancy import TenantRow, as_utc, utcnow
 from margin.common.tensors import Signature
 from margin.inference.pools import TritonPools
 from margin.inference.replicas import TritonReplicas
 from margin.inference.tables import DeploymentRow
 from margin.inference.triton_client import RawTensor, TritonClient
+from margin.inference.triton_export import TritonOptions, export_version
 from margin.inference.validation import ITEM_SIZES
-from margin.registry.domain import VersionRecord
-from margin.registry.triton_export import TritonOptions, export_version
 from margin.sdk.registry_source import RegistrySource, VersionInfo
 
 log = logging.getLogger(__name__)
 
 READY, LOADING, FAILED, UNLOADED = "READY", "LOADING", "FAILED", "UNLOADED"
+SCALED_TO_ZERO = "SCALED_TO_ZERO"
+SERVABLE = (READY, LOADING, SCALED_TO_ZERO)  # what a Predict may reach (the last two after a cold start)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class DeploySpec:
     batching: Batching = field(default_factory=Batching)
     min_replicas: int = 1
     max_replicas: int = 1
+    scale_to_zero_after_s: int = 0  # 0: the platform's default (with min_replicas 0)
 
 
 @dataclass(frozen=True)
@@ -85,14 +91,13 @@ class Deployment:
     created_at: datetime
     message: str
     tenant_id: int
+    tenant: str = ""
+    scale_to_zero_after_s: int = 0
+    last_cold_start_at: datetime | None = None
+    last_cold_start_ms: float = 0.0
 
-    @property
-    def routing_cost_per_million(self) -> int:
-        """What routing compares: the registry's measured figure when the version has one, else ours."""
-        return int(self.metrics.get("cost_per_million_micros", self.cost_per_million_micros))
 
-
-def _record(row: DeploymentRow) -> Deployment:
+def _record(row: DeploymentRow, tenant: str = "") -> Deployment:
     b = row.batching or {}
     return Deployment(
         name=row.name, triton_name=row.triton_name, model=row.model, version=row.version, state=row.state,
@@ -103,7 +108,14 @@ def _record(row: DeploymentRow) -> Deployment:
         price_micros_per_hour=row.price_micros_per_hour, capacity_rps=row.capacity_rps,
         cost_per_million_micros=row.cost_per_million_micros, latency_p50_ms=row.latency_p50_ms,
         min_replicas=row.min_replicas, max_replicas=row.max_replicas, created_at=as_utc(row.created_at),
-        message=row.message, tenant_id=row.tenant_id)
+        message=row.message, tenant_id=row.tenant_id, tenant=tenant,
+        scale_to_zero_after_s=row.scale_to_zero_after_s or 0, last_cold_start_at=as_utc(row.last_cold_start_at),
+        last_cold_start_ms=row.last_cold_start_ms or 0.0)
+
+
+def _with_tenant():
+    """Deployments with their tenant's name."""
+    return select(DeploymentRow, TenantRow.name).join(TenantRow, TenantRow.id == DeploymentRow.tenant_id)
 
 
 def instance_kind_for(setting: str, device_class: str) -> str:
@@ -127,6 +139,11 @@ class DeploymentManager:
         self._calibrate_seconds = calibrate_seconds
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # the fleet observer's hooks: read a pool's Triton statistics before an unload (Triton forgets an unloaded
+        # model's counters); deployments changed (the autoscaler's view)
+        self.before_unload: Callable[[Deployment], None] = lambda deployment: None
+        self.changed: Callable[[], None] = lambda: None
+        self.loaded: Callable[[Deployment], None] = lambda deployment: None  # deployed or loaded from zero: in use
 
     # -- deploy / undeploy -------------------------------------------------------------------------
     def deploy(self, tenant_id: int, api_key: str, spec: DeploySpec) -> Deployment:
@@ -161,31 +178,99 @@ class DeploymentManager:
                 self._leave_previous_pool(existing, triton)
             price = self._catalog.device(spec.device_class).micros_per_hour  # per replica
             cpm = costs.cost_per_million_micros(price, capacity) if capacity else 0
-            return self._save(tenant_id, name, triton_name, version, settings, READY, "",
-                              capacity_rps=capacity, cost_per_million_micros=cpm, latency_p50_ms=p50)
+            deployed = self._save(tenant_id, name, triton_name, version, settings, READY, "",
+                                  capacity_rps=capacity, cost_per_million_micros=cpm, latency_p50_ms=p50)
+        self.loaded(deployed)
+        self.changed()
+        return deployed
 
     def undeploy(self, tenant_id: int, name: str) -> Deployment:
         current = self._row(tenant_id, name)
         with self._lock(current.triton_name):
             if current.state != UNLOADED and self.pools.serves(current.device_class):  # else no pool has it now
-                self.pools.for_class(current.device_class).unload(current.triton_name)
+                if current.state != SCALED_TO_ZERO:
+                    self.before_unload(current)
+                    self.pools.for_class(current.device_class).unload(current.triton_name)
                 self._remove_from_repository(current)
             with self._sessions.begin() as s:
                 s.get(DeploymentRow, self._row_id(tenant_id, name)).state = UNLOADED
+        self.changed()
         return self._row(tenant_id, name)
+
+    def scale_to_zero(self, tenant_id: int, name: str, reason: str) -> Deployment | None:
+        """Unload a READY deployment from every replica of its pool, keeping its model in the repository (a cold
+        start only loads it); its state becomes SCALED_TO_ZERO with ``reason``. None when it was not READY (a
+        deploy, undeploy or cold start got there first)."""
+        current = self._row(tenant_id, name, missing_ok=True)
+        if current is None or current.state != READY:
+            return None
+        with self._lock(current.triton_name):
+            current = self._row(tenant_id, name)
+            if current.state != READY:
+                return None
+            self.before_unload(current)
+            self.pools.for_class(current.device_class).unload(current.triton_name)
+            with self._sessions.begin() as s:
+                row = s.get(DeploymentRow, self._row_id(tenant_id, name))
+                row.state, row.message = SCALED_TO_ZERO, f"scaled to zero: {reason}"[:1000]
+        log.info("%s scaled to zero: %s", current.triton_name, reason)
+        self.changed()
+        return self._row(tenant_id, name)
+
+    def wake(self, tenant_id: int, name: str) -> Deployment:
+        """A cold start: load a SCALED_TO_ZERO deployment on every replica of its pool and record how long it took.
+        A deployment already READY is returned as it is. A load that fails leaves it SCALED_TO_ZERO (a later
+        request tries again) and raises."""
+        current = self._row(tenant_id, name)
+        with self._lock(current.triton_name):
+            current = self._row(tenant_id, name)
+            if current.state == READY:
+                return current
+            if current.state not in SERVABLE:
+                raise FailedPrecondition(f"deployment {name!r} is {current.state}: deploy it again")
+            row_id = self._row_id(tenant_id, name)
+            with self._sessions.begin() as s:
+                s.get(DeploymentRow, row_id).state = LOADING
+            self.changed()
+            started = time.perf_counter()
+            try:
+                self.pools.for_class(current.device_class).load(current.triton_name)
+            except Exception as err:
+                with self._sessions.begin() as s:
+                    row = s.get(DeploymentRow, row_id)
+                    row.state, row.message = SCALED_TO_ZERO, f"cold start failed: {err}"[:1000]
+                raise
+            took_ms = (time.perf_counter() - started) * 1000
+            with self._sessions.begin() as s:
+                row = s.get(DeploymentRow, row_id)
+                row.state, row.message = READY, ""
+                row.last_cold_start_at, row.last_cold_start_ms = utcnow(), took_ms
+        log.info("%s loaded from zero in %.0f ms", current.triton_name, took_ms)
+        woken = self._row(tenant_id, name)
+        self.loaded(woken)
+        self.changed()
+        return woken
 
     def reload(self, classes: Iterable[str] | None = None, on: TritonClient | None = None) -> int:
         """Load every READY deployment on its pool, or only those of device ``classes`` (the classes of a pool whose
         replica came up), on every replica or only ``on`` (the replica that came up), skipping a replica where it
         is ready already (a replica started with ``--load-model=*``). Returns how many it loaded somewhere."""
-        query = select(DeploymentRow.triton_name, DeploymentRow.device_class).where(DeploymentRow.state == READY)
+        query = select(DeploymentRow.triton_name, DeploymentRow.device_class, DeploymentRow.state).where(
+            DeploymentRow.state.in_([READY, SCALED_TO_ZERO]))
         if classes is not None:
             query = query.where(DeploymentRow.device_class.in_(list(classes)))
         with self._sessions() as s:
             rows = s.execute(query).all()
         loaded = 0
-        for triton_name, device_class in rows:
+        for triton_name, device_class, state in rows:
             target = on or self.pools.for_class(device_class)
+            if state == SCALED_TO_ZERO:  # a replica started with --load-model=* loads it from the repository
+                if on is not None and target.model_ready(triton_name):
+                    try:
+                        target.unload(triton_name)
+                    except MarginError as err:
+                        log.warning("could not unload scaled-to-zero %s on %s: %s", triton_name, target.url, err)
+                continue
             if target.model_ready(triton_name):
                 continue
             try:
@@ -199,21 +284,29 @@ class DeploymentManager:
     def get(self, tenant_id: int, name: str) -> Deployment:
         return self._row(tenant_id, name)
 
+    def fleet(self) -> list[Deployment]:
+        """Every tenant's deployments that are loaded or may be (READY, LOADING, SCALED_TO_ZERO), with their
+        tenants' names: what the fleet observer reports."""
+        return self._records(_with_tenant().where(DeploymentRow.state.in_(SERVABLE)).order_by(DeploymentRow.id))
+
     def list(self, tenant_id: int, model: str = "", size: int = 0, token: str = "") -> tuple[list[Deployment], str]:
         limit, after = page_size(size), decode_token(token)
-        query = select(DeploymentRow).where(DeploymentRow.tenant_id == tenant_id, DeploymentRow.id > after)
+        query = _with_tenant().where(DeploymentRow.tenant_id == tenant_id, DeploymentRow.id > after)
         if model:
             query = query.where(DeploymentRow.model == model)
         with self._sessions() as s:
-            rows = s.scalars(query.order_by(DeploymentRow.id).limit(limit + 1)).all()
-            return [_record(r) for r in rows[:limit]], (encode_token(rows[limit - 1].id) if len(rows) > limit else "")
+            rows = s.execute(query.order_by(DeploymentRow.id).limit(limit + 1)).all()
+            return [_record(r, t) for r, t in rows[:limit]], (encode_token(rows[limit - 1][0].id)
+                                                              if len(rows) > limit else "")
 
-    def ready_for_model(self, tenant_id: int, model: str) -> list[Deployment]:
+    def servable_for_model(self, tenant_id: int, model: str) -> list[Deployment]:
+        """The model's deployments a Predict may reach: READY, and LOADING or SCALED_TO_ZERO (after a cold start)."""
+        return self._records(_with_tenant().where(DeploymentRow.tenant_id == tenant_id, DeploymentRow.model == model,
+                                                  DeploymentRow.state.in_(SERVABLE)))
+
+    def _records(self, query) -> list[Deployment]:
         with self._sessions() as s:
-            rows = s.scalars(select(DeploymentRow).where(DeploymentRow.tenant_id == tenant_id,
-                                                         DeploymentRow.model == model,
-                                                         DeploymentRow.state == READY)).all()
-            return [_record(r) for r in rows]
+            return [_record(row, tenant) for row, tenant in s.execute(query).all()]
 
     # -- helpers -----------------------------------------------------------------------------------
     @staticmethod
@@ -225,6 +318,10 @@ class DeploymentManager:
             raise InvalidArgument("replicas: need 0 <= min_replicas <= max_replicas")
         if spec.batching.max_batch_size < 0 or spec.batching.max_queue_delay_us < 0:
             raise InvalidArgument("batching: max_batch_size and max_queue_delay_microseconds must be >= 0")
+        if not 0 <= spec.scale_to_zero_after_s <= 30 * 86_400:
+            raise InvalidArgument("scale_to_zero_after_seconds must be between 0 (the platform's default) and 30 days")
+        if spec.max_replicas > 1000:
+            raise InvalidArgument("max_replicas must be at most 1000")
 
     def _settings(self, spec: DeploySpec) -> dict:
         try:
@@ -233,14 +330,14 @@ class DeploymentManager:
             raise InvalidArgument(str(err)) from None
         return {"device_class": spec.device_class, "instances": spec.instances,
                 "batching": dataclasses.asdict(spec.batching), "min_replicas": spec.min_replicas,
-                "max_replicas": spec.max_replicas}
+                "max_replicas": spec.max_replicas, "scale_to_zero_after_s": spec.scale_to_zero_after_s}
 
     @staticmethod
     def _same(existing: Deployment, settings: dict) -> bool:
         return (existing.device_class, existing.instances, dataclasses.asdict(existing.batching),
-                existing.min_replicas, existing.max_replicas) == (
+                existing.min_replicas, existing.max_replicas, existing.scale_to_zero_after_s) == (
             settings["device_class"], settings["instances"], settings["batching"], settings["min_replicas"],
-            settings["max_replicas"])
+            settings["max_replicas"], settings["scale_to_zero_after_s"])
 
     def _options(self, spec: DeploySpec) -> TritonOptions:
         """Triton's settings for the deployment (validated: raises InvalidArgument)."""
@@ -262,14 +359,10 @@ class DeploymentManager:
 
     def _export(self, api_key: str, version: VersionInfo, triton_name: str, options: TritonOptions,
                 repository: Path) -> None:
-        record = VersionRecord(model=version.model, number=version.number, format=version.format,
-                               sha256=version.sha256, size_bytes=version.size_bytes, signature=version.signature,
-                               architecture={}, parent=None, recipe={}, metrics=version.metrics, cost=None,
-                               created_at=datetime.now(), aliases=(), description="")
         with tempfile.TemporaryDirectory(dir=repository, prefix=".download-") as tmp:
             artifact = Path(tmp) / "model.pt"
             self._registry.download(api_key, version.model, version.number, artifact)
-            export_version(record, artifact, repository, triton_name, options)
+            export_version(version, artifact, repository, triton_name, options)
 
     def _remove_from_repository(self, deployment: Deployment) -> None:
         """Delete an unloaded deployment's model from its pool's repository, so that a replica started with
@@ -283,6 +376,8 @@ class DeploymentManager:
         old = self.pools.for_class(previous.device_class)
         if old is not triton:
             try:
+                if previous.state != SCALED_TO_ZERO:
+                    self.before_unload(previous)
                 old.unload(previous.triton_name)
                 self._remove_from_repository(previous)
             except MarginError as err:
@@ -327,14 +422,12 @@ class DeploymentManager:
         return row_id
 
     def _row(self, tenant_id: int, name: str, missing_ok: bool = False) -> Deployment | None:
-        with self._sessions() as s:
-            row = s.scalar(select(DeploymentRow).where(DeploymentRow.tenant_id == tenant_id,
-                                                       DeploymentRow.name == name))
-            if row is None:
-                if missing_ok:
-                    return None
-                raise NotFound(f"deployment {name!r} not found")
-            return _record(row)
+        found = self._records(_with_tenant().where(DeploymentRow.tenant_id == tenant_id, DeploymentRow.name == name))
+        if not found:
+            if missing_ok:
+                return None
+            raise NotFound(f"deployment {name!r} not found")
+        return found[0]
 
     def _save(self, tenant_id: int, name: str, triton_name: str, version: VersionInfo, settings: dict, state: str,
               message: str, **measured: float) -> Deployment:
@@ -351,4 +444,4 @@ class DeploymentManager:
             for key, value in {**settings, **measured}.items():
                 setattr(row, key, value)
             s.flush()
-            return _record(row)
+            return _record(row, s.scalar(select(TenantRow.name).where(TenantRow.id == tenant_id)) or "")

@@ -1,6 +1,8 @@
-"""The Predict path: resolve the target, check the tenant's allowance, validate, forward to the Triton pool of
-the deployment's device class, meter and price the request. Routes and signatures are cached, so no registry call
-is on the hot path."""
+"""The Predict path: resolve the target, check the tenant's allowance, load a scaled-to-zero deployment (a cold
+start), validate, forward to the Triton pool of the deployment's device class, count the request and estimate its
+cost. Routes and signatures are cached, so no registry call is on the hot path. What a request really costs is
+its deployment's share of its pool's bill, allocated every metering interval (:mod:`margin.inference.fleet`); the
+figure in the response is the deployment's served cost per request (:mod:`margin.inference.served_cost`)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +11,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from margin.common.costs import request_cost_micros
 from margin.common.errors import InvalidArgument, NotFound
 from margin.common.tenancy import Principal
 from margin.inference.budgetgate import OPEN, THROTTLE_FACTOR, BudgetGate, ServingBudget
@@ -18,6 +19,8 @@ from margin.inference.metering import Meter, MeterKey
 from margin.inference.pools import TritonPools
 from margin.inference.ratelimit import RateLimiter
 from margin.inference.routing import Policy, choose
+from margin.inference.scaling import Scaler
+from margin.inference.served_cost import ServedCost
 from margin.inference.triton_client import RawTensor
 from margin.inference.validation import validate_inputs, validate_outputs
 from margin.sdk.registry_source import RegistrySource
@@ -36,7 +39,7 @@ class Prediction:
     outputs: list[RawTensor]
     deployment: Deployment
     compute_us: int
-    cost_micros: float  # exact share; the ledger rounds once per batch
+    cost_micros: float  # an estimate: the deployment's served cost per request; the ledger is authoritative
 
 
 class _TTLCache:
@@ -62,45 +65,48 @@ class _TTLCache:
 
 class Gateway:
     def __init__(self, deployments: DeploymentManager, pools: TritonPools, registry: RegistrySource,
-                 limiter: RateLimiter, meter: Meter, route_ttl_s: float = 5.0, budget: BudgetGate | None = None):
+                 limiter: RateLimiter, meter: Meter, scaler: Scaler | None, served: ServedCost,
+                 route_ttl_s: float = 5.0, budget: BudgetGate | None = None):
         self.deployments = deployments
         self._pools = pools
         self._registry = registry
         self._limiter = limiter
         self._meter = meter
+        self._scaler = scaler
+        self.served = served
         self._routes = _TTLCache(route_ttl_s)
         self._aliases = _TTLCache(route_ttl_s)
         self._budget = budget
 
-    def invalidate(self) -> None:
-        """Forget cached routes (after a deploy or undeploy on this replica)."""
-        self._routes.clear()
+    def attach_scaler(self, scaler: Scaler) -> None:
+        """The scaler (which calls :meth:`invalidate` when it scales something to zero)."""
+        self._scaler = scaler
 
-    def predict(self, principal: Principal, api_key: str, target: Target, inputs: Sequence[RawTensor],
-                outputs: Sequence[str]) -> Prediction:
-        status = self._budget.status(principal.tenant_id) if self._budget else OPEN
-        target, factor = self._within_budget(principal, target, status)
-        deployment, wanted, rows = self._admit(principal, self._route(principal.tenant_id, api_key, target),
-                                               inputs, outputs, factor)
-        start = time.perf_counter()
-        result = self._pools.for_class(deployment.device_class).infer(deployment.triton_name, inputs, wanted)
-        return self._charge(principal, deployment, rows, start, result)
+    def invalidate(self) -> None:
+        """Forget cached routes (after a deploy, an undeploy or a scale to zero on this replica)."""
+        self._routes.clear()
 
     async def predict_async(self, principal: Principal, api_key: str, target: Target, inputs: Sequence[RawTensor],
                             outputs: Sequence[str]) -> Prediction:
-        """:meth:`predict` for an asyncio server: a cache miss resolves the route (and the budget check) on a worker
-        thread, and the Triton call awaits instead of blocking."""
-        status = (self._budget.cached(principal.tenant_id) or await asyncio.to_thread(
-            self._budget.status, principal.tenant_id)) if self._budget else OPEN
+        """Serve one request on the caller's event loop: a cache miss resolves the route (and the budget check) on a
+        worker thread; a scaled-to-zero deployment is loaded first (the request waits for the cold start, up to its
+        timeout); the Triton call awaits instead of blocking."""
+        tenant = principal.tenant or str(principal.tenant_id)
+        status = (self._budget.cached(tenant) or await asyncio.to_thread(self._budget.status, tenant)) \
+            if self._budget else OPEN
         target, factor = self._within_budget(principal, target, status)
         deployment = self._routes.get((principal.tenant_id, target))
         if deployment is None:
             deployment = await asyncio.to_thread(self._route, principal.tenant_id, api_key, target)
         deployment, wanted, rows = self._admit(principal, deployment, inputs, outputs, factor)
+        if deployment.state != READY:
+            self._scaler.admit(deployment, status)
+            deployment = await self._scaler.ready(deployment)
+            self._routes.clear()
         start = time.perf_counter()
         result = await self._pools.for_class(deployment.device_class).infer_async(deployment.triton_name, inputs,
                                                                                  wanted)
-        return self._charge(principal, deployment, rows, start, result)
+        return self._count(principal, deployment, rows, start, result)
 
     @staticmethod
     def _within_budget(principal: Principal, target: Target, status: ServingBudget) -> tuple[Target, int]:
@@ -124,21 +130,13 @@ class Gateway:
         self._limiter.take(principal.tenant_id, rows * factor)
         return deployment, wanted, rows
 
-    def _charge(self, principal: Principal, deployment: Deployment, rows: int, start: float,
-                result: list[RawTensor]) -> Prediction:
+    def _count(self, principal: Principal, deployment: Deployment, rows: int, start: float,
+               result: list[RawTensor]) -> Prediction:
         compute_us = int((time.perf_counter() - start) * 1e6)
-        cost = self._price(deployment, rows, compute_us)
         self._meter.record(MeterKey(principal.tenant_id, principal.tenant or "", deployment.name, deployment.model,
-                                    deployment.version), compute_us, cost)
-        return Prediction(result, deployment, compute_us, cost)
-
-    @staticmethod
-    def _price(d: Deployment, rows: int, compute_us: int) -> float:
-        """The request's share of the replica: at measured capacity a row costs price/(capacity·3600);
-        without a measurement, the replica's price for the time the request took."""
-        if d.capacity_rps > 0:
-            return rows * d.price_micros_per_hour / (d.capacity_rps * 3600.0)
-        return float(request_cost_micros(d.price_micros_per_hour, compute_us / 1e6))
+                                    deployment.version, deployment.triton_name), compute_us)
+        per_million, _ = self.served.per_million(deployment)
+        return Prediction(result, deployment, compute_us, rows * per_million / 1e6)
 
     def _route(self, tenant_id: int, api_key: str, target: Target) -> Deployment:
         if not target.model:
@@ -153,15 +151,14 @@ class Gateway:
             if number is None:
                 number = self._registry.version(api_key, target.model, alias=target.alias).number
                 self._aliases.put((tenant_id, target.model, target.alias), number)
-        ready = self.deployments.ready_for_model(tenant_id, target.model)
+        servable = self.deployments.servable_for_model(tenant_id, target.model)
         if number:
-            found = [d for d in ready if d.version == number]
+            found = [d for d in servable if d.version == number]
             if not found:
-                raise NotFound(f"{target.model} v{number} is not deployed (ready: "
-                                         f"{sorted(d.name for d in ready) or 'none'})")
+                raise NotFound(f"{target.model} v{number} is not deployed (deployed: "
+                               f"{sorted(d.name for d in servable) or 'none'})")
             deployment = found[0]
         else:
-            deployment = choose(target.model, ready, target.policy or Policy())
-        assert deployment.state == READY
+            deployment = choose(target.model, servable, target.policy or Policy(), self.served.for_routing(servable))
         self._routes.put(key, deployment)
         return deployment

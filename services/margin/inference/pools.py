@@ -29,6 +29,7 @@ class UnservedDeviceClass(FailedPrecondition):
 class Pool:
     client: TritonReplicas
     classes: frozenset[str] | None  # None: every device class
+    device_class: str = "cpu"       # what its replicas are, so what they cost: the price of one replica
 
     @property
     def name(self) -> str:
@@ -38,27 +39,33 @@ class Pool:
 class TritonPools:
     """The Triton pool of each device class: one pool for every class, or a mapping class -> pool."""
 
-    def __init__(self, clients: TritonReplicas | Mapping[str, TritonReplicas]):
+    def __init__(self, clients: TritonReplicas | Mapping[str, TritonReplicas], default_class: str = "cpu"):
+        """``default_class``: the device class (price) of the one Triton serving every class. Classes sharing an
+        address share a pool, priced as the first of them (one kind of replica)."""
         if isinstance(clients, TritonReplicas):
             self._default: TritonReplicas | None = clients
             self._by_class: dict[str, TritonReplicas] = {}
-            self.pools: tuple[Pool, ...] = (Pool(clients, None),)
+            self.pools: tuple[Pool, ...] = (Pool(clients, None, default_class),)
             return
         if not clients:
             raise ValueError("TritonPools needs at least one device class (or one client for every class)")
         self._default, self._by_class = None, dict(clients)
-        grouped: dict[int, tuple[TritonReplicas, set[str]]] = {}
+        grouped: dict[int, tuple[TritonReplicas, list[str]]] = {}
         for device_class, client in clients.items():
-            grouped.setdefault(id(client), (client, set()))[1].add(device_class)
-        self.pools = tuple(Pool(client, frozenset(classes)) for client, classes in grouped.values())
+            grouped.setdefault(id(client), (client, []))[1].append(device_class)
+        self.pools = tuple(Pool(client, frozenset(classes), classes[0]) for client, classes in grouped.values())
 
     @classmethod
-    def connect(cls, urls: Mapping[str, str], default_url: str, known_classes: Iterable[str] | None = None) \
-            -> TritonPools:
+    def connect(cls, urls: Mapping[str, str], default_url: str, known_classes: Iterable[str] | None = None,
+                default_class: str = "cpu") -> TritonPools:
         """Clients for ``urls`` (device class -> address; one client per address), or for ``default_url`` serving
-        every class when ``urls`` is empty. With ``known_classes``, a class outside it is a :class:`ConfigError`."""
+        every class (its replicas being ``default_class``) when ``urls`` is empty. With ``known_classes``, a class
+        outside it is a :class:`ConfigError`."""
         if not urls:
-            return cls(TritonReplicas(default_url))
+            if known_classes is not None and default_class not in known_classes:
+                raise ConfigError(f"the device class of MARGIN_TRITON_URL's replicas, {default_class!r}, is not in "
+                                  f"the price catalog (known classes: {sorted(known_classes)})")
+            return cls(TritonReplicas(default_url), default_class)
         unknown = sorted(set(urls) - set(known_classes)) if known_classes is not None else []
         if unknown:
             raise ConfigError(f"{TRITON_URLS.env} names device classes that are not in the price catalog: {unknown} "
@@ -78,6 +85,11 @@ class TritonPools:
 
     def serves(self, device_class: str) -> bool:
         return self._default is not None or device_class in self._by_class
+
+    def pool_of(self, device_class: str) -> Pool | None:
+        """The pool serving ``device_class``, or None."""
+        client = self._default if self._default is not None else self._by_class.get(device_class)
+        return next((p for p in self.pools if p.client is client), None)
 
     def for_class(self, device_class: str) -> TritonReplicas:
         """The Triton serving ``device_class``; :class:`UnservedDeviceClass` naming the pools when none does."""

@@ -129,6 +129,7 @@ class TritonReplicas:
         self._refresh_s, self._infer_timeout_s = refresh_s, infer_timeout_s
         self._clients: dict[str, TritonClient] = {}
         self._live: tuple[TritonClient, ...] = ()  # answered the last probe or request, in address order
+        self._answered = 0                         # replicas that answered the last probe
         self._resolved_at = -float("inf")
         self._turn = itertools.count()
         self._lock = threading.Lock()
@@ -156,6 +157,7 @@ class TritonReplicas:
         longer answers takes none until it is ready again."""
         members = self.members(force=not self._live)
         ready = [c for c, ok in zip(members, _each(lambda c: c.server_ready(), members), strict=True) if ok]
+        self._answered = len(ready)
         came_up = [c for c in ready if c not in self._live]
         with self._lock:  # those that went away stop taking requests now; those that came up, once prepared
             self._live = tuple(c for c in ready if c not in came_up)
@@ -172,6 +174,13 @@ class TritonReplicas:
         """The replicas taking requests: ready at the last probe (and prepared), less those that failed a request
         since."""
         return self._live
+
+    @property
+    def billable(self) -> int:
+        """The replicas the platform pays for, as of the last probe: with ``dns:///`` every address the name
+        resolves to (the pool's headless Service publishes starting pods too: the cloud bills a pod from its start);
+        with a fixed address or list, those that answered (a local process that is down costs nothing)."""
+        return len(self._clients) if self.address.kind == "dns" else self._answered
 
     def server_ready(self) -> bool:
         """At least one replica is ready now (asked, not the last probe's view)."""

@@ -1,12 +1,19 @@
-"""Cost-aware routing: among a model's ready deployments, the cheapest that meets the caller's policy."""
+"""Cost-aware routing: among a model's deployments, the cheapest *as served* that meets the caller's policy.
+
+"As served" is what the deployment costs per request through Triton (:mod:`margin.inference.served_cost`): the
+live allocated cost per request once every candidate has served enough lately, else each one's Deploy measurement
+(price / measured capacity) — never the compression worker's figure for the bare model, which leaves out
+everything around the model that a served request pays for. A READY deployment is preferred to one scaled to
+zero (which would make the request wait for a cold start) when both meet the policy.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from margin.common.costs import format_money
 from margin.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from margin.inference.deployments import Deployment
+from margin.inference.deployments import READY, Deployment
 
 
 @dataclass(frozen=True)
@@ -26,13 +33,19 @@ def meets(d: Deployment, policy: Policy) -> bool:
     return not (policy.max_latency_ms and d.latency_p50_ms > policy.max_latency_ms)
 
 
-def choose(model: str, candidates: Sequence[Deployment], policy: Policy) -> Deployment:
-    """The cheapest candidate meeting the policy; ties go to the higher quality, then the newer version."""
+def deploy_cost(d: Deployment) -> int:
+    return d.cost_per_million_micros
+
+
+def choose(model: str, candidates: Sequence[Deployment], policy: Policy,
+           cost: Callable[[Deployment], int] = deploy_cost) -> Deployment:
+    """The cheapest candidate (by ``cost`` per million requests) meeting the policy, READY ones first; ties go to
+    the higher quality, then the newer version."""
     if not candidates:
         raise NotFound(f"model {model!r} has no ready deployment")
     passing = [d for d in candidates if meets(d, policy)]
     if passing:
-        return min(passing, key=lambda d: (d.routing_cost_per_million, -d.metrics.get(policy.metric, 0.0),
+        return min(passing, key=lambda d: (d.state != READY, cost(d), -d.metrics.get(policy.metric, 0.0),
                                            -d.version))
     best = max(candidates, key=lambda d: (d.metrics.get(policy.metric, float("-inf")), -d.latency_p50_ms))
     quality = (f"{policy.metric}={best.metrics[policy.metric]:.4g}" if policy.metric in best.metrics
@@ -40,7 +53,7 @@ def choose(model: str, candidates: Sequence[Deployment], policy: Policy) -> Depl
     raise FailedPrecondition(
         f"no deployment of {model!r} meets the policy ({_describe(policy)}); the best available is {best.name} "
         f"with {quality}, p50 {best.latency_p50_ms:.2f} ms, "
-        f"{format_money(best.routing_cost_per_million)} per million requests")
+        f"{format_money(cost(best))} per million requests as served")
 
 
 def _describe(policy: Policy) -> str:

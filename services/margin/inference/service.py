@@ -1,4 +1,5 @@
-"""Wires the gateway into a gRPC service, with a watcher that follows the health of every Triton pool."""
+"""Wires the gateway into a gRPC service, with a watcher that follows the health of every Triton pool and, after
+each probe, the fleet observer that meters the pools' replica time for the budget service."""
 from __future__ import annotations
 
 import logging
@@ -9,18 +10,21 @@ from pathlib import Path
 
 import redis
 
-from margin.budget.store import BudgetStore
 from margin.common import config, costs
 from margin.common.server import AioRunningServer, RunningServer
 from margin.common.service import ServiceContext, ServiceSpec
 from margin.inference.budgetgate import BudgetGate
 from margin.inference.deployments import DeploymentManager
+from margin.inference.fleet import FleetObserver
 from margin.inference.gateway import Gateway
 from margin.inference.metering import Meter
 from margin.inference.pools import TritonPools, parse_triton_urls
 from margin.inference.ratelimit import Limits, RateLimiter
 from margin.inference.replicas import parse_pool_address
+from margin.inference.scaling import Scaler, ScalingSettings
+from margin.inference.served_cost import ServedCost
 from margin.inference.servicer import InferenceServicer
+from margin.sdk.budgets import BudgetsClient
 from margin.sdk.registry_source import RegistrySource
 from margin.v1 import inference_pb2, inference_pb2_grpc
 
@@ -37,10 +41,12 @@ class InferenceSettings:
     instance_kind: str = "KIND_CPU"
     limits: Limits = field(default_factory=Limits)
     calibrate_seconds: float = 0.3
-    flush_every_s: float = 1.0
     watch_every_s: float = 0.25
     budget_ttl_s: float = 2.0  # how long a tenant's serving-budget status is cached
     triton_urls: Mapping[str, str] = field(default_factory=dict)  # device class -> its pool's Triton
+    budget_address: str = ""   # where the fleet is reported and serving budgets read; "" : neither (a bare gateway)
+    triton_device_class: str = "cpu"  # the replicas of triton_url's pool, when it serves every class
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
 
 
 class TritonWatcher:
@@ -49,8 +55,9 @@ class TritonWatcher:
     model control starts empty), and health returns to SERVING once every pool has a ready replica. The service
     starts NOT_SERVING and does the same once for each replica, so deployments survive a restart of both."""
 
-    def __init__(self, pools: TritonPools, deployments: DeploymentManager, every_s: float):
-        self._pools, self._deployments, self._every = pools, deployments, every_s
+    def __init__(self, pools: TritonPools, deployments: DeploymentManager, every_s: float,
+                 observer: FleetObserver | None = None):
+        self._pools, self._deployments, self._every, self._observer = pools, deployments, every_s, observer
         self._stop = threading.Event()
         self._server: RunningServer | AioRunningServer | None = None
         self._ready = {pool.name: False for pool in pools.pools}
@@ -63,7 +70,10 @@ class TritonWatcher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._every):
-            self._check()
+            try:
+                self._check()
+            except Exception:  # a bad tick must not end the watcher (health, reloads and metering hang on it)
+                log.exception("Triton watcher tick failed")
 
     def _check(self) -> None:
         ready = {}
@@ -77,6 +87,8 @@ class TritonWatcher:
             if self._ready[pool.name] and not ready[pool.name]:
                 log.warning("Triton pool %s (%s) has no ready replica", pool.name, pool.client.url)
         self._ready = ready
+        if self._observer is not None:
+            self._observer.observe()
         up = all(ready.values())
         if up != self.up:
             self.up = up
@@ -90,27 +102,49 @@ class TritonWatcher:
 def inference_builder(settings: InferenceSettings):
     def build(ctx: ServiceContext) -> ServiceSpec:
         catalog = costs.PriceCatalog.load()
-        pools = TritonPools.connect(settings.triton_urls, settings.triton_url, catalog.device_classes)
+        pools = TritonPools.connect(settings.triton_urls, settings.triton_url, catalog.device_classes,
+                                    settings.triton_device_class)
         registry = RegistrySource(settings.registry_address)
         deployments = DeploymentManager(ctx.sessions, pools, settings.repository, registry, catalog,
                                         settings.instance_kind, settings.calibrate_seconds)
-        meter = Meter(ctx.sessions, settings.flush_every_s)
+        meter = Meter()
+        budgets = BudgetsClient(settings.budget_address, ctx.admin_key) if settings.budget_address else None
+        if budgets is None:
+            log.warning("no budget service: the fleet is not metered and serving budgets are not enforced")
+        gate = BudgetGate(budgets, settings.budget_ttl_s) if budgets else None
+        observer = FleetObserver(pools, deployments, meter, budgets, settings.scaling.interval_s)
+        served = ServedCost()
+        observer.on_closed(served.add_interval)
+        observer.on_allocated(served.add_allocations)
         limiter = RateLimiter(redis.Redis.from_url(settings.redis_url), settings.limits)
-        gateway = Gateway(deployments, pools, registry, limiter, meter,
-                          budget=BudgetGate(BudgetStore(ctx.sessions), settings.budget_ttl_s))
+        gateway = Gateway(deployments, pools, registry, limiter, meter, None, served, budget=gate)
+        scaler = Scaler(deployments, meter, gate, settings.scaling, served, on_change=gateway.invalidate)
+        gateway.attach_scaler(scaler)
+        if budgets is not None:
+            observer.on_closed(scaler.after_interval)
+            observer.on_allocated(scaler.after_billed)
+        else:
+            observer.on_closed(lambda closed: scaler.after_interval(closed, decide=True))
+        deployments.before_unload = lambda d: observer.settle(pools.pool_of(d.device_class), d)
+        deployments.changed = observer.changed
+        deployments.loaded = scaler.loaded
         servicer = InferenceServicer(gateway)
-        watcher = TritonWatcher(pools, deployments, settings.watch_every_s)
+        watcher = TritonWatcher(pools, deployments, settings.watch_every_s, observer)
 
         def stop() -> None:
             watcher.stop()
-            meter.close()
+            scaler.close()
+            observer.close()
             pools.close()
             registry.close()
+            if budgets is not None:
+                budgets.close()
 
         return ServiceSpec(
             register=[lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)],
             service_names=[SERVICE_NAME], on_stop=stop, on_started=watcher.start, asyncio=True,
-            extra={"gateway": gateway, "meter": meter, "limiter": limiter, "watcher": watcher, "pools": pools})
+            extra={"gateway": gateway, "meter": meter, "limiter": limiter, "watcher": watcher, "pools": pools,
+                   "observer": observer, "scaler": scaler, "served": served})
     return build
 
 
@@ -122,13 +156,20 @@ def settings_from_env() -> InferenceSettings:
     instance_kind = config.TRITON_INSTANCE_KIND.get()
     if instance_kind not in INSTANCE_KINDS:
         raise config.ConfigError(f"MARGIN_TRITON_INSTANCE_KIND={instance_kind!r}: use one of {list(INSTANCE_KINDS)}")
+    scaling = ScalingSettings(config.FLEET_INTERVAL_SECONDS.get_float(), config.SCALE_TO_ZERO_AFTER_SECONDS.get_float(),
+                              config.COLD_START_TIMEOUT_SECONDS.get_float())
+    if scaling.interval_s <= 0 or scaling.scale_to_zero_after_s <= 0 or scaling.cold_start_timeout_s <= 0:
+        raise config.ConfigError(f"{config.FLEET_INTERVAL_SECONDS.env}, {config.SCALE_TO_ZERO_AFTER_SECONDS.env} and "
+                                 f"{config.COLD_START_TIMEOUT_SECONDS.env} must be positive")
     return InferenceSettings(
         triton_url=parse_pool_address(config.TRITON_URL.get()).text,
         triton_urls=parse_triton_urls(config.TRITON_URLS.raw()),
         registry_address=config.REGISTRY_ADDR.get(), redis_url=config.REDIS_URL.get(),
         repository=Path(repository) if repository else config.margin_home() / "model-repository",
         instance_kind=instance_kind,
-        limits=Limits(config.RATE_LIMIT_RPS.get_float(), config.RATE_LIMIT_BURST.get_int()))
+        limits=Limits(config.RATE_LIMIT_RPS.get_float(), config.RATE_LIMIT_BURST.get_int()),
+        budget_address=config.BUDGET_ADDR.get(), triton_device_class=config.TRITON_DEVICE_CLASS.get(),
+        scaling=scaling)
 
 
 def builder_from_env():

@@ -20,22 +20,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                              bearer_token(context.invocation_metadata()),
                                              convert.deploy_spec(request))
         self.gateway.invalidate()
-        return convert.deployment_to_proto(deployment)
+        return self._to_proto(deployment)
 
     async def Undeploy(self, request, context):
         deployment = await asyncio.to_thread(self.deployments.undeploy, current_tenant_id(), request.name)
         self.gateway.invalidate()
-        return convert.deployment_to_proto(deployment)
+        return self._to_proto(deployment)
 
     async def GetDeployment(self, request, context):
-        return convert.deployment_to_proto(
-            await asyncio.to_thread(self.deployments.get, current_tenant_id(), request.name))
+        return self._to_proto(await asyncio.to_thread(self.deployments.get, current_tenant_id(), request.name))
 
     async def ListDeployments(self, request, context):
         items, token = await asyncio.to_thread(self.deployments.list, current_tenant_id(), request.model,
                                                request.page_size, request.page_token)
-        return inference_pb2.ListDeploymentsResponse(deployments=[convert.deployment_to_proto(d) for d in items],
+        return inference_pb2.ListDeploymentsResponse(deployments=[self._to_proto(d) for d in items],
                                                      next_page_token=token)
+
+    def _to_proto(self, deployment):
+        served = self.gateway.served
+        return convert.deployment_to_proto(deployment, served.per_million(deployment), served.allocated(deployment))
 
     async def Predict(self, request, context):
         return await self._predict(request, current_principal(), bearer_token(context.invocation_metadata()))

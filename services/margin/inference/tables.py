@@ -33,3 +33,7 @@ class DeploymentRow(Base):
     max_replicas: Mapped[int] = mapped_column(Integer, default=1)
     message: Mapped[str] = mapped_column(String(1000), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # added with scale to zero (nullable: a database made before gets the columns empty)
+    scale_to_zero_after_s: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
+    last_cold_start_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_cold_start_ms: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -25,6 +25,14 @@ UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
 
 
 @dataclass(frozen=True)
+class ModelCounters:
+    """Triton's cumulative counters for one model (all its versions) on one replica, since it was loaded."""
+    compute_ns: int   # execution time: compute input + infer + output, per batch executed (not per request)
+    executions: int   # batches executed
+    requests: int     # requests completed (Triton's inference_stats.success)
+
+
+@dataclass(frozen=True)
 class RawTensor:
     name: str
     datatype: str           # Triton/KServe datatype string: FP32, INT64, BYTES, ...
@@ -78,6 +86,25 @@ class TritonClient:
             if err.code() in UNAVAILABLE_CODES:
                 raise Unavailable(f"Triton at {self.url} is unreachable") from None
             raise FailedPrecondition(f"Triton could not unload {name}: {err.details()}") from None
+
+    def model_statistics(self, timeout: float = 2.0) -> dict[str, ModelCounters]:
+        """Every loaded model's counters (``ModelStatistics``); an unloaded model has none, a reloaded one starts
+        from zero. :class:`Unavailable` when the replica does not answer."""
+        try:
+            reply = self._stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=""), timeout=timeout)
+        except grpc.RpcError as err:
+            raise Unavailable(f"Triton at {self.url}: no statistics ({err.details()})") from None
+        found: dict[str, ModelCounters] = {}
+        for m in reply.model_stats:
+            if m.batch_stats:
+                compute = sum(b.compute_input.ns + b.compute_infer.ns + b.compute_output.ns for b in m.batch_stats)
+            else:  # no batch statistics: one execution per request
+                i = m.inference_stats
+                compute = i.compute_input.ns + i.compute_infer.ns + i.compute_output.ns
+            before = found.get(m.name, ModelCounters(0, 0, 0))
+            found[m.name] = ModelCounters(before.compute_ns + compute, before.executions + m.execution_count,
+                                          before.requests + m.inference_stats.success.count)
+        return found
 
     # -- inference -------------------------------------------------------------------------------
     def infer(self, model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> list[RawTensor]:

@@ -42,13 +42,13 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from google.protobuf.text_encoding import CEscape
 
 from margin.common.errors import FailedPrecondition, InvalidArgument
 from margin.common.names import validate_name
 from margin.common.tensors import Signature, TensorSpec
-from margin.registry.domain import SERVABLE_FORMATS, VersionRecord
 
 # Margin dtype name -> Triton ModelConfig DataType.
 TRITON_DTYPES: dict[str, str] = {
@@ -277,7 +277,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def export_version(version: VersionRecord, artifact_path: Path, repository: Path, model_name: str,
+class ExportableVersion(Protocol):
+    """What the export needs of a registry version (:class:`margin.sdk.registry_source.VersionInfo` has it)."""
+    model: str
+    number: int
+    format: str
+    signature: Signature
+    size_bytes: int
+
+
+def export_version(version: ExportableVersion, artifact_path: Path, repository: Path, model_name: str,
                    options: TritonOptions | None = None) -> Path:
     """Write ``<repository>/<model_name>/`` (config, ``1/<model file>`` and the backend's support files,
     e.g. ``1/model.py`` for the python backend) for ``version``; return it.
@@ -293,8 +302,8 @@ def export_version(version: VersionRecord, artifact_path: Path, repository: Path
     """
     validate_name(model_name, "Triton model name")
     entry = TRITON_FORMATS.get(version.format)
-    if version.format not in SERVABLE_FORMATS or entry is None:
-        servable = [f for f in SERVABLE_FORMATS if f in TRITON_FORMATS]
+    if entry is None:
+        servable = list(TRITON_FORMATS)
         raise FailedPrecondition(
             f"{version.model} v{version.number} is in format {version.format!r}, which Triton cannot serve; "
             f"servable formats: {servable}")

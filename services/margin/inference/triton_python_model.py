@@ -1,6 +1,6 @@
 """A generic Triton python-backend ``model.py`` that serves the TorchScript file ``model.pt`` beside it.
 
-This file is data, not part of Margin's import graph: :func:`margin.registry.triton_export.export_version`
+This file is data, not part of Margin's import graph: :func:`margin.inference.triton_export.export_version`
 copies it to ``<repository>/<model>/1/model.py`` when a TorchScript version is exported with the ``python``
 backend, and Triton's python-backend stub imports it. It imports ``triton_python_backend_utils``, which
 exists only inside that stub, so nothing else may import it.

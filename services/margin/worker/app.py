@@ -18,9 +18,12 @@ import torch  # noqa: F401
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from margin.cluster.processes import READY_FILE_ENV
+from margin.common import config
 from margin.common.dispatch import COMPRESS_TASK, TRAIN_TASK, make_celery
 from margin.common.logs import setup_logging
+from margin.sdk.budgets import BudgetsClient
 from margin.worker import context, runner
+from margin.worker.fleet import WorkerFleetReporter
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,23 @@ def _child_started(**_) -> None:
     context.from_env.cache_clear()  # database and Redis connections are made afresh in each pool process
 
 
+_fleet: list[WorkerFleetReporter] = []
+
+
 @worker_ready.connect
 def _ready(**_) -> None:
     path = os.environ.get(READY_FILE_ENV)
     if path:
         Path(path).write_text(str(os.getpid()))
+    _fleet.append(fleet_reporter().start())
+
+
+def fleet_reporter() -> WorkerFleetReporter:
+    """This worker's fleet report (the main process's): one replica of the pool of its first queue."""
+    ctx = context.from_env()
+    queue = config.WORKER_QUEUES.get().split(",")[0].strip()
+    return WorkerFleetReporter(queue, ctx.store, BudgetsClient(config.BUDGET_ADDR.get(), ctx.admin_key),
+                               config.FLEET_INTERVAL_SECONDS.get_float())
 
 
 @worker_shutdown.connect
@@ -57,3 +72,5 @@ def _shutdown(**_) -> None:
     path = os.environ.get(READY_FILE_ENV)
     if path:
         Path(path).unlink(missing_ok=True)
+    for reporter in _fleet:
+        reporter.stop()

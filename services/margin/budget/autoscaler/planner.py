@@ -28,17 +28,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from margin.budget.autoscaler import triton_metrics
-from margin.budget.autoscaler.controller import Controller, Inputs
+from margin.budget.autoscaler.controller import Controller, Decision, Inputs
+from margin.budget.fleet.tables import ServingDeploymentRow as DeploymentRow
 from margin.budget.store import BudgetStore
 from margin.common.errors import NotFound
-from margin.inference.tables import DeploymentRow
 
 log = logging.getLogger(__name__)
 REPLICAS = Gauge("margin_autoscaler_replicas", "The autoscaler's replica counts per deployment: demand, affordable "
                  "(-1 without a serving budget) and chosen.", ["deployment", "kind"])
 POOL_REPLICAS = Gauge("margin_autoscaler_pool_replicas", "Replicas the autoscaler set on each Triton pool's object: "
                       "the sum of the replicas chosen for the deployments it serves (at least 1).", ["pool"])
-READY = "READY"
+READY, LOADING, SCALED_TO_ZERO = "READY", "LOADING", "SCALED_TO_ZERO"
 BURN_HISTORY_S = 900.0  # the deployment's burn rate so far counts once the period is this old
 POOL_MIN_REPLICAS = 1   # a pool keeps one replica even when none of its deployments wants any
 POOL_REASON_CHARS = 1000  # a pool's reason (an annotation on its object) stays under this
@@ -66,11 +66,23 @@ class Plan:
     at: datetime
     pool: str = ""                    # the object of the Triton pool serving it ("" : none, or report-only)
     pool_replicas: int = 0            # what that pool was set to: the sum over the deployments it serves
+    state: str = READY
 
 
-Apply = Callable[[str, int, str], bool]
-"""``apply(pool, replicas, reason)``: set the pool object named ``pool`` to ``replicas``; True when a patch was
-sent (False: it already held the value, or it failed — the callback logs why)."""
+Apply = Callable[[str, int, str, int], bool]
+"""``apply(pool, replicas, reason, minimum)``: set the pool object named ``pool`` to ``replicas`` with the floor
+``minimum``; True when a patch was sent (False: it already held the value, or it failed — the callback logs
+why)."""
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """One tenant's money as the tick read it, before any decision."""
+    remaining: int | None
+    seconds_left: float
+    spent_by_deployment: dict[str, int]
+    burn: dict[str, int]      # allocated micros per hour, by deployment
+    elapsed_s: float
 
 
 def pool_reason(pool: str, replicas: int, served: list[tuple[DeploymentRow, Plan]]) -> str:
@@ -119,7 +131,7 @@ class Planner:
 
     def _rows(self, tenant_id: int | None = None) -> list[DeploymentRow]:
         with self._sessions() as s:
-            query = select(DeploymentRow).where(DeploymentRow.state == READY)
+            query = select(DeploymentRow).where(DeploymentRow.state.in_([READY, LOADING, SCALED_TO_ZERO]))
             if tenant_id is not None:
                 query = query.where(DeploymentRow.tenant_id == tenant_id)
             rows = list(s.scalars(query.order_by(DeploymentRow.id)))
@@ -138,7 +150,7 @@ class Planner:
         return before, current
 
     def tick(self, tenant_id: int | None = None, act: bool = True) -> list[Plan]:
-        """Decide for every ready deployment (of one tenant, or all) and, with ``act``, apply the pools' replicas;
+        """Decide for every deployment (of one tenant, or all) and, with ``act``, apply the pools' replicas;
         returns the plans. Only the autoscaler's loop acts (as the Lease leader in a cluster); GetScalingPlan, which
         any replica answers, only computes."""
         with self._lock:
@@ -146,27 +158,32 @@ class Planner:
             before, after = self._demand(now)
             # a pool's sum spans every tenant: a tick that applies decides for all, and returns the plans asked for
             rows = self._rows(None if self._pooled else tenant_id)
-            by_tenant: dict[int, list[DeploymentRow]] = {}
-            for row in rows:
-                by_tenant.setdefault(row.tenant_id, []).append(row)
+            current = {row.triton_name: self._current(row) for row in rows}  # the snapshot: before any decision
+            tenants = {t: self._tenant_view(t, now) for t in sorted({row.tenant_id for row in rows})}
             decided: list[tuple[DeploymentRow, Plan]] = []
-            for tenant, deployments in by_tenant.items():
-                spend = self.budgets.spend(tenant, datetime.fromtimestamp(now, UTC))
-                remaining = spend.remaining_for("serving")
-                at = datetime.fromtimestamp(now, UTC)
-                seconds_left = (spend.period_end - at).total_seconds()
-                elapsed = (at - spend.period_start).total_seconds()
-                spent = {line.key: line.micros for line in spend.by_deployment if line.category == "serving"}
-                for row in deployments:
-                    others = sum(self._current(d) * d.price_micros_per_hour for d in deployments if d.id != row.id)
-                    own = int(spent.get(row.name, 0) * 3600 / elapsed) if elapsed >= BURN_HISTORY_S else None
-                    rates = triton_metrics.rates(before, after, row.triton_name) if before and after else None
-                    decided.append((row, self._decide(row, now, rates, remaining, seconds_left, others, own)))
+            for row in rows:
+                view = tenants[row.tenant_id]
+                others = sum(micros for name, micros in view.burn.items() if name != row.name)
+                own = (int(view.spent_by_deployment.get(row.name, 0) * 3600 / view.elapsed_s)
+                       if view.elapsed_s >= BURN_HISTORY_S else None)
+                rates = triton_metrics.rates(before, after, row.triton_name) if before and after else None
+                decided.append((row, self._decide(row, now, rates, view, current[row.triton_name], others, own)))
+            for row, plan in decided:
+                self._replicas[row.triton_name] = plan.chosen
             if self._pooled:
                 decided = self._apply_pools(decided, act)
             for _, plan in decided:
                 self._plans[f"{plan.tenant_id}/{plan.deployment}"] = plan
             return [plan for _, plan in decided if tenant_id is None or plan.tenant_id == tenant_id]
+
+    def _tenant_view(self, tenant_id: int, now: float) -> TenantView:
+        at = datetime.fromtimestamp(now, UTC)
+        spend = self.budgets.spend(tenant_id, at)
+        return TenantView(
+            remaining=spend.remaining_for("serving"), seconds_left=(spend.period_end - at).total_seconds(),
+            spent_by_deployment={line.key: line.micros for line in spend.by_deployment if line.category == "serving"},
+            burn=self.budgets.serving_burn(tenant_id, at, spend.period_start),
+            elapsed_s=(at - spend.period_start).total_seconds())
 
     def _apply_pools(self, decided: list[tuple[DeploymentRow, Plan]], act: bool = True) \
             -> list[tuple[DeploymentRow, Plan]]:
@@ -183,9 +200,11 @@ class Planner:
                 members[pool].append(i)
         for pool, indexes in sorted(members.items()):
             served = [result[i] for i in indexes]
-            replicas = max(POOL_MIN_REPLICAS, sum(plan.chosen for _, plan in served))
+            asleep = bool(served) and all(plan.state == SCALED_TO_ZERO and plan.chosen == 0 for _, plan in served)
+            minimum = 0 if asleep else POOL_MIN_REPLICAS
+            replicas = max(minimum, sum(plan.chosen for _, plan in served))
             try:
-                applied = act and bool(self._apply(pool, replicas, pool_reason(pool, replicas, served)))
+                applied = act and bool(self._apply(pool, replicas, pool_reason(pool, replicas, served), minimum))
             except Exception:  # one pool's failure must not keep the others from their replicas
                 log.exception("cannot set pool %s to %d replicas", pool, replicas)
                 applied = False
@@ -199,32 +218,36 @@ class Planner:
     def _current(self, row: DeploymentRow) -> int:
         return self._replicas.get(row.triton_name, max(row.min_replicas, 1))
 
-    def _decide(self, row: DeploymentRow, now: float, rates: triton_metrics.Rates | None, remaining: int | None,
-                seconds_left: float, others: int, own: int | None) -> Plan:
+    def _decide(self, row: DeploymentRow, now: float, rates: triton_metrics.Rates | None, view: TenantView,
+                current: int, others: int, own: int | None) -> Plan:
         controller = self._controllers.setdefault(row.triton_name, Controller())
-        current = self._current(row)
         inputs = Inputs(now_s=now, observed_rps=rates.rps if rates else 0.0,
                         queue_us_per_request=rates.queue_us_per_request if rates else 0.0,
                         capacity_rps_per_replica=row.capacity_rps, current_replicas=current,
                         min_replicas=row.min_replicas, max_replicas=max(row.max_replicas, row.min_replicas),
-                        replica_micros_per_hour=row.price_micros_per_hour, remaining_micros=remaining,
-                        seconds_left=seconds_left, others_micros_per_hour=others, own_micros_per_hour=own)
-        decision = controller.decide(inputs)
-        self._replicas[row.triton_name] = decision.chosen
+                        replica_micros_per_hour=row.price_micros_per_hour, remaining_micros=view.remaining,
+                        seconds_left=view.seconds_left, others_micros_per_hour=others, own_micros_per_hour=own)
+        if row.state == SCALED_TO_ZERO:
+            decision = Decision(0, None, 0, "scaled to zero: it is unloaded until a request loads it again")
+        else:
+            decision = controller.decide(inputs)
+            if row.state == LOADING and decision.chosen < 1:
+                decision = Decision(decision.demand, decision.affordable, 1, "cold start: loading from zero")
         for kind, value in (("demand", decision.demand), ("chosen", decision.chosen),
                             ("affordable", -1 if decision.affordable is None else decision.affordable)):
             REPLICAS.labels(row.name, kind).set(value)
         return Plan(row.tenant_id, row.name, current, decision.demand, decision.affordable, row.min_replicas,
-                    decision.chosen, decision.reason, row.price_micros_per_hour, remaining, seconds_left / 3600,
-                    inputs.observed_rps, row.capacity_rps, inputs.queue_us_per_request, self.target_kind, False,
-                    datetime.fromtimestamp(now, UTC))
+                    decision.chosen, decision.reason, row.price_micros_per_hour, view.remaining,
+                    view.seconds_left / 3600, inputs.observed_rps, row.capacity_rps, inputs.queue_us_per_request,
+                    self.target_kind, False, datetime.fromtimestamp(now, UTC), state=row.state)
 
     def plan(self, tenant_id: int, deployment: str) -> Plan:
         """The deployment's plan as of now (a tick for the tenant's deployments)."""
         for plan in self.tick(tenant_id, act=False):
             if plan.deployment == deployment:
                 return plan
-        raise NotFound(f"no ready deployment {deployment!r}")
+        raise NotFound(f"no serving deployment {deployment!r} (deployments appear here once the inference gateway "
+                       "reports them, within a metering interval of Deploy)")
 
 
 class AutoscalerLoop:

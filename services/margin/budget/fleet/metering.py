@@ -41,7 +41,7 @@ from margin.common.tenancy import TenantStore, utcnow
 log = logging.getLogger(__name__)
 
 KINDS = ("serving", "worker")
-STATES = ("READY", "LOADING", "SCALED_TO_ZERO")
+STATES = ("READY", "LOADING", "SCALED_TO_ZERO", "UNLOADED")  # UNLOADED: undeployed in the interval, still billed
 MAX_INTERVAL_S = 3600
 MAX_REPLICAS = 10_000
 BILL = "__bill__"
@@ -93,6 +93,15 @@ class PoolReport:
 
 
 @dataclass(frozen=True)
+class Allocated:
+    """What a deployment was allocated of a pool interval billed now, and the Triton requests it served there."""
+    tenant: str
+    deployment: str
+    micros: int
+    inferences: int
+
+
+@dataclass(frozen=True)
 class FleetReport:
     start: datetime
     end: datetime
@@ -123,8 +132,9 @@ class FleetMeter:
         self.platform_id = tenants.ensure_platform()
 
     # -- a report ----------------------------------------------------------------------------------------------
-    def report(self, report: FleetReport) -> tuple[int, int]:
-        """Bill and allocate every pool of ``report``; returns (pool intervals billed, already billed)."""
+    def report(self, report: FleetReport) -> tuple[int, int, list[Allocated]]:
+        """Bill and allocate every pool of ``report``; returns (pool intervals billed, already billed, what each
+        deployment was allocated of the intervals billed now)."""
         self._check(report)
         names = {name: tid for tid, name in self._tenants.names().items()}
         unknown = sorted({u.tenant for p in report.pools for u in (*p.deployments, *p.jobs)} - set(names))
@@ -134,16 +144,17 @@ class FleetMeter:
         if serving or report.snapshot_only:
             self._refresh_deployments([d for p in serving for d in p.deployments], names)
         if report.snapshot_only:
-            return 0, 0
+            return 0, 0, []
         billed = duplicates = 0
+        allocated: list[Allocated] = []
         for pool in report.pools:
             try:
                 with self._sessions.begin() as s:
-                    self._bill(s, report, pool, names)
+                    allocated.extend(self._bill(s, report, pool, names))
                 billed += 1
             except IntegrityError:  # the interval was billed before: a retry, or another observer of the pool
                 duplicates += 1
-        return billed, duplicates
+        return billed, duplicates, allocated
 
     def _check(self, report: FleetReport) -> None:
         if report.end <= report.start:
@@ -186,7 +197,7 @@ class FleetMeter:
                     raise InvalidArgument(f"pool {pool.pool!r}: a job needs an id and a busy time >= 0")
 
     # -- the bill ----------------------------------------------------------------------------------------------
-    def _bill(self, s: Session, report: FleetReport, pool: PoolReport, names: dict[str, int]) -> None:
+    def _bill(self, s: Session, report: FleetReport, pool: PoolReport, names: dict[str, int]) -> list[Allocated]:
         start_us, end_us = micros_of(report.start), micros_of(report.end)
         price = self._catalog.device(pool.device_class).micros_per_hour
         s.add(FleetIntervalRow(pool_key=pool.key, start_us=start_us, end_us=end_us, pool=pool.pool, kind=pool.kind,
@@ -235,6 +246,8 @@ class FleetMeter:
         row.revenue_micros = sum(e.micros for e in revenue)
         row.used_ns = sum(c.compute_ns for c in consumers)
         row.basis = result.basis
+        return [Allocated(u.tenant, u.deployment, result.micros[k], u.inferences) for k, u in parties.items()
+                if isinstance(u, DeploymentUsage)]
 
     def _party_entries(self, pool: PoolReport, start_us: int, key: str, usage, micros: int, names: dict[str, int],
                        basis: str, at: datetime) -> list[LedgerEntry]:
@@ -292,7 +305,7 @@ class FleetMeter:
 
     # -- the autoscaler's view ---------------------------------------------------------------------------------
     def _refresh_deployments(self, deployments: Iterable[DeploymentUsage], names: dict[str, int]) -> None:
-        current = {d.triton_name: d for d in deployments}
+        current = {d.triton_name: d for d in deployments if d.state != "UNLOADED"}
         with self._sessions.begin() as s:
             rows = {r.triton_name: r for r in s.scalars(select(ServingDeploymentRow))}
             for name, row in rows.items():
