@@ -45,7 +45,7 @@ SEED = 0
 TARGET_ACCURACY = 0.97
 BUDGET_DOLLARS = "0.05"                # the job's own cap; a run costs about $0.0002–0.002 on cpu
 METER_WAIT_S = 15.0                    # the local cluster bills its fleet every 5 s
-TENANT_BUDGET = "100"                  # the demo tenant's monthly budget (limits per category in set_budget)
+TENANT_BUDGET = "300"                  # the demo tenant's monthly budget (limits per category in set_budget)
 
 
 def measured_cost(catalog: costs.PriceCatalog, seconds: float, device_class: str = "cpu") -> CostRecord:
@@ -118,14 +118,14 @@ def set_budget(console: Console, conn: Connection) -> None:
     """The demo tenant's monthly budget, with a limit per category: every job below is admitted against it."""
     stub = budget_pb2_grpc.BudgetsStub(conn.channel)
     limits = {budget_pb2.SPEND_CATEGORY_TRAINING: "20", budget_pb2.SPEND_CATEGORY_COMPRESSION: "10",
-              budget_pb2.SPEND_CATEGORY_SERVING: "60"}
+              budget_pb2.SPEND_CATEGORY_SERVING: "250"}
     budget = stub.SetBudget(budget_pb2.SetBudgetRequest(budget=budget_pb2.Budget(
         period=budget_pb2.BUDGET_PERIOD_MONTHLY, total=common_pb2.Money(micros=costs.to_micros(TENANT_BUDGET)),
         category_limits=[budget_pb2.CategoryLimit(category=c, limit=common_pb2.Money(micros=costs.to_micros(v)))
                          for c, v in limits.items()])), metadata=conn.metadata)
     console.print(f"tenant [bold]{budget.tenant}[/]: monthly budget {render.money(budget.total)} (training $20, "
-                  "compression $10, serving $60: about one cpu replica for the rest of the month); alerts at "
-                  "50/80/100 %")
+                  "compression $10, serving $250: a cpu replica costs $0.17 an hour busy or idle, $122 a month); "
+                  "alerts at 50/80/100 %")
 
 
 def spend_report(console: Console, conn: Connection) -> None:

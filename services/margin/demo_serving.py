@@ -158,11 +158,12 @@ def serve(console: Console, conn: Connection, job: compression_pb2.CompressionJo
     console.print(f"pinned to {original.model}@{original.alias}: served by {pinned.version}; routed by the policy "
                   f"val_accuracy ≥ {floor.minimum:.4f}: served by [bold]{routed.version}[/], the cheapest deployed "
                   f"version meeting it ({routed.accuracy:.2%} on the validation set)")
-    if routed.cost_micros >= pinned.cost_micros and routed.version != pinned.version:
-        console.print("[dim]Through Triton a request of this tiny model costs about the same either way: its "
-                      "compute is microseconds, and the python backend and gRPC around it take milliseconds. The "
-                      "compression's saving is the model's own compute per inference (the worker's figure above), "
-                      "which a larger model's requests are made of.[/]")
+    if routed.version == pinned.version or routed.cost_micros >= pinned.cost_micros:
+        console.print("[dim]As served through Triton, a request of this tiny model costs about the same either way: "
+                      "its compute is microseconds, and the python backend and gRPC around it take milliseconds — so "
+                      "routing, which compares the cost as served, may keep the original. The compression's saving "
+                      "is the model's own compute per inference (the worker's figure above), which a larger model's "
+                      "requests are made of.[/]")
     if routed.accuracy < floor.minimum - 1e-9:
         raise DemoFailed(f"routing served {routed.version} at {routed.accuracy:.2%}, below the floor "
                             f"{floor.minimum:.4f}")

@@ -102,6 +102,38 @@ def test_submit_watch_succeeds_and_registers_a_version_with_lineage_recipe_metri
     assert [State.Name(e.state) for e in late] == ["JOB_STATE_SUCCEEDED"]
 
 
+def test_the_worker_bills_its_own_time_and_the_jobs_that_ran_on_it(stack):
+    """The Celery worker reports itself every metering interval: its up-time is its pool's bill, the time its jobs'
+    attempts ran is allocated to them (tenants pay it through the jobs' entries), the rest is the platform's idle."""
+    admin = connect(stack.cluster.budget.server.address, stack.cluster.admin_key)
+    budgets = budget_pb2_grpc.BudgetsStub(admin.channel)
+    stub, md = stack.stub()
+    job = stub.SubmitJob(training_pb2.SubmitJobRequest(spec=training_pb2.TrainingSpec(
+        model="fleet", family="mlp", epochs=8, architecture=protoconv.struct({"hidden": [32]}),
+        dataset=common_pb2.DatasetRef(builtin="sklearn:digits"))), metadata=md)
+    wait_for(lambda: stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md).state
+             == common_pb2.JOB_STATE_SUCCEEDED, 120)
+    done = stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md)
+
+    def job_lines() -> list:
+        return [e for e in budgets.ListLedger(budget_pb2.ListLedgerRequest(
+            tenant="_platform", category=budget_pb2.SPEND_CATEGORY_JOBS, page_size=1000),
+            metadata=admin.metadata).entries if e.job_id == job.id]
+
+    time.sleep(2.5)  # the interval the job ended in is reported a second later
+    lines = job_lines()
+    busy_s = sum(e.quantity for e in lines) / 1e6
+    assert lines and sum(e.amount.micros for e in lines) > 0
+    wall_s = (done.end_time.ToDatetime() - done.start_time.ToDatetime()).total_seconds()
+    assert 0.5 * wall_s <= busy_s <= wall_s + 2.5, (busy_s, wall_s)
+    fleet = budgets.GetSpend(budget_pb2.GetSpendRequest(view=budget_pb2.SPEND_VIEW_FLEET),
+                             metadata=admin.metadata).fleet
+    worker = next(p for p in fleet.pools if p.pool == "worker/train.cpu")
+    assert worker.kind == "worker" and worker.bill.micros == worker.allocated.micros + worker.idle.micros
+    assert worker.allocated.micros >= sum(e.amount.micros for e in lines) and fleet.balanced
+    admin.close()
+
+
 def test_cancel_mid_run_ends_cancelled_within_seconds_with_a_checkpoint(stack):
     job = submit(stack, spec("cancelled", epochs=2000))
     wait_for(lambda: get(stack, job.id).epoch >= 1, 60)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 from margin.cluster.processes import ManagedProcess, ProcessSpec, redis_spec, worker_spec
-from margin.common.ledger import LedgerRow
+from margin.common.ledger import SPEND_CATEGORIES, LedgerRow
 from margin.common.service import StartedService, start_service
 from margin.compression.service import compression_builder
 from margin.sdk import connect
@@ -51,10 +51,11 @@ class TrainingStack:
         return worker
 
     def ledger(self, job_id: str) -> list[LedgerRow]:
-        """The ledger entries a job billed."""
+        """The ledger entries a job billed its tenant (not the platform's lines of the worker time it used)."""
         engine = create_engine(f"sqlite:///{self.home / 'margin.db'}")
         with Session(engine) as s:
-            rows = list(s.scalars(select(LedgerRow).where(LedgerRow.job_id == job_id)))
+            rows = list(s.scalars(select(LedgerRow).where(LedgerRow.job_id == job_id,
+                                                          LedgerRow.category.in_(SPEND_CATEGORIES))))
         engine.dispose()
         return rows
 
@@ -108,6 +109,7 @@ def training_stack(home: Path, max_world_size: int = 2, lease_seconds: float = 1
                    "MARGIN_REGISTRY_ADDR": cluster.registry.server.address, "MARGIN_ADMIN_KEY": cluster.admin_key,
                    "MARGIN_CHECKPOINT_DIR": str(home / "checkpoints"), "MARGIN_LOG_FORMAT": "text",
                    "MARGIN_JOB_LEASE_SECONDS": str(lease_seconds),
+                   "MARGIN_BUDGET_ADDR": cluster.budget.server.address, "MARGIN_FLEET_INTERVAL_SECONDS": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [services, os.environ.get("PYTHONPATH")]))}
             stack = TrainingStack(cluster, training, compression, redis_proc, home, env)
             if worker:

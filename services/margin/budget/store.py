@@ -240,10 +240,10 @@ class BudgetStore:
 
     def serving_burn(self, tenant_id: int, at: datetime | None = None, period_start: datetime | None = None) \
             -> dict[str, int]:
-        """Each deployment's allocated serving cost per hour over the recent past: the entries of the last
-        ``burn_window_s`` (at most since ``period_start``) over the time they cover — from one metering interval
-        before the first of them (when the deployment started billing within the window) to the last of them (while
-        it is still billing: the interval under way is not in the ledger yet)."""
+        """Each deployment's allocated serving cost per hour over the recent past: the entries dated in the last
+        ``burn_window_s`` (at most since ``period_start``) over the time they cover — from the start of the first
+        one's metering interval to the last one (while it is still billing: the interval under way is not in the
+        ledger yet)."""
         at = as_utc(at) or utcnow()
         window_start = at - timedelta(seconds=self._burn_window_s)
         if period_start is not None:
@@ -257,7 +257,9 @@ class BudgetStore:
         burn = {}
         interval = timedelta(seconds=self._interval_s)
         for deployment, micros, first, last in rows:
-            covered_from = max(window_start, as_utc(first) - interval)
+            covered_from = as_utc(first) - interval  # the first entry's interval is all in the sum
+            if period_start is not None:
+                covered_from = max(covered_from, period_start)
             covered_to = as_utc(last) if at - as_utc(last) <= 2 * interval else at
             seconds = max((covered_to - covered_from).total_seconds(), self._interval_s)
             burn[deployment] = int(int(micros) * 3600 / seconds)

@@ -70,9 +70,9 @@ def spend_table(report: budget_pb2.SpendReport) -> Table:
     notes = []
     if has_budget:
         notes.append(f"remaining {render.money(report.remaining)}; projected end of period "
-                     f"{render.money(report.projected_end_of_period)} at the burn rate so far")
+                     f"{render.money(report.projected_end_of_period)}")
     if report.burn_per_hour.micros:
-        notes.append(f"burning {render.money(report.burn_per_hour)} per hour now")
+        notes.append(f"serving burns {render.money(report.burn_per_hour)} per hour now, idle replicas included")
     if notes:
         table.caption = "; ".join(notes)
     return table

@@ -279,7 +279,8 @@ def margin_png(report: budget_pb2.SpendReport, path: Path) -> Path:
             ax.text(0.02, 0.95, "no price list set: revenue is $0", transform=ax.transAxes, va="top",
                     color="tab:red", fontsize=9)
         ax.yaxis.set_major_formatter(FuncFormatter(_dollars))
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
+        span = (times[-1] - times[0]).total_seconds() if len(times) > 1 else 0
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if span < 3600 else "%m-%d %H:%M"))
         ax.tick_params(axis="x", labelrotation=25)
         ax.set_xlabel("time (UTC)")
         ax.set_ylabel("dollars, cumulative")

@@ -3,7 +3,9 @@
 For each pool in a report (one metering interval), in one transaction:
 
 1. the interval is claimed (:class:`~margin.budget.fleet.tables.FleetIntervalRow`'s key: pool and start) — a
-   retried report, or a second gateway reporting the same pool, finds it taken and bills nothing;
+   second gateway reporting the same pool interval finds it taken and bills nothing again, but adds the requests it
+   served (each gateway counts its own: zero-micro ``serving`` entries carrying them, and their revenue); a retried
+   report of the same observer (:class:`~margin.budget.fleet.tables.FleetObservationRow`) changes nothing;
 2. the bill — live replica time × the device class's price — is a ``fleet`` entry on the platform's line;
 3. it is allocated (:mod:`margin.budget.fleet.allocation`): serving pools to their deployments' tenants as
    ``serving`` entries (quantity: the requests served through the gateway), by Triton's compute time and the idle
@@ -31,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from margin.budget.fleet import prices, views
 from margin.budget.fleet.allocation import PLATFORM, POLICIES, Consumer, allocate, split_exact
-from margin.budget.fleet.tables import FleetCarryRow, FleetIntervalRow, ServingDeploymentRow
+from margin.budget.fleet.tables import FleetCarryRow, FleetIntervalRow, FleetObservationRow, ServingDeploymentRow
 from margin.common.costs import PriceCatalog, UnknownDeviceClass, format_money
 from margin.common.errors import InvalidArgument
 from margin.common.ledger import LedgerEntry, append_in
@@ -148,13 +150,32 @@ class FleetMeter:
         billed = duplicates = 0
         allocated: list[Allocated] = []
         for pool in report.pools:
-            try:
-                with self._sessions.begin() as s:
-                    allocated.extend(self._bill(s, report, pool, names))
+            outcome = self._take(report, pool, names)
+            if isinstance(outcome, list):
                 billed += 1
-            except IntegrityError:  # the interval was billed before: a retry, or another observer of the pool
+                allocated.extend(outcome)
+            else:
                 duplicates += 1
         return billed, duplicates, allocated
+
+    def _take(self, report: FleetReport, pool: PoolReport, names: dict[str, int]) -> list[Allocated] | str:
+        """Bill one pool interval (the allocations), or — billed by another observer before — add this observer's
+        requests ("requests"), or nothing for a retry ("retry")."""
+        start_us = micros_of(report.start)
+        for _ in range(2):  # two observers racing to bill one interval: the loser adds its requests on a second try
+            try:
+                with self._sessions.begin() as s:
+                    s.add(FleetObservationRow(pool_key=pool.key, start_us=start_us, observer=report.observer[:200]))
+                    s.flush()  # IntegrityError: this observer reported this interval before (a retry)
+                    if s.get(FleetIntervalRow, (pool.key, start_us)) is None:
+                        return self._bill(s, report, pool, names)
+                    self._requests_only(s, report, pool, names)
+                    return "requests"
+            except IntegrityError:
+                with self._sessions() as s:
+                    if s.get(FleetObservationRow, (pool.key, start_us, report.observer[:200])) is not None:
+                        return "retry"
+        return "retry"
 
     def _check(self, report: FleetReport) -> None:
         if report.end <= report.start:
@@ -240,7 +261,8 @@ class FleetMeter:
         revenue, next_revenue = self._revenue(s, pool, start_us, names, revenue_carries, at)
         entries.extend(revenue)
         append_in(s, entries)
-        self._save_carries(s, pool.key, {**result.carries, BILL: result.bill_carry, **next_revenue})
+        self._replace_allocation_carries(s, pool.key, {**result.carries, BILL: result.bill_carry})
+        self._upsert_carries(s, pool.key, next_revenue)
         row = s.get(FleetIntervalRow, (pool.key, start_us))
         row.bill_micros, row.allocated_micros, row.idle_micros = result.bill, allocated, idle
         row.revenue_micros = sum(e.micros for e in revenue)
@@ -269,7 +291,8 @@ class FleetMeter:
                         f"inferences), {usage.reserved_replica_us / 1e6:.1f} reserved replica-s; split by {basis}")]
 
     def _revenue(self, s: Session, pool: PoolReport, start_us: int, names: dict[str, int],
-                 carries: dict[str, Fraction], at: datetime) -> tuple[list[LedgerEntry], dict[str, Fraction]]:
+                 carries: dict[str, Fraction], at: datetime, suffix: str = "") \
+            -> tuple[list[LedgerEntry], dict[str, Fraction]]:
         """Requests served through the gateway at their tenant's price list, fractions of a micro carried."""
         entries, next_carries = [], dict(carries)
         for d in pool.deployments:
@@ -284,7 +307,7 @@ class FleetMeter:
                                                       carries.get(party, Fraction(0)))
             if micros:
                 entries.append(LedgerEntry(
-                    id=entry_id("revenue", pool.key, start_us, party), tenant_id=tenant_id, category="revenue",
+                    id=entry_id("revenue", pool.key, start_us, party + suffix), tenant_id=tenant_id, category="revenue",
                     micros=micros, quantity=d.gateway_requests, model=d.model, version=d.version,
                     deployment=d.deployment, created_at=at,
                     description=f"{d.gateway_requests} requests at {format_money(per_million)} per million"))
@@ -297,11 +320,42 @@ class FleetMeter:
         return {r.party: Fraction(int(r.numerator), int(r.denominator)) for r in rows}
 
     @staticmethod
-    def _save_carries(s: Session, pool_key: str, carries: dict[str, Fraction]) -> None:
-        s.execute(delete(FleetCarryRow).where(FleetCarryRow.pool_key == pool_key))
+    def _replace_allocation_carries(s: Session, pool_key: str, carries: dict[str, Fraction]) -> None:
+        """The bill's and every allocation party's carry, replacing the last interval's (a party gone has handed
+        its carry to the platform)."""
+        s.execute(delete(FleetCarryRow).where(FleetCarryRow.pool_key == pool_key,
+                                              FleetCarryRow.party.not_like("revenue/%")))
+        FleetMeter._add_carries(s, pool_key, carries)
+
+    @staticmethod
+    def _upsert_carries(s: Session, pool_key: str, carries: dict[str, Fraction]) -> None:
+        s.execute(delete(FleetCarryRow).where(FleetCarryRow.pool_key == pool_key,
+                                              FleetCarryRow.party.in_([p[:250] for p in carries])))
+        FleetMeter._add_carries(s, pool_key, carries)
+
+    @staticmethod
+    def _add_carries(s: Session, pool_key: str, carries: dict[str, Fraction]) -> None:
         s.add_all(FleetCarryRow(pool_key=pool_key, party=party[:250], numerator=str(value.numerator),
                                 denominator=str(value.denominator))
                   for party, value in carries.items() if value)
+
+    def _requests_only(self, s: Session, report: FleetReport, pool: PoolReport, names: dict[str, int]) -> None:
+        """Another observer billed this pool interval: add the requests this one served through its gateway (as
+        zero-micro serving entries) and their revenue; the bill and its allocation stand."""
+        start_us, at, observer = micros_of(report.start), report.end, report.observer[:200]
+        entries = [LedgerEntry(
+            id=entry_id("alloc", pool.key, start_us, f"{names[d.tenant]}/{d.deployment}@{observer}"),
+            tenant_id=names[d.tenant], category="serving", micros=0, quantity=d.gateway_requests, model=d.model,
+            version=d.version, deployment=d.deployment, created_at=at,
+            description=f"{pool.pool}: {d.gateway_requests} requests through another gateway ({observer}); the "
+                        "interval's cost is on the first report's entry")
+            for d in pool.deployments if d.gateway_requests]
+        carries = {k: v for k, v in self._carries(s, pool.key).items() if k.startswith("revenue/")}
+        revenue, next_revenue = self._revenue(s, pool, start_us, names, carries, at, suffix=f"@{observer}")
+        append_in(s, entries + revenue)
+        self._upsert_carries(s, pool.key, next_revenue)
+        row = s.get(FleetIntervalRow, (pool.key, start_us))
+        row.revenue_micros += sum(e.micros for e in revenue)
 
     # -- the autoscaler's view ---------------------------------------------------------------------------------
     def _refresh_deployments(self, deployments: Iterable[DeploymentUsage], names: dict[str, int]) -> None:

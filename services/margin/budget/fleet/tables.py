@@ -35,6 +35,15 @@ class FleetIntervalRow(Base):
     ended_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+class FleetObservationRow(Base):
+    """Which observer reported which pool interval: a retry of the same report is recognized and skipped; a second
+    gateway's report of an interval already billed adds only the requests it served (each gateway counts its own)."""
+    __tablename__ = "fleet_observations"
+    pool_key: Mapped[str] = mapped_column(String(250), primary_key=True)
+    start_us: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    observer: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
 class FleetCarryRow(Base):
     """The fraction of a micro a party of a pool is owed (or overpaid) after its last interval, as an exact
     rational; the bill's own carry is the party ``__bill__``."""
