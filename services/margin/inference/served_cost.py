@@ -32,11 +32,14 @@ NS_PER_HOUR_PER_MILLION = 3_600_000_000_000 // 1_000_000  # ns·h⁻¹ → per m
 
 
 class _Window:
-    """(time, amount, requests) entries over the last ``window_s``."""
+    """Per key, (time, amount, requests) entries over the last ``window_s`` and their running sums: reading a key's
+    totals is O(1) (Predict reads one per request). Old entries are dropped when the key gets a new one, so a key
+    that stopped getting entries keeps the figures of its last window of activity."""
 
     def __init__(self, window_s: float, clock: Callable[[], float]):
         self._window, self._clock = window_s, clock
         self._lines: dict[object, deque[tuple[float, int, int]]] = {}
+        self._sums: dict[object, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     def add(self, key, amount: int, requests: int) -> None:
@@ -44,14 +47,15 @@ class _Window:
         with self._lock:
             line = self._lines.setdefault(key, deque())
             line.append((now, amount, requests))
+            total, count = self._sums.get(key, (0, 0))
+            total, count = total + amount, count + requests
             while line and line[0][0] < now - self._window:
-                line.popleft()
+                _, old_amount, old_requests = line.popleft()
+                total, count = total - old_amount, count - old_requests
+            self._sums[key] = (total, count)
 
     def totals(self, key) -> tuple[int, int]:
-        cutoff = self._clock() - self._window
-        with self._lock:
-            entries = [e for e in self._lines.get(key, ()) if e[0] >= cutoff]
-        return sum(e[1] for e in entries), sum(e[2] for e in entries)
+        return self._sums.get(key, (0, 0))
 
 
 class ServedCost:
