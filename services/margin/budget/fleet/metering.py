@@ -46,6 +46,8 @@ KINDS = ("serving", "worker")
 STATES = ("READY", "LOADING", "SCALED_TO_ZERO", "UNLOADED")  # UNLOADED: undeployed in the interval, still billed
 MAX_INTERVAL_S = 3600
 MAX_REPLICAS = 10_000
+MAX_INSTANCES = 64          # model instances busy at once on one replica: compute time beyond this is not possible
+MAX_REQUESTS = 10**12       # per deployment per interval
 BILL = "__bill__"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -186,6 +188,8 @@ class FleetMeter:
                 raise InvalidArgument(f"a metering interval is at most {MAX_INTERVAL_S} s, this one is {length:.0f} s")
             if report.end > self._clock() + timedelta(minutes=5):
                 raise InvalidArgument("interval_end is in the future")
+        deployments: set[tuple[str, str]] = set()
+        triton_names: set[str] = set()
         for pool in report.pools:
             if pool.kind not in KINDS:
                 raise InvalidArgument(f"pool {pool.pool!r}: kind must be one of {list(KINDS)}")
@@ -200,11 +204,11 @@ class FleetMeter:
             if not 0 <= pool.replica_us <= length * 1e6 * MAX_REPLICAS or not 0 <= pool.replicas <= MAX_REPLICAS:
                 raise InvalidArgument(f"pool {pool.pool!r}: replica time {pool.replica_us} µs is not possible in a "
                                       f"{length:.1f} s interval")
-            seen = set()
             for d in pool.deployments:
-                if (d.tenant, d.deployment) in seen:
+                if (d.tenant, d.deployment) in deployments or d.triton_name in triton_names:
                     raise InvalidArgument(f"pool {pool.pool!r}: deployment {d.deployment!r} is reported twice")
-                seen.add((d.tenant, d.deployment))
+                deployments.add((d.tenant, d.deployment))
+                triton_names.add(d.triton_name)
                 validate_name(d.model, "deployment model")
                 if not d.deployment or len(d.deployment) > 200 or not d.triton_name or len(d.triton_name) > 250:
                     raise InvalidArgument(f"pool {pool.pool!r}: a deployment needs a name and a Triton name")
@@ -213,9 +217,14 @@ class FleetMeter:
                 if min(d.compute_ns, d.executions, d.inferences, d.gateway_requests, d.reserved_replica_us,
                        d.min_replicas, d.max_replicas, d.price_micros_per_hour) < 0 or not d.capacity_rps >= 0:
                     raise InvalidArgument(f"deployment {d.deployment!r}: counts and times are never negative")
+                if d.compute_ns > length * 1e9 * MAX_REPLICAS * MAX_INSTANCES \
+                        or d.reserved_replica_us > length * 1e6 * MAX_REPLICAS \
+                        or max(d.executions, d.inferences, d.gateway_requests) > MAX_REQUESTS:
+                    raise InvalidArgument(f"deployment {d.deployment!r}: its compute time, reserved time or counts are "
+                                          f"not possible in a {length:.1f} s interval")
             for j in pool.jobs:
-                if j.busy_us < 0 or not j.job_id or len(j.job_id) > 100:
-                    raise InvalidArgument(f"pool {pool.pool!r}: a job needs an id and a busy time >= 0")
+                if not 0 <= j.busy_us <= length * 1e6 or not j.job_id or len(j.job_id) > 100:
+                    raise InvalidArgument(f"pool {pool.pool!r}: a job needs an id and a busy time within the interval")
 
     # -- the bill ----------------------------------------------------------------------------------------------
     def _bill(self, s: Session, report: FleetReport, pool: PoolReport, names: dict[str, int]) -> list[Allocated]:
@@ -266,7 +275,7 @@ class FleetMeter:
         row = s.get(FleetIntervalRow, (pool.key, start_us))
         row.bill_micros, row.allocated_micros, row.idle_micros = result.bill, allocated, idle
         row.revenue_micros = sum(e.micros for e in revenue)
-        row.used_ns = sum(c.compute_ns for c in consumers)
+        row.used_ns = min(sum(c.compute_ns for c in consumers), 2**63 - 1)  # a BIGINT
         row.basis = result.basis
         return [Allocated(u.tenant, u.deployment, result.micros[k], u.inferences) for k, u in parties.items()
                 if isinstance(u, DeploymentUsage)]
