@@ -164,8 +164,9 @@ class Planner:
             for row in rows:
                 view = tenants[row.tenant_id]
                 others = sum(micros for name, micros in view.burn.items() if name != row.name)
-                own = (int(view.spent_by_deployment.get(row.name, 0) * 3600 / view.elapsed_s)
-                       if view.elapsed_s >= BURN_HISTORY_S else None)
+                own = view.burn.get(row.name)  # its allocated burn now; else its average so far this period
+                if own is None and view.elapsed_s >= BURN_HISTORY_S:
+                    own = int(view.spent_by_deployment.get(row.name, 0) * 3600 / view.elapsed_s)
                 rates = triton_metrics.rates(before, after, row.triton_name) if before and after else None
                 decided.append((row, self._decide(row, now, rates, view, current[row.triton_name], others, own)))
             for row, plan in decided:
