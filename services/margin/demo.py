@@ -138,8 +138,13 @@ def spend_report(console: Console, conn: Connection) -> None:
             if any(line.key == "serving" for line in report.by_category) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+    for _ in range(10):  # the fleet is billed every few seconds: compare a ledger read between two equal spends
+        ledger_micros, entries = budget_cli.ledger_total(stub, conn.metadata)
+        after = stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=conn.metadata)
+        if after.spent.micros == report.spent.micros:
+            break
+        report = after
     console.print(budget_cli.spend_table(report))
-    ledger_micros, entries = budget_cli.ledger_total(stub, conn.metadata)
     categories = sum(line.amount.micros for line in report.by_category)
     console.print(f"categories sum to {costs.format_money(categories)} ({categories} µ$); the ledger's {entries} "
                   f"entries sum to {ledger_micros} µ$ — " + ("[green]equal[/]" if categories == ledger_micros

@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import sessionmaker
 
 from margin.budget.fleet import prices
@@ -91,20 +91,20 @@ def _window(since: datetime, until: datetime):
 def fleet_view(sessions: sessionmaker, platform_id: int, names: dict[int, str], since: datetime, until: datetime,
                policy: str) -> FleetView:
     in_window = _window(since, until)
+    platform_line = and_(LedgerRow.tenant_id == platform_id, LedgerRow.category.in_(["fleet", "jobs", "idle"]))
+    allocation = and_(LedgerRow.category == "serving", LedgerRow.id.like("alloc:%"))
     with sessions() as s:
-        def platform_sum(category: str) -> int:
-            return int(s.scalar(select(func.coalesce(func.sum(LedgerRow.micros), 0)).where(
-                in_window, LedgerRow.tenant_id == platform_id, LedgerRow.category == category)))
-
-        bill, jobs, idle = platform_sum("fleet"), platform_sum("jobs"), platform_sum("idle")
+        # one statement, so one snapshot: a report landing meanwhile is in all the totals or in none
+        totals = dict(s.execute(select(LedgerRow.category, func.sum(LedgerRow.micros)).where(
+            in_window, or_(platform_line, allocation)).group_by(LedgerRow.category)).all())
         tenants = s.execute(select(LedgerRow.tenant_id, func.sum(LedgerRow.micros), func.count()).where(
-            in_window, LedgerRow.category == "serving", LedgerRow.id.like("alloc:%"))
-            .group_by(LedgerRow.tenant_id)).all()
+            in_window, allocation).group_by(LedgerRow.tenant_id)).all()
         rows = s.scalars(select(FleetIntervalRow).where(FleetIntervalRow.ended_at >= since,
                                                         FleetIntervalRow.ended_at < until)).all()
         pools = _pool_lines(rows)
     by_tenant = sorted(((names.get(t, str(t)), int(m), n) for t, m, n in tenants), key=lambda x: (-x[1], x[0]))
-    return FleetView(since, until, pools, bill, sum(m for _, m, _ in by_tenant), jobs, idle, by_tenant, policy)
+    return FleetView(since, until, pools, int(totals.get("fleet") or 0), int(totals.get("serving") or 0),
+                     int(totals.get("jobs") or 0), int(totals.get("idle") or 0), by_tenant, policy)
 
 
 def _pool_lines(rows) -> list[PoolLine]:
