@@ -160,6 +160,9 @@ def triton_spec(home: Path, repository: Path, grpc_port: int | None = None, http
         "--http-address=127.0.0.1", f"--http-port={ports['http']}",
         "--metrics-address=127.0.0.1", f"--metrics-port={ports['metrics']}",
         "--log-verbose=0",
+        # no GPU metrics: the local Triton runs on the CPU, and the DCGM they start with can hang for 60 s while a
+        # previous tritonserver is still exiting (seen on CI: `up` after `down` timed out on it)
+        "--allow-gpu-metrics=false",
         "--exit-on-error=false",
         "--strict-readiness=false",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
