@@ -10,7 +10,6 @@ report: what the demo tenant's served requests earned at its price list against 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +17,7 @@ from rich.console import Console
 from margin.cli import reports
 from margin.cluster.processes import LOCAL_FLEET_INTERVAL_S
 from margin.common import costs, protoconv
+from margin.common.tenancy import from_epoch
 from margin.sdk import Connection
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2
 
@@ -45,7 +45,7 @@ def reconcile(console: Console, admin: Connection, tenant: Connection, since: fl
     with console.status(f"billing the last metering interval (every {LOCAL_FLEET_INTERVAL_S:g} s)…"):
         time.sleep(max(0.0, boundary - time.time()) + 2.0)
     start = since - since % LOCAL_FLEET_INTERVAL_S
-    window = {"since": protoconv.timestamp(_utc(start)), "until": protoconv.timestamp(_utc(boundary + 0.5))}
+    window = {"since": protoconv.timestamp(from_epoch(start)), "until": protoconv.timestamp(from_epoch(boundary + 0.5))}
     stub = budget_pb2_grpc.BudgetsStub(admin.channel)
     fleet = stub.GetSpend(budget_pb2.GetSpendRequest(view=budget_pb2.SPEND_VIEW_FLEET, **window),
                           metadata=admin.metadata)
@@ -59,6 +59,3 @@ def reconcile(console: Console, admin: Connection, tenant: Connection, since: fl
     png = reports.margin_png(margin, reports_dir / "margin.png")
     console.print(f"cost against revenue over the demo: {png}")
 
-
-def _utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)

@@ -209,13 +209,13 @@ def tenant_id(stack, name: str) -> int:
 
 
 def test_an_idle_deployment_scales_to_zero_and_a_request_brings_it_back(stack):
-    """min_replicas 0 and 2 s of idleness allowed: direct traffic to Triton keeps it loaded (it used the replica),
+    """min_replicas 0 and 3 s of idleness allowed: direct traffic to Triton keeps it loaded (it used the replica),
     then it is unloaded; the next Predict waits for the cold start and is served, and GetDeployment says so."""
     stub, md = stack.stub(), stack.md()
     deployed = stub.Deploy(inference_pb2.DeployRequest(
         version=common_pb2.VersionRef(model="digits", number=2), min_replicas=0, max_replicas=2,
-        scale_to_zero_after_seconds=2, batching=inference_pb2.BatchingConfig(max_batch_size=16)), metadata=md)
-    assert deployed.min_replicas == 0 and deployed.scale_to_zero_after_seconds == 2
+        scale_to_zero_after_seconds=3, batching=inference_pb2.BatchingConfig(max_batch_size=16)), metadata=md)
+    assert deployed.min_replicas == 0 and deployed.scale_to_zero_after_seconds == 3
     triton = triton_grpc.InferenceServerClient(stack.triton.spec.address)
     name = f"t{tenant_id(stack, 'acme')}--digits-v2"
     direct = triton_grpc.InferInput("input", [1, 64], "FP32")

@@ -4,6 +4,7 @@ current burn, and what a tenant key may and may not do."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -29,16 +30,23 @@ def tenant_md(cluster, tenant: str = "acme") -> tuple:
     return (("authorization", f"Bearer {cluster.keys[tenant]}"),)
 
 
-def aligned(ago_intervals: int) -> datetime:
+def boundaries() -> Callable[[int], datetime]:
+    """``aligned(n)``: the start of the interval n intervals before the one under way when this was called (one
+    reference, so a test's intervals do not shift when a boundary passes while it reports them)."""
     now = int(time.time()) // INTERVAL * INTERVAL
-    return datetime.fromtimestamp(now - ago_intervals * INTERVAL, UTC)
+
+    def aligned(ago_intervals: int) -> datetime:
+        return datetime.fromtimestamp(now - ago_intervals * INTERVAL, UTC)
+    return aligned
+
 
 
 def deployment(tenant: str, name: str, compute_ns: int = 0, requests: int = 0, reserved_us: int = INTERVAL * 10**6,
                **kw) -> budget_pb2.FleetDeployment:
     kw.setdefault("state", "READY")
+    kw.setdefault("device_class", "cpu")
     return budget_pb2.FleetDeployment(tenant=tenant, deployment=name, model=name.split("-")[0], version=1,
-                                      triton_name=f"t--{tenant}--{name}", device_class="cpu",
+                                      triton_name=f"t--{tenant}--{name}",
                                       compute_ns=compute_ns, inferences=requests, gateway_requests=requests,
                                       reserved_replica_us=reserved_us, min_replicas=1, max_replicas=2,
                                       capacity_rps=100.0, price_micros_per_hour=PRICE, **kw)
@@ -69,6 +77,7 @@ def serving_of(stub, cluster, tenant: str) -> list[budget_pb2.LedgerEntry]:
 
 def test_a_pool_interval_is_billed_and_allocated_to_the_micro_once(cluster, budgets):
     stub, md = budgets
+    aligned = boundaries()
     start = aligned(3)
     request = report(start, [deployment("acme", "digits-v1", compute_ns=2 * 10**9, requests=300),
                              deployment("other", "bert-v1", compute_ns=10**9, requests=100)])
@@ -97,6 +106,7 @@ def test_a_pool_interval_is_billed_and_allocated_to_the_micro_once(cluster, budg
 
 def test_the_idle_remainder_and_worker_pools_go_to_the_platforms_line(cluster, budgets):
     stub, md = budgets
+    aligned = boundaries()
     stub.ReportFleet(report(aligned(4), replica_us=INTERVAL * 10**6), metadata=md)  # nothing deployed: all idle
     stub.ReportFleet(report(aligned(4), kind="worker", pool="worker/train.cpu", replica="w1", jobs=[
         budget_pb2.FleetJob(tenant="acme", job_id="tj-1", kind="training", busy_us=5 * 10**6)]), metadata=md)
@@ -113,6 +123,7 @@ def test_the_idle_remainder_and_worker_pools_go_to_the_platforms_line(cluster, b
 
 def test_revenue_follows_the_price_list_and_the_margin_view_is_each_tenants_own(cluster, budgets):
     stub, md = budgets
+    aligned = boundaries()
     stub.SetPriceList(budget_pb2.SetPriceListRequest(price_list=budget_pb2.PriceList(tenant="acme", entries=[
         budget_pb2.PriceListEntry(model="digits", per_million=common_pb2.Money(micros=2_500_000))])), metadata=md)
     for i in range(3):  # 333 requests an interval at $2.50 per million: 832.5 µ$ each, the half carried, not dropped
@@ -135,6 +146,7 @@ def test_the_projection_counts_an_idle_deployments_burn(cluster, budgets):
     """An idle deployment at its minimum for the last five minutes: the month ends at spent + its burn for the time
     left (about $0.17 an hour), not at the handful of micros spent so far."""
     stub, md = budgets
+    aligned = boundaries()
     for i in range(20, 0, -1):
         stub.ReportFleet(report(aligned(i), [deployment("acme", "idle-v1")]), metadata=md)
     spend = stub.GetSpend(budget_pb2.GetSpendRequest(), metadata=tenant_md(cluster))
@@ -154,12 +166,15 @@ def test_the_projection_counts_an_idle_deployments_burn(cluster, budgets):
     ({"kind": "gpu-farm"}, "kind must be one of"),
     ({"replica_us": 10**15}, "is not possible"),
     ({"state": "DANCING"}, "state must be one of"),
+    ({"deployment_class": "quantum-9000"}, "unknown device class"),
 ])
 def test_bad_reports_are_invalid_argument_and_bill_nothing(cluster, budgets, change, fragment):
     stub, md = budgets
+    aligned = boundaries()
     request = report(aligned(2), [deployment(change.pop("tenant", "acme"), "digits-v1",
                                              compute_ns=change.pop("compute_ns", 0),
-                                             state=change.pop("state", "READY"))])
+                                             state=change.pop("state", "READY"),
+                                             device_class=change.pop("deployment_class", "cpu"))])
     pool = request.pools[0]
     for key in ("device_class", "kind", "replica_us"):
         if key in change:
@@ -172,8 +187,25 @@ def test_bad_reports_are_invalid_argument_and_bill_nothing(cluster, budgets, cha
     assert platform_lines(stub, md) == {}
 
 
+def test_a_bad_price_list_is_invalid_argument_and_keeps_the_old_one(cluster, budgets):
+    stub, md = budgets
+    good = budget_pb2.PriceList(tenant="acme", entries=[budget_pb2.PriceListEntry(
+        model="digits", per_million=common_pb2.Money(currency="USD", micros=1_000_000))])
+    stub.SetPriceList(budget_pb2.SetPriceListRequest(price_list=good), metadata=md)
+    for entry, fragment in ((budget_pb2.PriceListEntry(model="digits", per_million=common_pb2.Money(
+            currency="dollars", micros=1)), "ISO 4217"),
+            (budget_pb2.PriceListEntry(model="../x", per_request=common_pb2.Money(micros=1)), "not allowed"),
+            (budget_pb2.PriceListEntry(model="digits", per_million=common_pb2.Money(micros=-1)), "negative")):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SetPriceList(budget_pb2.SetPriceListRequest(price_list=budget_pb2.PriceList(
+                tenant="acme", entries=[entry])), metadata=md)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
+    assert stub.GetPriceList(budget_pb2.GetPriceListRequest(tenant="acme"), metadata=md) == good
+
+
 def test_tenant_keys_never_write_or_read_the_platforms_lines(cluster, budgets):
     stub, md = budgets
+    aligned = boundaries()
     mine = tenant_md(cluster)
     for call in (lambda: stub.ReportFleet(report(aligned(2)), metadata=mine),
                  lambda: stub.GetSpend(budget_pb2.GetSpendRequest(view=budget_pb2.SPEND_VIEW_FLEET), metadata=mine),

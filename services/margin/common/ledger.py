@@ -18,6 +18,7 @@ SPEND_CATEGORIES = ("training", "compression", "serving")  # what a tenant spend
 PLATFORM_CATEGORIES = ("fleet", "idle", "jobs")             # the platform's own lines (the bill and its idle part)
 CATEGORIES = (*SPEND_CATEGORIES, *PLATFORM_CATEGORIES, "revenue")
 # Ids of the entries only the fleet metering writes (margin.budget.fleet): no other writer may take them.
+DESCRIPTION_CHARS = 300
 FLEET_ID_PREFIXES = ("fleet:", "alloc:", "idle:", "jobs:", "revenue:")
 
 
@@ -33,7 +34,7 @@ class LedgerRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=0)
     deployment: Mapped[str] = mapped_column(String(200), default="")
     job_id: Mapped[str] = mapped_column(String(100), default="")
-    description: Mapped[str] = mapped_column(String(300), default="")
+    description: Mapped[str] = mapped_column(String(DESCRIPTION_CHARS), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
@@ -68,7 +69,7 @@ def append_in(s: Session, entries: list[LedgerEntry]) -> int:
         return 0
     existing = set(s.scalars(select(LedgerRow.id).where(LedgerRow.id.in_([e.id for e in entries]))))
     fresh = {e.id: e for e in entries if e.id not in existing}
-    s.add_all(LedgerRow(**vars(e)) for e in fresh.values())
+    s.add_all(LedgerRow(**{**vars(e), "description": e.description[:DESCRIPTION_CHARS]}) for e in fresh.values())
     return len(fresh)
 
 

@@ -73,6 +73,11 @@ class ApiKeyInfo:
     expires_at: datetime | None
 
 
+def from_epoch(seconds: float) -> datetime:
+    """Seconds since the epoch (``time.time()``) as an aware UTC datetime."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything here is UTC."""
     if value is not None and value.tzinfo is None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from margin.common import protoconv
 from margin.common.errors import InvalidArgument, MarginError
+from margin.common.tenancy import from_epoch
 from margin.inference.deployments import LOADING, READY, Deployment, DeploymentManager
 from margin.inference.metering import Meter
 from margin.inference.pools import Pool, TritonPools
@@ -258,7 +259,7 @@ class FleetObserver:
             replica_us=round(interval.replica_us.get(pool.name, 0.0)), replicas=pool.client.billable,
             deployments=by_pool.get(pool.name, [])) for pool in self._pools.pools]
         return budget_pb2.ReportFleetRequest(
-            interval_start=protoconv.timestamp(_utc(interval.start)), interval_end=protoconv.timestamp(_utc(
+            interval_start=protoconv.timestamp(from_epoch(interval.start)), interval_end=protoconv.timestamp(from_epoch(
                 interval.end)), pools=pools, observer=self.name, snapshot_only=snapshot_only)
 
     def _enqueue(self, report: budget_pb2.ReportFleetRequest) -> None:
@@ -323,7 +324,3 @@ class FleetObserver:
         self.flush(5.0)
         self._stop.set()
 
-
-def _utc(seconds: float):
-    from datetime import UTC, datetime
-    return datetime.fromtimestamp(seconds, UTC)

@@ -15,11 +15,11 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from margin.common import protoconv
 from margin.common.errors import InvalidArgument, MarginError
 from margin.common.jobs import JobStore
+from margin.common.tenancy import from_epoch
 from margin.sdk.budgets import BudgetsClient
 from margin.v1 import budget_pb2
 
@@ -54,7 +54,7 @@ class WorkerFleetReporter:
     def _jobs_between(self, start: float, end: float) -> list[budget_pb2.FleetJob]:
         busy: dict[tuple[str, str, str], float] = defaultdict(float)
         for job_id, tenant, kind, _owner, seconds in self._jobs.attempts_between(
-                f"{socket.gethostname()}/", _utc(start), _utc(end)):
+                f"{socket.gethostname()}/", from_epoch(start), from_epoch(end)):
             busy[(job_id, tenant, kind)] += seconds
         return [budget_pb2.FleetJob(tenant=tenant, job_id=job_id, kind=kind, busy_us=round(seconds * 1e6))
                 for (job_id, tenant, kind), seconds in sorted(busy.items())]
@@ -63,8 +63,8 @@ class WorkerFleetReporter:
         pool = budget_pb2.FleetPool(pool=f"worker/{self.queue}", kind="worker", device_class=self.device_class,
                                     replica=self.replica, replica_us=round((end - start) * 1e6), replicas=1,
                                     jobs=jobs)
-        return budget_pb2.ReportFleetRequest(interval_start=protoconv.timestamp(_utc(start)),
-                                             interval_end=protoconv.timestamp(_utc(end)), pools=[pool],
+        return budget_pb2.ReportFleetRequest(interval_start=protoconv.timestamp(from_epoch(start)),
+                                             interval_end=protoconv.timestamp(from_epoch(end)), pools=[pool],
                                              observer=f"worker:{self.replica}")
 
     def _run(self) -> None:
@@ -106,6 +106,3 @@ class WorkerFleetReporter:
         self._stop.set()
         self._thread.join(timeout_s)
 
-
-def _utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)

@@ -212,6 +212,8 @@ class FleetMeter:
                 validate_name(d.model, "deployment model")
                 if not d.deployment or len(d.deployment) > 200 or not d.triton_name or len(d.triton_name) > 250:
                     raise InvalidArgument(f"pool {pool.pool!r}: a deployment needs a name and a Triton name")
+                if d.device_class and d.device_class not in self._catalog.devices:
+                    raise InvalidArgument(f"deployment {d.deployment!r}: unknown device class {d.device_class!r}")
                 if d.state not in STATES:
                     raise InvalidArgument(f"deployment {d.deployment!r}: state must be one of {list(STATES)}")
                 if min(d.compute_ns, d.executions, d.inferences, d.gateway_requests, d.reserved_replica_us,

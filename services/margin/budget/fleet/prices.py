@@ -7,6 +7,7 @@ them against the allocated cost.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
@@ -38,6 +39,9 @@ def validate(entries: list[Price]) -> list[Price]:
         if p.model in seen:
             raise InvalidArgument(f"price_list: model {p.model or '(every model)'!r} is priced twice")
         seen.add(p.model)
+        if not re.fullmatch(r"[A-Z]{3}", p.currency):
+            raise InvalidArgument(f"price_list: currency {p.currency[:20]!r} is not a 3-letter ISO 4217 code such "
+                                  "as USD")
         if not 0 <= p.micros_per_million <= MAX_MICROS_PER_MILLION:
             raise InvalidArgument(f"price_list: the price of {p.model or 'every model'} must be between 0 and "
                                   f"{MAX_MICROS_PER_MILLION} micros per million requests")
