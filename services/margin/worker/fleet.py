@@ -1,20 +1,25 @@
 """A worker's own fleet report: every metering interval it tells the budget service that it was up — one replica of
-its pool (``worker/<queue>``), priced as its device class — and which jobs' attempts ran on it and for how long.
+its pool (``worker/<queue>``, the replica named ``<host>/<pid>``: two workers on one node, or a restarted one, are
+two replicas), priced as its device class — and which jobs' attempts ran on it and for how long.
 
 The budget service bills the worker's replica time and allocates it (:mod:`margin.budget.fleet.metering`): each job
 its busy time (the tenants pay that through the jobs' own entries: device-seconds × price + energy), the idle rest
-to the platform's line. The busy time comes from the jobs' attempts this node's processes held (the job store
-records when each attempt started and ended), so a job on this worker is counted whichever pool process ran it.
+to the platform's line. The busy time comes from the jobs' attempts held by this worker's own processes (the job
+store records when each attempt started and ended, and its owner ``<host>/<pid>/<task>``; the worker remembers every
+pool process it has had), so a job is counted on the worker that ran it, whichever of its pool processes that was.
 Runs in the Celery main process (``worker_ready`` starts it); reports are kept until the budget service takes them.
 """
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+
+import psutil
 
 from margin.common import protoconv
 from margin.common.errors import InvalidArgument, MarginError
@@ -36,7 +41,8 @@ class WorkerFleetReporter:
     def __init__(self, queue: str, jobs: JobStore, budgets: BudgetsClient, interval_s: float = 15.0,
                  replica: str | None = None, clock: Callable[[], float] = time.time):
         self.queue, self.device_class = queue, device_class_of(queue)
-        self.replica = replica or socket.gethostname()
+        self.replica = replica or f"{socket.gethostname()}/{os.getpid()}"
+        self._pids: set[int] = {os.getpid()}  # this worker's processes, all it has had (pool processes get replaced)
         self._jobs, self._budgets, self.interval_s, self._clock = jobs, budgets, interval_s, clock
         self._pending: list[budget_pb2.ReportFleetRequest] = []
         self._stop = threading.Event()
@@ -51,11 +57,22 @@ class WorkerFleetReporter:
         """The report of [start, end): this worker up all of it, and the jobs that ran on this node in it."""
         return self._request(start, end, self._jobs_between(start, end))
 
+    def own_pids(self) -> set[int]:
+        """This worker's process and every pool process (and their children) it has had so far."""
+        try:
+            self._pids |= {p.pid for p in psutil.Process().children(recursive=True)}
+        except psutil.Error as err:
+            log.warning("cannot list this worker's processes: %s", err)
+        return self._pids
+
     def _jobs_between(self, start: float, end: float) -> list[budget_pb2.FleetJob]:
         busy: dict[tuple[str, str, str], float] = defaultdict(float)
-        for job_id, tenant, kind, _owner, seconds in self._jobs.attempts_between(
+        pids = self.own_pids()
+        for job_id, tenant, kind, owner, seconds in self._jobs.attempts_between(
                 f"{socket.gethostname()}/", from_epoch(start), from_epoch(end)):
-            busy[(job_id, tenant, kind)] += seconds
+            pid = owner.split("/")[1] if owner.count("/") >= 2 else ""
+            if pid.isdigit() and int(pid) in pids:
+                busy[(job_id, tenant, kind)] += seconds
         return [budget_pb2.FleetJob(tenant=tenant, job_id=job_id, kind=kind, busy_us=round(seconds * 1e6))
                 for (job_id, tenant, kind), seconds in sorted(busy.items())]
 
