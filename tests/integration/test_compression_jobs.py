@@ -10,8 +10,13 @@ import pytest
 import torch
 from google.protobuf import json_format
 from margin.common import protoconv
+from margin.common.costs import PriceCatalog
+from margin.common.jobs import JobStore
+from margin.compression.estimate import HISTORY_PRECISION
 from margin.modelzoo.datasets import load_builtin, split
 from margin.v1 import common_pb2, compression_pb2, registry_pb2
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
 
 from tests.integration.training_stack import TrainingStack, train_digits_mlp, training_stack, wait_for
 
@@ -207,6 +212,14 @@ def test_cancel_between_variants_ends_cancelled_keeping_the_variants_made(stack)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def record_impossibly_fast_history(stack: TrainingStack, family: str, device_class: str) -> None:
+    """One compression run in the throughput history at 1e12 sample-parameters/s and 50 ms per variant."""
+    engine = create_engine(f"sqlite:///{stack.home / 'margin.db'}")
+    store = JobStore(sessionmaker(engine), PriceCatalog.load())
+    store.record_throughput(family, device_class, HISTORY_PRECISION, 1, 1e12, 0.05)
+    engine.dispose()
+
+
 def test_a_budget_below_the_estimate_is_refused_and_one_that_runs_out_stops_the_run(stack):
     stub, md = stack.compression_stub()
 
@@ -222,10 +235,15 @@ def test_a_budget_below_the_estimate_is_refused_and_one_that_runs_out_stops_the_
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "estimate" in err.value.details()
     assert len(stub.ListCompressionJobs(compression_pb2.ListCompressionJobsRequest(page_size=100),
                                         metadata=md).jobs) == listed
-    # a short run of the same recipes gives the estimate its history; then a budget at the estimate's low end
-    finished(stack, stub.AutoCompress(auto(2), metadata=md).id)
+    # A history that says this machine makes a variant in 50 ms and fine-tunes at 1e12 sample-parameters/s, far
+    # faster than any machine does: the estimate's low end (a few dozen µ$) is then a budget the real run cannot stay
+    # within, however fast or loaded the machine is (a history from a real short run made this depend on the
+    # machine's speed from one run to the next).
+    device_class = stub.EstimateCompression(compression_pb2.EstimateCompressionRequest(auto=auto(6)),
+                                            metadata=md).device_class
+    record_impossibly_fast_history(stack, "mlp", device_class)
     estimate = stub.EstimateCompression(compression_pb2.EstimateCompressionRequest(auto=auto(6)), metadata=md)
-    assert estimate.variants == 6 and estimate.basis.startswith("history")
+    assert estimate.variants == 6 and estimate.basis.startswith("history") and estimate.cost.low.micros > 0
     assert estimate.cost.low.micros < estimate.cost.expected.micros < estimate.cost.high.micros
     job = stub.AutoCompress(auto(6, budget=estimate.cost.low.micros), metadata=md)
     final = finished(stack, job.id)

@@ -226,9 +226,10 @@ def test_predict_stream_answers_each_request_in_order(stack):
     for x, reply in zip(xs, replies, strict=True):
         assert np.allclose(outputs(reply), stack.scripted[2](torch.from_numpy(x)).detach().numpy(), atol=1e-5)
     bad = iter([inference_pb2.PredictRequest(version=common_pb2.VersionRef(model="digits", number=2),
-                                             inputs=[tensor(np.zeros((1, 3), np.float32))])])
-    code, details = code_of(lambda: list(stack.stub().PredictStream(bad, metadata=stack.md())))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input: FP32[-1, 64]" in details
+                                             inputs=[tensor(np.zeros((1, 3), np.float32))], request_id="bad")])
+    [reply] = list(stack.stub().PredictStream(bad, metadata=stack.md()))  # answered, not the end of the stream
+    assert reply.request_id == "bad" and reply.error.code == "INVALID_ARGUMENT"
+    assert "input: FP32[-1, 64]" in reply.error.message
 
 
 @pytest.mark.parametrize("request_fields, fragment", [
@@ -363,13 +364,15 @@ def test_redeploying_on_another_class_moves_the_deployment_between_pools(pooled)
 
 
 def test_a_spent_serving_budget_rejects_degrades_or_throttles_by_the_tenants_policy(stack):
-    """Runs last: it spends acme's serving budget (a ledger entry written through RecordSpend) and sets its policy."""
+    """Runs last: it spends acme's serving budget (a ledger entry written through RecordSpend, with the services'
+    admin key) and sets its policy."""
     for n in (1, 2, 3):
         deploy(stack, n)
     budgets = budget_pb2_grpc.BudgetsStub(grpc.insecure_channel(stack.cluster.budget.server.address))
     budgets.RecordSpend(budget_pb2.RecordSpendRequest(entries=[budget_pb2.LedgerEntry(
-        id="serving:test-spent", category=budget_pb2.SPEND_CATEGORY_SERVING, amount=common_pb2.Money(micros=50),
-        deployment="digits-v1", model="digits")]), metadata=stack.md())
+        id="serving:test-spent", tenant="acme", category=budget_pb2.SPEND_CATEGORY_SERVING,
+        amount=common_pb2.Money(micros=50), deployment="digits-v1", model="digits")]),
+        metadata=(("authorization", f"Bearer {stack.cluster.admin_key}"),))
 
     def policy(name: int) -> None:
         budgets.SetBudget(budget_pb2.SetBudgetRequest(budget=budget_pb2.Budget(

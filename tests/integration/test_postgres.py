@@ -27,6 +27,7 @@ from margin.v1 import common_pb2, registry_pb2
 from sqlalchemy import Engine, text
 
 from tests.conftest import Cluster, running_cluster
+from tests.onnx_models import linear_onnx
 from tests.service.test_registry_service import meta, ref
 
 DB_NAME = "margin_test"
@@ -189,7 +190,7 @@ def test_round_trip_alias_metrics_and_lineage(cluster, tmp_path):
     client = cluster.client()
     model = client.create_model("m", labels={"team": "a"})
     assert _recent(model.create_time)
-    data = os.urandom(3 * (1 << 20) + 12345)  # several chunks, the last one partial
+    data = linear_onnx(os.urandom(3 * (1 << 20) + 12345))  # several chunks, the last one partial
     v1 = client.upload_bytes(data, meta(metrics={"accuracy": 0.97}, description="first",
                                         recipe=_struct({"kind": "training", "epochs": 3})))
     assert (v1.number, v1.size_bytes, v1.sha256) == (1, len(data), hashlib.sha256(data).hexdigest())
@@ -214,7 +215,7 @@ def test_round_trip_alias_metrics_and_lineage(cluster, tmp_path):
         version=ref(alias="production"), metrics={"latency_p50_ms": 1.5}), metadata=md)
     assert dict(updated.metrics) == {"accuracy": 0.97, "latency_p50_ms": 1.5}
 
-    child = client.upload_bytes(b"small", meta(parent=ref(number=1), cost=common_pb2.Cost(
+    child = client.upload_bytes(linear_onnx(b"small"), meta(parent=ref(number=1), cost=common_pb2.Cost(
         total=common_pb2.Money(currency="USD", micros=250))))
     lineage = client.stub.GetLineage(registry_pb2.GetLineageRequest(version=ref(number=child.number)), metadata=md)
     assert [(v.model, v.number) for v in lineage.chain] == [("m", 2), ("m", 1)]

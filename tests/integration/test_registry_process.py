@@ -16,6 +16,8 @@ from margin.common.tenancy import TenantStore
 from margin.sdk import RegistryClient, connect
 from margin.v1 import common_pb2, registry_pb2
 
+from tests.onnx_models import linear_onnx
+
 
 def registry_process(tmp: Path, port: int) -> ManagedProcess:
     spec = standalone_service_spec("registry", "margin.registry", tmp, port=port, MARGIN_GRACE_SECONDS="20",
@@ -51,7 +53,7 @@ def test_killed_mid_upload_keeps_earlier_versions_and_shows_no_partial(setup):
     client.create_model("m")
     earlier = {}
     for _ in range(3):
-        data = os.urandom(500_000)
+        data = linear_onnx(os.urandom(500_000))
         earlier[client.upload_bytes(data, meta()).number] = hashlib.sha256(data).hexdigest()
 
     halfway, release = threading.Event(), threading.Event()
@@ -88,7 +90,7 @@ def test_killed_mid_upload_keeps_earlier_versions_and_shows_no_partial(setup):
             assert hashlib.sha256(data).hexdigest() == digest
         assert part_files(tmp) == []  # the dead process's partial upload was cleaned at start
         assert len(list((tmp / "artifacts").rglob("*.bin"))) == 3
-        assert client.upload_bytes(b"after restart", meta()).number == 4
+        assert client.upload_bytes(linear_onnx(b"after restart"), meta()).number == 4
     finally:
         restarted.stop()
 
@@ -103,7 +105,8 @@ def test_sigterm_drains_an_in_flight_upload_then_exits_cleanly(setup):
     _, port, key, child = setup
     client = RegistryClient(connect(f"127.0.0.1:{port}", key))
     client.create_model("m")
-    chunks = [os.urandom(300_000) for _ in range(4)]
+    blob = linear_onnx(os.urandom(1_200_000))
+    chunks = [blob[i:i + 300_000] for i in range(0, len(blob), 300_000)]
     started = threading.Event()
 
     def paced():

@@ -190,7 +190,7 @@ def test_sigkill_of_the_worker_mid_epoch_resumes_from_the_checkpoint_one_version
     assert final.cost.total.micros == sum(a.total.micros for a in final.attempt_costs)
     assert [v.number for v in stack.versions("resumed")] == [1]
     rows = stack.ledger(job.id)
-    assert sorted(r.id for r in rows) == [f"training:{job.id}:1", f"training:{job.id}:2"]
+    assert sorted(r.id.rsplit(":", 1)[0] for r in rows) == [f"training:{job.id}:1", f"training:{job.id}:2"]
     assert sum(r.micros for r in rows) == final.cost.total.micros
     events = watch(stack, job.id)
     assert events[-1].state == State.Value("JOB_STATE_SUCCEEDED")

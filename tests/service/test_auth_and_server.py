@@ -16,6 +16,8 @@ from margin.common.tenancy import Principal
 from margin.sdk import RegistryClient, connect
 from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc
 
+from tests.onnx_models import linear_onnx
+
 
 def code_of(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
@@ -56,8 +58,8 @@ def test_keys_are_stored_hashed(cluster):
 def test_another_tenants_objects_are_not_found(cluster):
     acme, other = cluster.client("acme"), cluster.client("other")
     acme.create_model("secret-model")
-    acme.upload_bytes(b"weights", registry_pb2.UploadMetadata(model="secret-model",
-                                                              format=registry_pb2.ARTIFACT_FORMAT_ONNX))
+    acme.upload_bytes(linear_onnx(b"weights"), registry_pb2.UploadMetadata(
+        model="secret-model", format=registry_pb2.ARTIFACT_FORMAT_ONNX))
     code, _ = code_of(lambda: other.stub.GetModel(registry_pb2.GetModelRequest(name="secret-model"),
                                                         metadata=other.metadata))
     assert code == grpc.StatusCode.NOT_FOUND

@@ -43,6 +43,14 @@ def entry(i: str, category: int, micros: int, **fields) -> budget_pb2.LedgerEntr
     return budget_pb2.LedgerEntry(id=i, category=category, amount=money(micros), **fields)
 
 
+def record(cluster, tenant: str, entries: list[budget_pb2.LedgerEntry]) -> budget_pb2.RecordSpendResponse:
+    """RecordSpend as Margin's services call it: with the admin key, each entry naming its tenant."""
+    admin, amd = stub(cluster, "admin")
+    for e in entries:
+        e.tenant = tenant
+    return admin.RecordSpend(budget_pb2.RecordSpendRequest(entries=entries), metadata=amd)
+
+
 def set_budget(cluster, total: int, tenant: str = "acme", **fields) -> budget_pb2.Budget:
     s, md = stub(cluster, tenant)
     secret = fields.pop("webhook_secret", "")
@@ -59,7 +67,7 @@ def test_spend_by_category_model_and_deployment_sums_exactly_to_the_ledger(clust
                entry("c1", CAT.Value("SPEND_CATEGORY_COMPRESSION"), 20_001, model="digits"),
                *[entry(f"s{i}", CAT.Value("SPEND_CATEGORY_SERVING"), 7 + i, model="digits",
                        deployment="digits-v2", quantity=32) for i in range(100)]]
-    reply = s.RecordSpend(budget_pb2.RecordSpendRequest(entries=entries), metadata=md)
+    reply = record(cluster, "acme", entries)
     assert (reply.recorded, reply.duplicates) == (102, 0)
     report = s.GetSpend(budget_pb2.GetSpendRequest(), metadata=md)
     ledger_total = 123_457 + 20_001 + sum(7 + i for i in range(100))
@@ -79,9 +87,8 @@ def test_the_same_entry_ids_never_bill_twice_even_from_concurrent_writers(cluste
     ids = [f"serving:batch-{i}" for i in range(60)]
 
     def write(offset: int) -> tuple[int, int]:
-        s, md = stub(cluster, "other")
         batch = [entry(i, CAT.Value("SPEND_CATEGORY_SERVING"), 3) for i in ids[offset:] + ids[:offset]]
-        reply = s.RecordSpend(budget_pb2.RecordSpendRequest(entries=batch), metadata=md)
+        reply = record(cluster, "other", batch)
         return reply.recorded, reply.duplicates
 
     with ThreadPoolExecutor(8) as pool:
@@ -94,8 +101,7 @@ def test_the_same_entry_ids_never_bill_twice_even_from_concurrent_writers(cluste
 
 def test_the_ledger_pages_in_order_without_gaps_and_is_private(cluster):
     s, md = stub(cluster)
-    s.RecordSpend(budget_pb2.RecordSpendRequest(entries=[
-        entry(f"page-{i:02d}", CAT.Value("SPEND_CATEGORY_TRAINING"), i + 1) for i in range(10)]), metadata=md)
+    record(cluster, "acme", [entry(f"page-{i:02d}", CAT.Value("SPEND_CATEGORY_TRAINING"), i + 1) for i in range(10)])
     seen, token = [], ""
     while True:
         page = s.ListLedger(budget_pb2.ListLedgerRequest(page_size=3, page_token=token,
@@ -187,8 +193,10 @@ class Hook(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def quiet_cluster(tmp_path, monkeypatch):
-    """A cluster whose background alert watcher waits an hour: the test drives ``check_once`` itself."""
+    """A cluster whose background alert watcher waits an hour: the test drives ``check_once`` itself. Its webhook
+    receiver listens on loopback, which the operator's allow-list admits here."""
     monkeypatch.setenv("MARGIN_BUDGET_ALERT_INTERVAL_SECONDS", "3600")
+    monkeypatch.setenv("MARGIN_WEBHOOK_ALLOW", "127.0.0.1")
     with running_cluster(f"sqlite:///{tmp_path / 'margin.db'}", tmp_path / "artifacts") as c:
         yield c
 

@@ -212,16 +212,20 @@ def test_tenant_keys_never_write_or_read_the_platforms_lines(cluster, budgets):
                  lambda: stub.SetPriceList(budget_pb2.SetPriceListRequest(), metadata=mine),
                  lambda: stub.ListLedger(budget_pb2.ListLedgerRequest(tenant=PLATFORM_TENANT), metadata=mine),
                  lambda: stub.GetSpend(budget_pb2.GetSpendRequest(view=budget_pb2.SPEND_VIEW_MARGIN, tenant="other"),
-                                       metadata=mine)):
+                                       metadata=mine),
+                 lambda: stub.RecordSpend(budget_pb2.RecordSpendRequest(entries=[budget_pb2.LedgerEntry(
+                     id="x", category=budget_pb2.SPEND_CATEGORY_SERVING)]), metadata=mine)):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value.details()
-    for entry, fragment in ((budget_pb2.LedgerEntry(id="fleet:0123", category=budget_pb2.SPEND_CATEGORY_SERVING),
+    # not even the services' own credential writes the fleet metering's lines through RecordSpend
+    for entry, fragment in ((budget_pb2.LedgerEntry(id="fleet:0123", tenant="acme",
+                                                    category=budget_pb2.SPEND_CATEGORY_SERVING),
                              "belong to the fleet metering"),
-                            (budget_pb2.LedgerEntry(id="x", category=budget_pb2.SPEND_CATEGORY_REVENUE),
+                            (budget_pb2.LedgerEntry(id="x", tenant="acme", category=budget_pb2.SPEND_CATEGORY_REVENUE),
                              "spend category")):
         with pytest.raises(grpc.RpcError) as info:
-            stub.RecordSpend(budget_pb2.RecordSpendRequest(entries=[entry]), metadata=mine)
+            stub.RecordSpend(budget_pb2.RecordSpendRequest(entries=[entry]), metadata=md)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=PLATFORM_TENANT), metadata=md)

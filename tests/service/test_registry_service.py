@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
+from margin.common.protoconv import signature_to_proto
+from margin.common.tensors import Signature, TensorSpec
 from margin.v1 import common_pb2, registry_pb2
 from safetensors.torch import save as safetensors_save
 
 from tests.conftest import MAX_UPLOAD
+from tests.onnx_models import LINEAR_SIGNATURE, linear_onnx
 
-OPAQUE = registry_pb2.ARTIFACT_FORMAT_ONNX  # the one format whose bytes the registry does not sniff
+OPAQUE = registry_pb2.ARTIFACT_FORMAT_ONNX  # uploads are linear_onnx(payload): any payload makes a valid model
 
 
 def meta(model: str = "m", **kw) -> registry_pb2.UploadMetadata:
@@ -34,7 +39,7 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
 def test_upload_download_round_trip_is_byte_identical(cluster, tmp_path):
     client = cluster.client()
     client.create_model("m")
-    data = os.urandom(3 * (1 << 20) + 12345)  # several chunks, last one partial
+    data = linear_onnx(os.urandom(3 * (1 << 20) + 12345))  # several chunks, last one partial
     version = client.upload_bytes(data, meta(metrics={"accuracy": 0.97}, description="first"))
     assert (version.number, version.size_bytes) == (1, len(data))
     assert version.sha256 == hashlib.sha256(data).hexdigest()
@@ -49,7 +54,7 @@ def test_upload_download_round_trip_is_byte_identical(cluster, tmp_path):
 def test_ten_concurrent_uploads_get_versions_1_to_10(cluster):
     client = cluster.client()
     client.create_model("m")
-    payloads = [os.urandom(200_000 + i) for i in range(10)]
+    payloads = [linear_onnx(os.urandom(200_000 + i)) for i in range(10)]
     barrier = threading.Barrier(10)
 
     def upload(data: bytes) -> registry_pb2.ModelVersion:
@@ -72,13 +77,13 @@ def test_uploads_with_the_same_idempotency_key_make_one_version_even_when_concur
 
     def upload(i: int) -> registry_pb2.ModelVersion:
         barrier.wait()
-        return client.upload_bytes(os.urandom(100_000), meta(idempotency_key="job:42"))
+        return client.upload_bytes(linear_onnx(os.urandom(100_000)), meta(idempotency_key="job:42"))
 
     with ThreadPoolExecutor(6) as pool:
         versions = list(pool.map(upload, range(6)))
     assert {v.number for v in versions} == {1} and len({v.sha256 for v in versions}) == 1
-    assert client.upload_bytes(b"other", meta(idempotency_key="job:43")).number == 2
-    assert client.upload_bytes(b"again", meta(idempotency_key="job:42")).number == 1
+    assert client.upload_bytes(linear_onnx(b"other"), meta(idempotency_key="job:43")).number == 2
+    assert client.upload_bytes(linear_onnx(b"again"), meta(idempotency_key="job:42")).number == 1
     listed = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model="m"), metadata=client.metadata)
     assert [v.number for v in listed.versions] == [1, 2]
     assert len(cluster.artifact_files()) == 2  # the duplicates' bytes were discarded
@@ -94,7 +99,7 @@ def test_versions_carry_metadata_aliases_and_lineage(cluster):
     root = client.upload_bytes(weights, meta("base", format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
                                              architecture=_struct(arch), cost=cost,
                                              recipe=_struct({"kind": "training", "epochs": 3})))
-    child = client.upload_bytes(b"scripted", meta("small", parent=ref("base", 1), cost=common_pb2.Cost(
+    child = client.upload_bytes(linear_onnx(b"scripted"), meta("small", parent=ref("base", 1), cost=common_pb2.Cost(
         total=common_pb2.Money(currency="USD", micros=250)), recipe=_struct({"kind": "quantize"})))
     assert child.parent.model == "base" and child.parent.number == root.number
     assert dict(child.recipe)["kind"] == "quantize"
@@ -147,6 +152,42 @@ def _struct(d):
     return struct(d)
 
 
+def test_a_real_onnx_model_is_accepted_with_the_signature_of_its_graph(cluster):
+    client = cluster.client()
+    client.create_model("m")
+    data = linear_onnx(b"weights")
+    version = client.upload_bytes(data, meta(signature=signature_to_proto(LINEAR_SIGNATURE)))
+    assert version.number == 1 and version.format == registry_pb2.ARTIFACT_FORMAT_ONNX
+    assert [(t.name, list(t.shape)) for t in version.signature.outputs] == [("y", [-1, 3])]
+    assert client.download_bytes(ref(number=1))[1] == data
+
+
+# -- uploads that are not what they claim to be -----------------------------------------------------------------
+TS = registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT
+WRONG_SIGNATURE = Signature((TensorSpec("x", "FP32", (-1, 5)),), (TensorSpec("y", "INT64", (-1, 3)),))
+
+
+def _torch_export_pt2() -> bytes:
+    """A torch.export program (.pt2): a zip, like TorchScript, but not TorchScript."""
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 3), (torch.zeros(2, 4),)), buffer)
+    return buffer.getvalue()
+
+
+def _torch_save() -> bytes:
+    """What torch.save writes: a zip with data.pkl (a pickle) and no TorchScript code."""
+    buffer = io.BytesIO()
+    torch.save(torch.nn.Linear(4, 3).state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _plain_zip(payload: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("model/notes.txt", payload)
+    return buffer.getvalue()
+
+
 # -- bad input: the right status, and nothing left behind ------------------------------------------------
 def _raw_upload(client, messages):
     return client.stub.UploadVersion(iter(messages), metadata=client.metadata)
@@ -187,6 +228,16 @@ BAD_UPLOADS = {
     "path in model name": (lambda d: _data_msgs(d, model="../x"), grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
     "torchscript that is not one": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT),
                                     grpc.StatusCode.INVALID_ARGUMENT, "not a TorchScript archive"),
+    "random bytes as onnx": (lambda d: _data_msgs(d), grpc.StatusCode.INVALID_ARGUMENT, "ONNX model"),
+    "onnx whose graph is not its signature": (
+        lambda d: _data_msgs(linear_onnx(d), signature=signature_to_proto(WRONG_SIGNATURE)),
+        grpc.StatusCode.INVALID_ARGUMENT, "declared input x: FP32[-1, 5], the graph has x: FP32[batch, 4]"),
+    "torch.export pt2 as torchscript": (lambda d: _data_msgs(_torch_export_pt2(), format=TS),
+                                        grpc.StatusCode.INVALID_ARGUMENT, "torch.export program (.pt2)"),
+    "torch.save file as torchscript": (lambda d: _data_msgs(_torch_save(), format=TS),
+                                       grpc.StatusCode.INVALID_ARGUMENT, "torch.save file"),
+    "plain zip as torchscript": (lambda d: _data_msgs(_plain_zip(d), format=TS),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "zip archive but not a TorchScript archive"),
     "safetensors that is not one": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
                                                          architecture=_struct({"family": "mlp"})),
                                     grpc.StatusCode.INVALID_ARGUMENT, "not a safetensors file"),
@@ -202,7 +253,7 @@ BAD_UPLOADS = {
 def test_bad_uploads_get_a_clear_status_and_leave_nothing(cluster, case):
     client = cluster.client()
     client.create_model("m")
-    good = client.upload_bytes(b"v1 bytes", meta())
+    good = client.upload_bytes(linear_onnx(b"v1 bytes"), meta())
     files_before = cluster.artifact_files()
     build, code, fragment = BAD_UPLOADS[case]
     got_code, details = status_of(lambda: _raw_upload(client, build(os.urandom(4096))))
@@ -211,7 +262,7 @@ def test_bad_uploads_get_a_clear_status_and_leave_nothing(cluster, case):
     assert cluster.artifact_files() == files_before  # no partial or stray file
     versions = client.stub.ListVersions(registry_pb2.ListVersionsRequest(model="m"), metadata=client.metadata)
     assert [v.number for v in versions.versions] == [good.number]
-    assert client.download_bytes(ref(number=1))[1] == b"v1 bytes"
+    assert client.download_bytes(ref(number=1))[1] == linear_onnx(b"v1 bytes")
 
 
 def test_cancelled_upload_leaves_nothing(cluster):
@@ -274,7 +325,7 @@ BAD_CALLS = {
 def test_bad_calls_get_the_right_status(cluster, case):
     client = cluster.client()
     client.create_model("m")
-    client.upload_bytes(b"x", meta())
+    client.upload_bytes(linear_onnx(b"x"), meta())
     call, code = BAD_CALLS[case]
     got, details = status_of(lambda: call(client.stub, client.metadata))
     assert got == code, details

@@ -97,7 +97,7 @@ def test_bad_input_is_refused():
 consumers = st.lists(st.tuples(st.integers(0, 10**12), st.integers(0, 10**8)), min_size=0, max_size=6)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # the same 300 histories every run
 @given(intervals=st.lists(st.tuples(st.integers(0, 10**9), consumers), min_size=1, max_size=25),
        policy=st.sampled_from(["usage", "reservation", "platform"]), price=st.integers(0, 100_000_000))
 def test_every_interval_sums_to_its_bill_and_every_party_stays_within_a_micro(intervals, policy, price):
@@ -115,11 +115,14 @@ def test_every_interval_sums_to_its_bill_and_every_party_stays_within_a_micro(in
         assert all(m >= 0 for m in result.micros.values())
         billed += result.bill
         exact_bill += Fraction(replica_us * price, 3_600_000_000)
+        for gone in set(got) - set(result.micros):  # a party that left: its carry went to the platform's line
+            del got[gone], owed[gone]
         for key, m in result.micros.items():
             got[key] = got.get(key, 0) + m
             owed[key] = owed.get(key, Fraction(0)) + result.shares[key]
     assert 0 <= exact_bill - billed < 1
-    # every party's total is its exact share less its carry, and carries are less than a micro (or two, summed)
+    # every party's total since it (last) came is its exact share less its carry, and carries are less than a micro
+    # (or two, summed)
     for key in got:
         if key != PLATFORM and key in carries:
             assert abs(got[key] - owed[key]) < 1 + 1e-12

@@ -13,6 +13,8 @@ from margin.registry.artifacts import LocalArtifactStore
 from margin.registry.core import RegistryCore, RegistryLimits
 from margin.registry.domain import CostRecord, UploadRequest, VersionSelector
 
+from tests.onnx_models import linear_onnx
+
 
 @pytest.fixture()
 def core(tmp_path):
@@ -36,9 +38,9 @@ def put(core: RegistryCore, model: str, data: bytes, **kw) -> int:
 
 def test_lineage_follows_parents_and_sums_costs(core):
     core.create_model(core.tenant_id, "m")
-    a = put(core, "m", b"a", cost=CostRecord(total_micros=100))
-    b = put(core, "m", b"b", parent=VersionSelector("m", a), cost=CostRecord(total_micros=20))
-    c = put(core, "m", b"c", parent=VersionSelector("m", b))
+    a = put(core, "m", linear_onnx(b"a"), cost=CostRecord(total_micros=100))
+    b = put(core, "m", linear_onnx(b"b"), parent=VersionSelector("m", a), cost=CostRecord(total_micros=20))
+    c = put(core, "m", linear_onnx(b"c"), parent=VersionSelector("m", b))
     chain, total = core.lineage(core.tenant_id, VersionSelector("m", c))
     assert [v.number for v in chain] == [c, b, a] and total == 120
     assert core.get_version(core.tenant_id, VersionSelector("m")).number == c  # latest
@@ -63,7 +65,7 @@ def test_writes_past_the_limit_are_refused(core):
 
 def test_start_removes_dead_uploads_and_unreferenced_files(core, tmp_path):
     core.create_model(core.tenant_id, "m")
-    kept = put(core, "m", b"keep me")
+    kept = put(core, "m", linear_onnx(b"keep me"))
     # a store whose process died: its lock is released, its partial upload stays behind
     dead = LocalArtifactStore(tmp_path / "artifacts")
     dead.start_upload().write(b"partial")
@@ -76,7 +78,7 @@ def test_start_removes_dead_uploads_and_unreferenced_files(core, tmp_path):
     core.recover(orphan_grace_seconds=600)
     assert list((tmp_path / "artifacts").rglob("*.part")) == []
     assert not orphan.exists()
-    assert core.open_version(core.tenant_id, VersionSelector("m", kept), 1024)[1].__next__() == b"keep me"
+    assert core.open_version(core.tenant_id, VersionSelector("m", kept), 1024)[1].__next__() == linear_onnx(b"keep me")
 
 
 def test_a_live_stores_partial_uploads_are_left_alone(core, tmp_path):

@@ -114,3 +114,13 @@ def test_instance_kind_auto_puts_gpu_classes_on_gpus(monkeypatch):
     monkeypatch.setenv("MARGIN_TRITON_INSTANCE_KIND", "KIND_TPU")
     with pytest.raises(ConfigError, match="MARGIN_TRITON_INSTANCE_KIND='KIND_TPU'"):
         settings_from_env()
+
+
+def test_the_reload_concurrency_comes_from_the_environment_and_is_at_least_one(monkeypatch):
+    assert settings_from_env().reload_concurrency == 8
+    monkeypatch.setenv("MARGIN_RELOAD_CONCURRENCY", "3")
+    assert settings_from_env().reload_concurrency == 3
+    for bad in ("0", "-1", "many"):
+        monkeypatch.setenv("MARGIN_RELOAD_CONCURRENCY", bad)
+        with pytest.raises(ConfigError, match="MARGIN_RELOAD_CONCURRENCY"):
+            settings_from_env()

@@ -78,6 +78,11 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
 {{- default (include "margin.component" (list . "admin")) .Values.adminKey.existingSecret -}}
 {{- end -}}
 
+{{/* The Secret holding Triton's control key (model control answers only it): read by the gateway and Triton only. */}}
+{{- define "margin.tritonControlSecret" -}}
+{{- default (include "margin.component" (list . "triton-control")) .Values.triton.controlKey.existingSecret -}}
+{{- end -}}
+
 {{- define "margin.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
 {{- printf "redis://%s:6379/0" (include "margin.component" (list . "redis")) -}}

@@ -1,7 +1,7 @@
 """margin.v1 budget messages <-> the budget core's dataclasses."""
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from margin.budget.autoscaler.planner import Plan
 from margin.budget.fleet import prices, views
@@ -10,7 +10,7 @@ from margin.budget.store import DEFAULT_THRESHOLDS, Budget, Spend, SpendLine
 from margin.common import protoconv
 from margin.common.errors import InvalidArgument
 from margin.common.ledger import LedgerEntry, LedgerRow
-from margin.common.tenancy import as_utc
+from margin.common.tenancy import ApiKeyInfo, Tenant, as_utc
 from margin.v1 import budget_pb2
 
 PERIOD_TO_PROTO = {"daily": budget_pb2.BUDGET_PERIOD_DAILY, "monthly": budget_pb2.BUDGET_PERIOD_MONTHLY}
@@ -102,12 +102,21 @@ def entry_to_proto(row: LedgerRow, tenant: str) -> budget_pb2.LedgerEntry:
         time=protoconv.timestamp(as_utc(row.created_at)))
 
 
+# One ledger entry's ceilings: a billion in the currency, and as many units (µs, inferences); the period sums of a
+# tenant's entries are 64-bit integers in the database (an overflow there would break every later GetSpend).
+MAX_ENTRY_MICROS = 10**15
+MAX_ENTRY_QUANTITY = 10**15
+
+
 def entry_from_proto(msg: budget_pb2.LedgerEntry, tenant_id: int) -> LedgerEntry:
     if not msg.id or len(msg.id) > 100:
         raise InvalidArgument("entry.id: every entry needs an id (1–100 characters) chosen by the writer")
     if msg.amount.micros < 0:
         raise InvalidArgument(f"entry {msg.id}: amounts are never negative")
-    fields = {"created_at": msg.time.ToDatetime(tzinfo=UTC)} if msg.HasField("time") else {}
+    if msg.amount.micros > MAX_ENTRY_MICROS or not 0 <= msg.quantity <= MAX_ENTRY_QUANTITY:
+        raise InvalidArgument(f"entry {msg.id}: amount.micros must be at most {MAX_ENTRY_MICROS} and quantity "
+                              f"between 0 and {MAX_ENTRY_QUANTITY} (the ledger's sums must stay within 64 bits)")
+    fields = {"created_at": protoconv.time_from_proto(msg.time, f"entry {msg.id}.time")} if msg.HasField("time") else {}
     return LedgerEntry(id=msg.id, tenant_id=tenant_id, category=category(msg.category, f"entry {msg.id}.category"),
                        micros=msg.amount.micros, quantity=msg.quantity, model=msg.model, version=msg.version,
                        deployment=msg.deployment, job_id=msg.job_id, description=msg.description[:300],
@@ -128,13 +137,6 @@ def plan_to_proto(plan: Plan) -> budget_pb2.ScalingPlan:
 
 
 # -- the fleet -----------------------------------------------------------------------------------------------------
-def _time(ts, what: str) -> datetime:
-    try:
-        return ts.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(f"{what} is not a valid time") from None
-
-
 def fleet_report_from_proto(msg: budget_pb2.ReportFleetRequest) -> FleetReport:
     if not msg.HasField("interval_start") or not msg.HasField("interval_end"):
         raise InvalidArgument("a fleet report needs interval_start and interval_end")
@@ -148,7 +150,8 @@ def fleet_report_from_proto(msg: budget_pb2.ReportFleetRequest) -> FleetReport:
             reserved_replica_us=d.reserved_replica_us, min_replicas=d.min_replicas, max_replicas=d.max_replicas,
             capacity_rps=d.capacity_rps, price_micros_per_hour=d.price_micros_per_hour) for d in p.deployments),
         jobs=tuple(JobUsage(j.tenant, j.job_id, j.kind, j.busy_us) for j in p.jobs)) for p in msg.pools)
-    return FleetReport(_time(msg.interval_start, "interval_start"), _time(msg.interval_end, "interval_end"), pools,
+    return FleetReport(protoconv.time_from_proto(msg.interval_start, "interval_start"),
+                       protoconv.time_from_proto(msg.interval_end, "interval_end"), pools,
                        msg.observer, msg.snapshot_only)
 
 
@@ -185,8 +188,7 @@ def margin_view_to_proto(view: views.MarginView, currency: str = "USD") -> budge
 
 
 def window_from_proto(msg: budget_pb2.GetSpendRequest) -> tuple[datetime | None, datetime | None]:
-    since = _time(msg.since, "since") if msg.HasField("since") else None
-    until = _time(msg.until, "until") if msg.HasField("until") else None
+    since, until = protoconv.optional_time(msg, "since"), protoconv.optional_time(msg, "until")
     if since and until and until <= since:
         raise InvalidArgument("until must be after since")
     return since, until
@@ -210,3 +212,17 @@ def prices_from_proto(msg: budget_pb2.PriceList) -> list[prices.Price]:
 def prices_to_proto(tenant: str, entries: list[prices.Price]) -> budget_pb2.PriceList:
     return budget_pb2.PriceList(tenant=tenant, entries=[budget_pb2.PriceListEntry(
         model=p.model, per_million=protoconv.money(p.micros_per_million, p.currency)) for p in entries])
+
+
+# -- tenants and keys ----------------------------------------------------------------------------------------------
+def tenant_to_proto(tenant: Tenant) -> budget_pb2.Tenant:
+    return budget_pb2.Tenant(name=tenant.name, create_time=protoconv.timestamp(tenant.created_at),
+                             disable_time=protoconv.timestamp(tenant.disabled_at))
+
+
+def api_key_to_proto(info: ApiKeyInfo) -> budget_pb2.ApiKey:
+    """A key's public facts (never its secret or hash)."""
+    return budget_pb2.ApiKey(id=info.id, tenant=info.tenant, description=info.description,
+                             create_time=protoconv.timestamp(info.created_at),
+                             expire_time=protoconv.timestamp(info.expires_at),
+                             revoke_time=protoconv.timestamp(info.revoked_at))

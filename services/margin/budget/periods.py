@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 PERIODS = ("daily", "monthly")
+END_OF_TIME = datetime.max.replace(tzinfo=UTC)  # the last period a datetime can hold (December 9999) ends here
 
 
 def bounds(period: str, at: datetime) -> tuple[datetime, datetime]:
@@ -11,11 +12,12 @@ def bounds(period: str, at: datetime) -> tuple[datetime, datetime]:
     at = at.astimezone(UTC)
     if period == "daily":
         start = at.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start, start + timedelta(days=1)
+        return start, (start + timedelta(days=1) if start.date() < END_OF_TIME.date() else END_OF_TIME)
     if period == "monthly":
         start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-        return start, end
+        if start.month < 12:
+            return start, start.replace(month=start.month + 1)
+        return start, (start.replace(year=start.year + 1, month=1) if start.year < END_OF_TIME.year else END_OF_TIME)
     raise ValueError(f"unknown budget period {period!r}; known: {list(PERIODS)}")
 
 

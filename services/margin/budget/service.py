@@ -7,6 +7,7 @@ from __future__ import annotations
 from margin.budget import seed
 from margin.budget.alerts import AlertWatcher
 from margin.budget.autoscaler.wiring import build_autoscaler
+from margin.budget.egress import EgressPolicy
 from margin.budget.fleet.allocation import POLICIES
 from margin.budget.fleet.metering import FleetMeter
 from margin.budget.servicer import BudgetsServicer
@@ -16,7 +17,11 @@ from margin.common.service import ServiceContext, ServiceSpec
 from margin.v1 import budget_pb2, budget_pb2_grpc
 
 SERVICE_NAME = budget_pb2.DESCRIPTOR.services_by_name["Budgets"].full_name
-ADMIN_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("CreateTenant", "CreateApiKey", "ReportFleet", "SetPriceList"))
+# RecordSpend among them: only Margin's own services and workers (which hold the admin key) write the ledger.
+ADMIN_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("CreateTenant", "CreateApiKey", "ReportFleet", "SetPriceList",
+                                                        "RecordSpend",
+                                                        "RevokeApiKey", "ListApiKeys", "DisableTenant",
+                                                        "EnableTenant"))
 
 
 def idle_policy() -> str:
@@ -26,15 +31,24 @@ def idle_policy() -> str:
     return policy
 
 
+def webhook_policy() -> EgressPolicy:
+    try:
+        return EgressPolicy.parse(config.WEBHOOK_ALLOW.get())
+    except ValueError as err:
+        raise config.ConfigError(f"{config.WEBHOOK_ALLOW.env}: {err}") from None
+
+
 def build_budget(ctx: ServiceContext) -> ServiceSpec:
+    egress = webhook_policy()
     store = BudgetStore(ctx.sessions, config.FLEET_INTERVAL_SECONDS.get_float(),
-                        config.BURN_WINDOW_SECONDS.get_float())
-    fleet = FleetMeter(ctx.sessions, ctx.tenants, costs.PriceCatalog.load(), idle_policy())
+                        config.BURN_WINDOW_SECONDS.get_float(), egress)
+    fleet = FleetMeter(ctx.sessions, ctx.tenants, costs.PriceCatalog.load(), idle_policy(),
+                       ledger_key=config.ledger_id_key(ctx.admin_key))
     budgets_file = config.BUDGETS_FILE.raw()
     seeded = seed.apply_file(budgets_file, ctx.tenants, store) if budgets_file else None
     planner, loop = build_autoscaler(ctx.sessions, store)
     servicer = BudgetsServicer(ctx.tenants, store, planner, fleet)
-    watcher = AlertWatcher(store, ctx.sessions, config.BUDGET_ALERT_INTERVAL_SECONDS.get_float())
+    watcher = AlertWatcher(store, ctx.sessions, config.BUDGET_ALERT_INTERVAL_SECONDS.get_float(), egress)
 
     def start(_server) -> None:
         watcher.start()

@@ -2,7 +2,7 @@
 (:mod:`margin.budget.store`), convert back. A tenant key acts on its own tenant; the admin key names one."""
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from margin.budget import convert
 from margin.budget.autoscaler.planner import Planner
@@ -41,16 +41,25 @@ class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
         return since, until or now + timedelta(seconds=1)
 
     def CreateTenant(self, request, context):
-        tenant = self.tenants.create_tenant(request.name)
-        return budget_pb2.Tenant(name=tenant.name, create_time=protoconv.timestamp(tenant.created_at))
+        return convert.tenant_to_proto(self.tenants.create_tenant(request.name))
 
     def CreateApiKey(self, request, context):
         key, info = self.tenants.create_api_key(request.tenant, request.description, request.ttl_seconds)
-        api_key = budget_pb2.ApiKey(id=info.id, tenant=info.tenant, description=info.description,
-                                    create_time=protoconv.timestamp(info.created_at))
-        if info.expires_at:
-            api_key.expire_time.CopyFrom(protoconv.timestamp(info.expires_at))
-        return budget_pb2.CreateApiKeyResponse(key=key, api_key=api_key)
+        return budget_pb2.CreateApiKeyResponse(key=key, api_key=convert.api_key_to_proto(info))
+
+    def RevokeApiKey(self, request, context):
+        return convert.api_key_to_proto(self.tenants.revoke_api_key(request.id))
+
+    def ListApiKeys(self, request, context):
+        tenant, keys = self.tenants.list_api_keys(request.tenant)
+        return budget_pb2.ListApiKeysResponse(api_keys=[convert.api_key_to_proto(k) for k in keys],
+                                              tenant=convert.tenant_to_proto(tenant))
+
+    def DisableTenant(self, request, context):
+        return convert.tenant_to_proto(self.tenants.set_disabled(request.name, True))
+
+    def EnableTenant(self, request, context):
+        return convert.tenant_to_proto(self.tenants.set_disabled(request.name, False))
 
     def SetBudget(self, request, context):
         tenant = self._tenant(request.budget.tenant)
@@ -85,8 +94,7 @@ class BudgetsServicer(budget_pb2_grpc.BudgetsServicer):
         tenant = self._ledger_owner(request.tenant)
         rows, token = self.budgets.ledger(
             tenant.id, category=convert.ledger_category(request.category),
-            since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
-            until=request.until.ToDatetime(tzinfo=UTC) if request.HasField("until") else None,
+            since=protoconv.optional_time(request, "since"), until=protoconv.optional_time(request, "until"),
             size=request.page_size, token=request.page_token)
         return budget_pb2.ListLedgerResponse(entries=[convert.entry_to_proto(r, tenant.name) for r in rows],
                                              next_page_token=token)

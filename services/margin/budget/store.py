@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
+from margin.budget.egress import EgressPolicy
 from margin.budget.periods import PERIODS, bounds, projected_with_burn
 from margin.common.db import Base
 from margin.common.errors import InvalidArgument
@@ -178,9 +179,11 @@ def _budget(row: BudgetRow) -> Budget:
 
 
 class BudgetStore:
-    def __init__(self, sessions: sessionmaker, interval_s: float = 15.0, burn_window_s: float = BURN_WINDOW_S):
+    def __init__(self, sessions: sessionmaker, interval_s: float = 15.0, burn_window_s: float = BURN_WINDOW_S,
+                 egress: EgressPolicy | None = None):
         self._sessions = sessions
         self._interval_s, self._burn_window_s = interval_s, burn_window_s
+        self._egress = egress or EgressPolicy()
 
     # -- budgets ------------------------------------------------------------------------------------------------
     def set_budget(self, budget: Budget) -> Budget:
@@ -191,6 +194,10 @@ class BudgetStore:
                   "webhook_secret": budget.webhook_secret}
         with self._sessions.begin() as s:
             row = s.get(BudgetRow, budget.tenant_id, with_for_update=True)
+            if budget.webhook_url and (row is None or row.webhook_url != budget.webhook_url):
+                # a new destination: refuse one that is obviously not allowed (the send-time check is the guard;
+                # a webhook kept as it was, e.g. by the budgets file, is not judged again here)
+                self._egress.check_url(budget.webhook_url, "budget.webhook_url")
             if row is None:
                 row = BudgetRow(tenant_id=budget.tenant_id, **values)
                 s.add(row)

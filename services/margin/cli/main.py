@@ -11,9 +11,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from margin.cli import render
+from margin.cli.admin import admin_app
 from margin.cli.budget import budget_app, scaling_plan, spend
 from margin.cli.compress import compress_app
-from margin.cli.context import admin_connection, connection
+from margin.cli.context import connection
 from margin.cli.jobs import jobs_app, train_app
 from margin.cli.reports import prices_app, report_app
 from margin.cli.shared import KeyOpt, RegistryOpt, console, grpc_errors, parse_ref
@@ -24,14 +25,13 @@ from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
 from margin.sdk.pages import all_pages
 from margin.sdk.tensors import from_tensor, to_tensor
-from margin.v1 import budget_pb2, budget_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
 app = typer.Typer(help="Margin: train, compress, register and serve PyTorch models under a money budget.",
                   no_args_is_help=True)
 models_app = typer.Typer(help="Models in the registry.", no_args_is_help=True)
 versions_app = typer.Typer(help="Versions of a model: upload, download, list.", no_args_is_help=True)
 alias_app = typer.Typer(help="Aliases such as 'production'.", no_args_is_help=True)
-admin_app = typer.Typer(help="Tenant administration (uses the admin key).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(versions_app, name="versions")
 app.add_typer(alias_app, name="alias")
@@ -124,33 +124,6 @@ def demo(epochs: int = typer.Option(40, help="epochs of the digits training job 
     except demo_module.DemoFailed as err:
         console.print(f"[bold red]demo failed[/]: {err}")
         raise typer.Exit(1) from None
-
-
-# -- tenants ------------------------------------------------------------------------------------------
-@admin_app.command("create-tenant")
-@grpc_errors
-def create_tenant(name: str, budget: str | None = typer.Option(None, "--budget", help="budget service address"),
-                  ttl_seconds: int = typer.Option(0, help="key lifetime; 0 = never expires")) -> None:
-    """Create a tenant and print its first API key (shown once)."""
-    conn = admin_connection(budget)
-    stub = budget_pb2_grpc.BudgetsStub(conn.channel)
-    stub.CreateTenant(budget_pb2.CreateTenantRequest(name=name), metadata=conn.metadata)
-    reply = stub.CreateApiKey(budget_pb2.CreateApiKeyRequest(tenant=name, description="first key",
-                                                             ttl_seconds=ttl_seconds), metadata=conn.metadata)
-    console.print(f"tenant [bold]{name}[/] created. API key (shown once, store it now):")
-    print(reply.key)
-
-
-@admin_app.command("create-key")
-@grpc_errors
-def create_key(tenant: str, description: str = "", ttl_seconds: int = 0,
-               budget: str | None = typer.Option(None, "--budget")) -> None:
-    """Create another API key for a tenant and print it (shown once)."""
-    conn = admin_connection(budget)
-    reply = budget_pb2_grpc.BudgetsStub(conn.channel).CreateApiKey(
-        budget_pb2.CreateApiKeyRequest(tenant=tenant, description=description, ttl_seconds=ttl_seconds),
-        metadata=conn.metadata)
-    print(reply.key)
 
 
 # -- models ----------------------------------------------------------------------------------------------

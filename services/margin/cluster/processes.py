@@ -169,8 +169,9 @@ def redis_spec(home: Path) -> ProcessSpec:
 
 
 def service_specs(home: Path, admin_key: str, redis_url: str, triton_url: str,
-                  triton_metrics_url: str = "") -> list[ProcessSpec]:
-    """Margin's services, each told where Redis, Triton (and its metrics) and every other service are."""
+                  triton_metrics_url: str = "", triton_control_key: str = "") -> list[ProcessSpec]:
+    """Margin's services, each told where Redis, Triton (and its metrics) and every other service are; the inference
+    gateway alone gets Triton's control key (``triton_control_key``: model control answers no one else)."""
     ports = {name: free_port() for name, _ in SERVICES}
     shared = {"MARGIN_HOME": str(home), "MARGIN_GRPC_HOST": "127.0.0.1", "MARGIN_ADMIN_KEY": admin_key,
               "MARGIN_LOG_FORMAT": "json", "MARGIN_REDIS_URL": redis_url, "MARGIN_TRITON_URL": triton_url,
@@ -179,8 +180,10 @@ def service_specs(home: Path, admin_key: str, redis_url: str, triton_url: str,
               "MARGIN_FLEET_INTERVAL_SECONDS": os.environ.get("MARGIN_FLEET_INTERVAL_SECONDS",
                                                               str(LOCAL_FLEET_INTERVAL_S)),
               **{f"MARGIN_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()}}
+    own = {"inference": {"MARGIN_TRITON_CONTROL_KEY": triton_control_key} if triton_control_key else {}}
     services = [ProcessSpec(name, [sys.executable, "-m", module], ports[name], "grpc",
-                            {**shared, "MARGIN_GRPC_PORT": str(ports[name]), "MARGIN_METRICS_PORT": str(free_port())})
+                            {**shared, "MARGIN_GRPC_PORT": str(ports[name]), "MARGIN_METRICS_PORT": str(free_port()),
+                             **own.get(name, {})})
                 for name, module in SERVICES]
     return [*services, worker_spec(home, shared)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -42,9 +43,14 @@ class Supervisor:
 
     def start(self) -> None:
         redis = self._start_child(redis_spec(self.home))
-        triton = self._start_child(triton_spec(self.home, self.home / "model-repository"))
+        # Triton's model control answers only this key, which only the gateway gets (in its environment): nothing
+        # else on this machine — a webhook, another process — can load or unload a model over its HTTP or gRPC port.
+        # A new one each start, kept in memory only (restarts of Triton and the gateway reuse their specs).
+        control_key = secrets.token_urlsafe(32)
+        triton = self._start_child(triton_spec(self.home, self.home / "model-repository", control_key=control_key))
         for spec in service_specs(self.home, state.admin_key(), f"redis://{redis.spec.address}/0",
-                                  triton.spec.address, f"http://127.0.0.1:{triton.spec.ports['metrics']}/metrics"):
+                                  triton.spec.address, f"http://127.0.0.1:{triton.spec.ports['metrics']}/metrics",
+                                  triton_control_key=control_key):
             self._start_child(spec)
         self.status = "ready"
         self.write()

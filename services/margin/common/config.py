@@ -5,6 +5,8 @@ Every setting a service reads is declared here once as a :class:`Setting`, so ``
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +69,9 @@ ADMIN_KEY = Setting("MARGIN_ADMIN_KEY", None,
                     "The operator's key for tenant administration (CreateTenant, CreateApiKey). Required by "
                     "the budget service; at least 24 characters.")
 MAX_UPLOAD_BYTES = Setting("MARGIN_MAX_UPLOAD_BYTES", str(4 << 30), "Largest artifact the registry accepts.")
-AUTH_CACHE_SECONDS = Setting("MARGIN_AUTH_CACHE_SECONDS", "30",
-                             "How long a verified API key is cached; a revoked key may work this long.")
+AUTH_CACHE_SECONDS = Setting("MARGIN_AUTH_CACHE_SECONDS", "5",
+                             "How long a service trusts an API key it verified before looking it up again: a "
+                             "revoked key, or a disabled tenant's, is refused on every service within this bound.")
 PRICE_CATALOG = Setting("MARGIN_PRICE_CATALOG", None,
                         "YAML file merged over the default price catalog (device $/hour, watts, $/kWh).")
 
@@ -88,6 +91,13 @@ TRAINING_ADDR = Setting("MARGIN_TRAINING_ADDR", "127.0.0.1:50052", "The training
 CHECKPOINT_DIR = Setting("MARGIN_CHECKPOINT_DIR", None,
                          "Where workers keep job checkpoints (a PVC or bucket mount in a cluster); "
                          "default $MARGIN_HOME/checkpoints.")
+MAX_MODEL_PARAMETERS = Setting("MARGIN_MAX_MODEL_PARAMETERS", "50000000",
+                               "Largest model (trainable parameters, counted from its architecture spec) a training "
+                               "job, a distillation student or a compression source may have.")
+MAX_LAYER_WIDTH = Setting("MARGIN_MAX_LAYER_WIDTH", "8192",
+                          "Largest size of one layer in an architecture spec: input features (input_dim, "
+                          "image_size²), hidden units, channels and classes.")
+MAX_LAYERS = Setting("MARGIN_MAX_LAYERS", "64", "Most hidden layers (mlp hidden, cnn channels) an architecture has.")
 MAX_WORLD_SIZE = Setting("MARGIN_MAX_WORLD_SIZE", "8", "Largest world_size (DDP processes) a training job may ask for.")
 JOB_LEASE_SECONDS = Setting("MARGIN_JOB_LEASE_SECONDS", "30",
                             "A running job's lease; a worker renews it every second, and a job whose lease "
@@ -153,16 +163,43 @@ SCALE_TO_ZERO_AFTER_SECONDS = Setting("MARGIN_SCALE_TO_ZERO_AFTER_SECONDS", "900
 COLD_START_TIMEOUT_SECONDS = Setting("MARGIN_COLD_START_TIMEOUT_SECONDS", "30",
                                      "How long a Predict waits for a scaled-to-zero deployment to load before it "
                                      "answers UNAVAILABLE with a retry hint (the load goes on).")
+RELOAD_CONCURRENCY = Setting("MARGIN_RELOAD_CONCURRENCY", "8",
+                             "How many deployments the gateway loads at once on a Triton replica that came back "
+                             "(a restart, or a new replica): its deployments are back in about the time of the "
+                             "slowest load, not of all of them one after another. At least 1.")
+LEDGER_ID_KEY = Setting("MARGIN_LEDGER_ID_KEY", None,
+                        "Secret (at least 24 characters) keying the ids of the ledger entries Margin's services and "
+                        "workers write (an HMAC-SHA256 of what each entry is for): a retry writes the same id and "
+                        "bills once, and no one without the key can compute an id before it is written. Every "
+                        "process of one deployment must share it; default: derived from MARGIN_ADMIN_KEY, which "
+                        "they all hold (changing either changes the ids of entries not written yet, never the "
+                        "ledger's).")
+WEBHOOK_ALLOW = Setting("MARGIN_WEBHOOK_ALLOW", "",
+                        "Comma-separated hosts and CIDRs budget webhooks may reach although they are not public. "
+                        "By default a webhook is refused when its host is a cluster-internal name (localhost, a "
+                        "name without a dot, *.svc, *.cluster.local, *.internal, *.local, *.localdomain) or "
+                        "resolves, when it is sent, to a loopback, private (RFC 1918, ULA), link-local (cloud "
+                        "metadata 169.254.169.254), CGNAT, multicast, reserved or unspecified address. A host "
+                        "(hooks.corp.example, or *.corp.example for its subdomains) is allowed whatever it "
+                        "resolves to; a CIDR (10.20.0.0/16, 127.0.0.1/32) allows the addresses in it.")
+TRITON_CONTROL_KEY = Setting("MARGIN_TRITON_CONTROL_KEY", None,
+                             "The key Triton requires for model control (load, unload, the repository index) and "
+                             "its server settings (tritonserver --grpc-restricted-protocol and "
+                             "--http-restricted-api): only the inference gateway holds it and sends it. Unset: the "
+                             "gateway sends none (a Triton started without the restriction). The local cluster "
+                             "generates one each time it starts; the chart keeps one in a Secret.")
 
 ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, GRPC_WORKERS, METRICS_PORT,
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
                 PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
-                RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
+                RATE_LIMIT_RPS, RATE_LIMIT_BURST, TRAINING_ADDR, CHECKPOINT_DIR, MAX_MODEL_PARAMETERS,
+                MAX_LAYER_WIDTH, MAX_LAYERS, MAX_WORLD_SIZE, JOB_LEASE_SECONDS,
                 JOB_MAX_ATTEMPTS, VISIBILITY_TIMEOUT, TORCH_THREADS, WORKER_QUEUES, HELD_OUT_SENTENCES,
                 BUDGET_ALERT_INTERVAL_SECONDS, TRITON_METRICS_URL, AUTOSCALER_TARGET, AUTOSCALER_NAMESPACE,
                 AUTOSCALER_INTERVAL_SECONDS, TRITON_URLS, AUTOSCALER_TARGETS, BUDGETS_FILE, BUDGET_ADDR,
                 FLEET_INTERVAL_SECONDS, IDLE_POLICY, BURN_WINDOW_SECONDS, TRITON_DEVICE_CLASS,
-                SCALE_TO_ZERO_AFTER_SECONDS, COLD_START_TIMEOUT_SECONDS]
+                SCALE_TO_ZERO_AFTER_SECONDS, COLD_START_TIMEOUT_SECONDS, LEDGER_ID_KEY, WEBHOOK_ALLOW,
+                TRITON_CONTROL_KEY, RELOAD_CONCURRENCY]
 
 
 def margin_home() -> Path:
@@ -197,3 +234,17 @@ def admin_key() -> str:
     if len(key) < 24:
         raise ConfigError("MARGIN_ADMIN_KEY must be at least 24 characters")
     return key
+
+
+def ledger_id_key(admin_key: str | None = None) -> bytes | None:
+    """The key of the ledger's entry ids (:data:`LEDGER_ID_KEY`): its own setting, else derived from the admin key
+    (``admin_key``, else MARGIN_ADMIN_KEY); None when there is neither (ids are then keyed per process)."""
+    own = LEDGER_ID_KEY.raw()
+    if own:
+        if len(own) < 24:
+            raise ConfigError(f"{LEDGER_ID_KEY.env} must be at least 24 characters")
+        return own.encode()
+    admin = admin_key or ADMIN_KEY.raw()
+    if not admin:
+        return None
+    return hmac.new(admin.encode(), b"margin ledger entry ids", hashlib.sha256).digest()

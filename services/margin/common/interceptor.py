@@ -6,6 +6,11 @@
 - Errors: a :class:`MarginError` becomes its status code with its message; anything else becomes
   INTERNAL with a fixed message and a reference id, the traceback goes to the log — never to the caller.
 - Metrics: a counter per method and code, and a latency histogram.
+- Undecodable requests: grpc answers a request that fails to deserialize with INTERNAL (thread-pool servers) or
+  UNKNOWN (asyncio) before any interceptor sees it. The wrapped handlers' deserializer never raises: it gives an
+  :class:`Undecodable` instead, and the call answers INVALID_ARGUMENT naming the message type — a unary request
+  before the behaviour runs, a request stream when the servicer reaches that message (the iterator can be advanced
+  again after it, so a servicer may answer that one message and go on).
 
 One :class:`CallPolicy` holds that logic; :class:`ServiceInterceptor` applies it to thread-pool servers
 and :class:`AioServiceInterceptor` to asyncio servers. Wrapped handlers are built once per method.
@@ -15,13 +20,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
 
 from margin.common import auth
-from margin.common.errors import MarginError, PermissionDenied, ResourceExhausted, Unavailable
+from margin.common.errors import InvalidArgument, MarginError, PermissionDenied, ResourceExhausted, Unavailable
 from margin.common.metrics import RPC_REQUESTS, RPC_SECONDS
 from margin.common.tenancy import Principal
 
@@ -89,16 +94,81 @@ def _code_name(context: grpc.ServicerContext, failure: Failure | None) -> str:
     return code.name if code is not None else "INTERNAL"
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, unary, stream) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour passed through ``unary`` (unary response) or ``stream``."""
-    ser = (handler.request_deserializer, handler.response_serializer)
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message that did not parse as ``type_name`` (what the wrapped deserializer gives instead of
+    raising)."""
+
+    type_name: str
+    error: str
+
+    def invalid(self) -> InvalidArgument:
+        return InvalidArgument(f"the request is not a valid {self.type_name}: {self.error}")
+
+
+def _tolerant(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    """``deserialize`` (a generated ``Message.FromString``), returning an :class:`Undecodable` where it raises."""
+    if deserialize is None:
+        return None
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "request message")
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as err:  # DecodeError, or anything a custom deserializer raises
+            return Undecodable(type_name, (str(err) or type(err).__name__)[:200])
+    return parse
+
+
+def _decoded(request):
+    """A unary request, or INVALID_ARGUMENT when it did not parse."""
+    if isinstance(request, Undecodable):
+        raise request.invalid()
+    return request
+
+
+class CheckedRequests(Iterator):
+    """A request stream whose undecodable messages raise INVALID_ARGUMENT when reached; the next one can still be
+    read afterwards."""
+
+    def __init__(self, requests: Iterable):
+        self._requests = iter(requests)
+
+    def __iter__(self) -> CheckedRequests:
+        return self
+
+    def __next__(self):
+        return _decoded(next(self._requests))
+
+
+class AioCheckedRequests(AsyncIterator):
+    """:class:`CheckedRequests` for a grpc.aio request stream."""
+
+    def __init__(self, requests):
+        self._source, self._requests = requests, None
+
+    def __aiter__(self) -> AioCheckedRequests:
+        return self
+
+    async def __anext__(self):
+        if self._requests is None:  # grpc's receiver makes its generator on first use: only when it is read
+            self._requests = aiter(self._source)
+        return _decoded(await anext(self._requests))
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, unary, stream, requests: type) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour passed through ``unary`` (unary response) or ``stream``, each given how to
+    check its request: :func:`_decoded` for one message, ``requests`` (a checked iterator type) for a stream; its
+    deserializer never raises (:func:`_tolerant`)."""
+    ser = (_tolerant(handler.request_deserializer), handler.response_serializer)
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), *ser)
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, _decoded), *ser)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), *ser)
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary, requests), *ser)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), *ser)
-    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), *ser)
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream, _decoded), *ser)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream, requests), *ser)
 
 
 class _Interceptor:
@@ -137,12 +207,12 @@ class ServiceInterceptor(_Interceptor, grpc.ServerInterceptor):
                     context.set_trailing_metadata(failure.trailers)
                 context.abort(failure.code, failure.message)
 
-        def unary(behavior):
+        def unary(behavior, checked):
             def call(request, context):
                 start = time.perf_counter()
                 try:
                     policy.enter(context)
-                    response = behavior(request, context)
+                    response = behavior(checked(request), context)
                 except BaseException as exc:
                     fail(context, start, exc)
                     raise
@@ -150,19 +220,19 @@ class ServiceInterceptor(_Interceptor, grpc.ServerInterceptor):
                 return response
             return call
 
-        def stream(behavior):
+        def stream(behavior, checked):
             def call(request, context):
                 start = time.perf_counter()
                 try:
                     policy.enter(context)
-                    yield from behavior(request, context)
+                    yield from behavior(checked(request), context)
                 except BaseException as exc:
                     fail(context, start, exc)
                     raise
                 policy.observe(start, "OK")
             return call
 
-        return _rebuild(handler, unary, stream)
+        return _rebuild(handler, unary, stream, CheckedRequests)
 
 
 class AioServiceInterceptor(_Interceptor, grpc.aio.ServerInterceptor):
@@ -188,12 +258,12 @@ class AioServiceInterceptor(_Interceptor, grpc.aio.ServerInterceptor):
                     context.set_trailing_metadata(failure.trailers)
                 await context.abort(failure.code, failure.message)
 
-        def unary(behavior):
+        def unary(behavior, checked):
             async def call(request, context):
                 start = time.perf_counter()
                 try:
                     policy.enter(context)
-                    response = await behavior(request, context)
+                    response = await behavior(checked(request), context)
                 except Exception as exc:
                     await fail(context, start, exc)
                     raise
@@ -201,12 +271,12 @@ class AioServiceInterceptor(_Interceptor, grpc.aio.ServerInterceptor):
                 return response
             return call
 
-        def stream(behavior):
+        def stream(behavior, checked):
             async def call(request, context):
                 start = time.perf_counter()
                 try:
                     policy.enter(context)
-                    async for response in behavior(request, context):
+                    async for response in behavior(checked(request), context):
                         yield response
                 except Exception as exc:
                     await fail(context, start, exc)
@@ -214,4 +284,4 @@ class AioServiceInterceptor(_Interceptor, grpc.aio.ServerInterceptor):
                 policy.observe(start, "OK")
             return call
 
-        return _rebuild(handler, unary, stream)
+        return _rebuild(handler, unary, stream, AioCheckedRequests)

@@ -7,7 +7,8 @@ which increments ``fence`` and opens a new attempt; every write it makes afterwa
 write with a stale fence is refused (:class:`LeaseLost`). So a redelivered or duplicate task can never
 overwrite a newer attempt, finish a job twice, or bill twice. Each attempt keeps its own device-seconds and
 cost; a job's cost is the sum of its attempts, and each attempt is written to the spend ledger exactly once
-(entry id ``<kind>:<job>:<attempt>``).
+(entry id ``<kind>:<job>:<attempt>:<keyed digest>``, :meth:`~margin.common.ledger.EntryIds.job_attempt`: no tenant
+can write it first).
 """
 from __future__ import annotations
 
@@ -207,8 +208,10 @@ class NewJob:
 class JobStore:
     """Jobs, attempts and leases over SQLAlchemy (SQLite locally, PostgreSQL in a cluster)."""
 
-    def __init__(self, sessions: sessionmaker, catalog: PriceCatalog, id_prefix: str = "job"):
+    def __init__(self, sessions: sessionmaker, catalog: PriceCatalog, id_prefix: str = "job",
+                 ledger_key: bytes | None = None):
         self._sessions = sessions
+        self._entry_ids = ledger.EntryIds(ledger_key)  # config.ledger_id_key(): the deployment's, for every process
         self.sessions = sessions  # for readers of the same database (the tenant budgets)
         self._catalog = catalog
         self._prefix = id_prefix
@@ -461,11 +464,12 @@ class JobStore:
             attempt.ended_at, attempt.outcome = utcnow(), outcome
 
     def _bill(self, s: Session, row: JobRow) -> None:
-        """One ledger entry per attempt, id ``<kind>:<job>:<attempt>`` (idempotent), in the finishing
-        transaction so a job's cost and the ledger never disagree."""
+        """One ledger entry per attempt, id ``<kind>:<job>:<attempt>:<keyed digest>`` (idempotent, not guessable),
+        in the finishing transaction so a job's cost and the ledger never disagree."""
         attempts = s.scalars(select(AttemptRow).where(AttemptRow.job_id == row.id,
                                                       AttemptRow.billed.is_(False))).all()
-        entries = [LedgerEntry(id=f"{row.kind}:{row.id}:{a.attempt}", tenant_id=row.tenant_id, category=row.kind,
+        entries = [LedgerEntry(id=self._entry_ids.job_attempt(row.kind, row.tenant_id, row.id, a.attempt),
+                               tenant_id=row.tenant_id, category=row.kind,
                                micros=a.total_micros, quantity=round(a.device_seconds * 1000),
                                model=str(row.spec.get("model", "")), version=int(row.result.get("number", 0) or 0),
                                job_id=row.id, description=f"{row.kind} job {row.id} attempt {a.attempt} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from margin.common import config
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
 from margin.common.jobcontrol import JobControl, Reaper
@@ -32,7 +33,8 @@ def job_service_spec(ctx: ServiceContext, *, redis_url: str, registry_addr: str,
     """Build the parts, the core (``make_core``; it must expose ``.jobs``, a :class:`JobControl`) and its
     servicer registration (``register(core)``), with a reaper re-queueing jobs whose lease lapsed."""
     catalog = PriceCatalog.load()
-    parts = JobServiceParts(catalog, JobStore(ctx.sessions, catalog, id_prefix=id_prefix),
+    store = JobStore(ctx.sessions, catalog, id_prefix=id_prefix, ledger_key=config.ledger_id_key(ctx.admin_key))
+    parts = JobServiceParts(catalog, store,
                             JobEvents.from_url(redis_url), Dispatcher(redis_url), RegistrySource(registry_addr))
     core = make_core(parts)
     jobs: JobControl = core.jobs

@@ -1,7 +1,8 @@
 """Validation of user-chosen names (models, aliases, tenants, label keys).
 
 Names end up in file paths, Triton model names and URLs, so they are restricted to a safe alphabet:
-no path separators, no ``..``, no leading dot or dash, and a sane length.
+no path separators, no ``..``, no leading dot or dash, and a sane length. The whole string is matched
+(``fullmatch``: ``$`` would also match before a final newline, so ``x`` and ``x\\n`` would both pass).
 """
 from __future__ import annotations
 
@@ -9,21 +10,32 @@ import re
 
 from margin.common.errors import InvalidArgument
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_NAME_LENGTH = 100
 
 
 def validate_name(value: str, what: str = "name") -> str:
     """Return ``value`` if it is a safe name, else raise :class:`InvalidArgument` saying why."""
-    if not value:
+    if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{what} is required")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidArgument(f"{what} {value[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
-    if ".." in value or not _NAME.match(value):
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{what} {value!r} contains a control character (a newline, tab, NUL...)")
+    if ".." in value or not _NAME.fullmatch(value):
         raise InvalidArgument(
             f"{what} {value!r} is not allowed: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, with no '..' or path separators"
         )
+    return value
+
+
+def validate_text(value: str, what: str) -> str:
+    """Free text that ends up in keys, paths or log lines (pool and replica names, Triton names): any characters
+    but control characters (a newline would make ``x`` and ``x\\n`` two names that print the same)."""
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{what} {value[:60]!r} contains a control character (a newline, tab, NUL...)")
     return value
 
 

@@ -64,7 +64,11 @@ Build = Callable[[ServiceContext], ServiceSpec]
 
 
 def start_service(build: Build, *, database_url: str, admin_key: str | None, port: int = 0,
-                  host: str = "127.0.0.1", max_workers: int = 16, auth_cache_seconds: float = 30.0) -> StartedService:
+                  host: str = "127.0.0.1", max_workers: int = 16,
+                  auth_cache_seconds: float | None = None) -> StartedService:
+    """``auth_cache_seconds``: how long a verified key is trusted (default: ``MARGIN_AUTH_CACHE_SECONDS``)."""
+    if auth_cache_seconds is None:
+        auth_cache_seconds = config.AUTH_CACHE_SECONDS.get_float()
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
     ctx = ServiceContext(engine, sessions, TenantStore(sessions, admin_key, auth_cache_seconds), admin_key)

@@ -13,7 +13,10 @@ OBJECTIVES = {compression_pb2.OBJECTIVE_UNSPECIFIED: "min_cost_per_million",
               compression_pb2.OBJECTIVE_MIN_LATENCY: "min_latency", compression_pb2.OBJECTIVE_MIN_SIZE: "min_size"}
 
 
-def to_dict(msg) -> dict:
+def to_dict(msg, what: str = "") -> dict:
+    """A request part as the JSON-shaped dict job specs keep; a non-finite number in one of its Structs (a
+    distill step's student_architecture) is INVALID_ARGUMENT naming where, under ``what``."""
+    protoconv.check_structs(msg, what)
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 

@@ -19,6 +19,7 @@ from margin.common.jobs import Job, JobStore
 from margin.compression import minilm
 from margin.compression import recipe as recipes
 from margin.compression.estimate import CompressionEstimator
+from margin.modelzoo import sizes
 from margin.modelzoo.datasets import BUILTIN_SHAPES
 from margin.sdk.registry_source import RegistrySource
 
@@ -100,7 +101,24 @@ class CompressionCore:
         if v.format != "safetensors" or family not in FAMILIES:
             raise InvalidArgument(f"{v.model} v{v.number} is {v.format} ({family or 'no architecture'}); compression "
                                   f"needs a safetensors version of a {list(FAMILIES)} model")
+        self._check_size(v.architecture, f"{v.model} v{v.number}")
         return {"model": v.model, "number": v.number}, dict(v.architecture)
+
+    @staticmethod
+    def _check_size(arch: dict, what: str) -> None:
+        """The source's sizes (its registry architecture, as uploaded) within the configured limits, before any
+        estimate reads them or a worker builds it."""
+        limits = sizes.SizeLimits.from_env()
+        try:
+            if arch["family"] in recipes.ENCODER_FAMILIES:
+                params = minilm.encoder_parameters(arch.get("config"))
+                if params > limits.max_parameters:
+                    raise InvalidArgument(f"it has {params} parameters; the limit is {limits.max_parameters} "
+                                          "(MARGIN_MAX_MODEL_PARAMETERS)")
+            else:
+                sizes.check(arch, limits)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"source {what}: {err}") from None
 
     @staticmethod
     def _quality_metric(metric: str, family: str) -> str:
@@ -131,9 +149,8 @@ class CompressionCore:
         if arch["family"] in recipes.ENCODER_FAMILIES:
             recipes.validate(recipe, family=arch["family"])
         else:
-            input_dim = arch.get("input_dim") or arch.get("image_size", 8) ** 2
-            recipes.validate(recipe, family=arch["family"], input_dim=int(input_dim),
-                             num_classes=int(arch["num_classes"]))
+            s = sizes.sizes(arch)  # checked by _source
+            recipes.validate(recipe, family=arch["family"], input_dim=s.input_features, num_classes=s.num_classes)
         return recipe.to_dict()
 
     def _device(self, device_class: str) -> str:

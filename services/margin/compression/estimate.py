@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from margin.common.costs import PriceCatalog, run_cost
 from margin.common.jobs import JobStore
 from margin.compression import minilm
-from margin.modelzoo.spec import TrainSpec, parameter_count
+from margin.modelzoo import sizes
 
 # First guesses (measured once on the 2-core CPU VM for the digits MLP/CNN): fixed seconds per variant and
 # training throughput in sample-parameters per second. MiniLM-L6 variants (quantize, trace, encode the held-out
@@ -34,8 +34,7 @@ TRAIN_SHARE = 0.8                  # the worker's split: 80 % of the rows train,
 def source_parameters(arch: dict) -> int:
     if arch["family"] == minilm.FAMILY:
         return minilm.encoder_parameters(arch.get("config"))
-    return parameter_count(TrainSpec(model="m", family=arch["family"],
-                                     architecture={k: v for k, v in arch.items() if k != "family"}))
+    return sizes.parameter_count(arch)
 
 
 def variant_work(recipe: dict, train_rows: int, params: int) -> float:

@@ -30,6 +30,7 @@ from margin.common import config as settings
 from margin.common import protoconv
 from margin.common.errors import FailedPrecondition, InvalidArgument
 from margin.common.tensors import Signature, TensorSpec
+from margin.modelzoo.sizes import positive_int
 
 FAMILY = "minilm"
 SENTENCES_DATASET = "margin:sentences"  # the held-out sentences, read from MARGIN_HELD_OUT_SENTENCES
@@ -99,12 +100,7 @@ def weights_file() -> Path:
 def _sizes(config) -> dict[str, int]:
     if not isinstance(config, Mapping):
         raise InvalidArgument(f"a {FAMILY} architecture needs its BERT config as architecture.config (an object)")
-    sizes = {}
-    for key in BERT_SIZES:
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
-            raise InvalidArgument(f"architecture.config.{key} must be a positive integer, got {value!r}")
-        sizes[key] = int(value)
+    sizes = {key: positive_int(config, key, where=f"architecture.config.{key}") for key in BERT_SIZES}
     if sizes["hidden_size"] % sizes["num_attention_heads"]:
         raise InvalidArgument(f"architecture.config: hidden_size {sizes['hidden_size']} is not a multiple of "
                               f"num_attention_heads {sizes['num_attention_heads']}")

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from margin.common.errors import InvalidArgument
+from margin.modelzoo import sizes
 from margin.modelzoo.architectures import FAMILIES
 
 PRUNE_KINDS = ("unstructured", "structured")
@@ -229,10 +230,8 @@ def _validate_distill(step: DistillStep, where: str, teacher_family: str, *, inp
     if problems:
         raise InvalidArgument(f"{where}: student {step.student_family} {dict(step.student_architecture)} is "
                               f"incompatible with the data: {'; '.join(problems)}")
-    from margin.modelzoo.architectures import build_model
-
     try:
-        build_model(spec)
+        sizes.check(spec, what="student_architecture")
     except InvalidArgument as err:
         raise InvalidArgument(f"{where}: student architecture: {err}") from None
 

@@ -28,28 +28,33 @@ def _dataset(ref: common_pb2.DatasetRef) -> str:
     return ref.builtin
 
 
-def _explicit(request: compression_pb2.SubmitCompressionRequest) -> CompressionRequest:
+def _explicit(request: compression_pb2.SubmitCompressionRequest, where: str = "") -> CompressionRequest:
+    """``where``: the request's field name inside an EstimateCompression request ("submit."), for messages."""
     if not request.recipe.steps:
         raise InvalidArgument("recipe.steps: a recipe needs at least one step")
     return CompressionRequest(
-        source=_source(request.source), recipe=convert.to_dict(request.recipe),
+        source=_source(request.source), recipe=convert.to_dict(request.recipe, f"{where}recipe"),
         eval_dataset=_dataset(request.eval_dataset), quality_metric=request.quality_metric,
         device_class=request.device_class, budget_micros=request.budget.micros,
         idempotency_key=request.idempotency_key)
 
 
-def _auto(request: compression_pb2.AutoCompressRequest, needs_floor: bool = True) -> CompressionRequest:
-    """``needs_floor``: AutoCompress does; an estimate does not (the quality metric is then the source's)."""
+def _auto(request: compression_pb2.AutoCompressRequest, needs_floor: bool = True, where: str = "") \
+        -> CompressionRequest:
+    """``needs_floor``: AutoCompress does; an estimate does not (the quality metric is then the source's).
+    ``where``: as for :func:`_explicit` ("auto.")."""
     if needs_floor and (not request.HasField("floor") or not request.floor.metric):
         raise InvalidArgument("floor: AutoCompress needs a quality floor, e.g. {metric: accuracy, minimum: 0.97}")
+    protoconv.finite(request.floor.minimum, f"{where}floor.minimum")
     if len(request.device_classes) > 1:
         raise InvalidArgument("device_classes: one device class per AutoCompress job for now")
-    auto = convert.to_dict(request)
+    auto = convert.to_dict(request, where.rstrip("."))
     auto["objective"] = convert.OBJECTIVES.get(request.objective, "")
     if not auto["objective"]:
         raise InvalidArgument(f"objective {request.objective} is not a known objective")
     return CompressionRequest(
-        source=_source(request.source), candidates=[convert.to_dict(c) for c in request.candidates], auto=auto,
+        source=_source(request.source), auto=auto,
+        candidates=[convert.to_dict(c, f"{where}candidates[{i}]") for i, c in enumerate(request.candidates)],
         eval_dataset=_dataset(request.eval_dataset), quality_metric=request.floor.metric,
         device_class=request.device_classes[0] if request.device_classes else "cpu",
         budget_micros=request.budget.micros, idempotency_key=request.idempotency_key)
@@ -73,7 +78,8 @@ class CompressionServicer(compression_pb2_grpc.CompressionServicer):
         which = request.WhichOneof("request")
         if which is None:
             raise InvalidArgument("request: set submit (an explicit recipe) or auto (an AutoCompress search)")
-        r = _explicit(request.submit) if which == "submit" else _auto(request.auto, needs_floor=False)
+        r = _explicit(request.submit, "submit.") if which == "submit" \
+            else _auto(request.auto, needs_floor=False, where="auto.")
         e = self.core.estimate(_caller(context), r)
         return compression_pb2.CompressionEstimate(
             cost=common_pb2.MoneyRange(**{k: protoconv.money(e[f"{k}_micros"], self.currency)

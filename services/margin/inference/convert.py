@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from margin.common import protoconv
-from margin.common.errors import InvalidArgument
+from margin.common.errors import InvalidArgument, MarginError
 from margin.inference.deployments import Batching, Deployment, DeploySpec
 from margin.inference.gateway import Prediction, Target
 from margin.inference.routing import Policy
@@ -55,7 +55,8 @@ def target(req: inference_pb2.PredictRequest) -> Target:
         raise InvalidArgument("name a version by number or by alias, not both")
     policy = None
     if req.HasField("routing"):
-        policy = Policy(req.routing.floor.metric, req.routing.floor.minimum, req.routing.max_latency_ms)
+        policy = Policy(req.routing.floor.metric, protoconv.finite(req.routing.floor.minimum, "routing.floor.minimum"),
+                        protoconv.finite(req.routing.max_latency_ms, "routing.max_latency_ms"))
     return Target(v.model, v.number, v.alias, policy)
 
 
@@ -75,3 +76,12 @@ def prediction_to_proto(p: Prediction, request_id: str) -> inference_pb2.Predict
         usage=inference_pb2.Usage(compute_microseconds=p.compute_us, cost=protoconv.money(round(p.cost_micros)),
                                   cost_micros=p.cost_micros),
         request_id=request_id)
+
+
+def stream_error(err: MarginError, request_id: str) -> inference_pb2.PredictResponse:
+    """A PredictStream message that failed: what a unary Predict would have answered, as that message's response."""
+    retry_after_s = getattr(err, "retry_after_s", None)
+    return inference_pb2.PredictResponse(
+        request_id=request_id,
+        error=inference_pb2.PredictError(code=err.code_name, message=str(err),
+                                         retry_after_ms=int(retry_after_s * 1000) if retry_after_s else 0))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import tempfile
 import threading
@@ -36,11 +35,11 @@ from margin.common.paging import decode_token, encode_token, page_size
 from margin.common.tenancy import TenantRow, as_utc, utcnow
 from margin.common.tensors import Signature
 from margin.inference.pools import TritonPools
+from margin.inference.probe import probe, zero_inputs
 from margin.inference.replicas import TritonReplicas
 from margin.inference.tables import DeploymentRow
-from margin.inference.triton_client import RawTensor, TritonClient
+from margin.inference.triton_client import TritonClient
 from margin.inference.triton_export import TritonOptions, export_version
-from margin.inference.validation import ITEM_SIZES
 from margin.sdk.registry_source import RegistrySource, VersionInfo
 
 log = logging.getLogger(__name__)
@@ -128,8 +127,11 @@ def instance_kind_for(setting: str, device_class: str) -> str:
 
 class DeploymentManager:
     def __init__(self, sessions: sessionmaker, pools: TritonPools, repository: Path, registry: RegistrySource,
-                 catalog: costs.PriceCatalog, instance_kind: str = "KIND_CPU", calibrate_seconds: float = 0.3):
+                 catalog: costs.PriceCatalog, instance_kind: str = "KIND_CPU", calibrate_seconds: float = 0.3,
+                 reload_concurrency: int = 8):
+        """``reload_concurrency``: how many deployments :meth:`reload` loads at once."""
         self._sessions = sessions
+        self._reload_concurrency = max(1, reload_concurrency)
         self.pools = pools
         self.repository = Path(repository)
         self.repository.mkdir(parents=True, exist_ok=True)
@@ -167,11 +169,16 @@ class DeploymentManager:
                     and triton.model_ready(triton_name):
                 return existing
             self._save(tenant_id, name, triton_name, version, settings, LOADING, "")
+            exported = False
             try:
                 self._export(api_key, version, triton_name, options, self.repository_for(spec.device_class))
+                exported = True
                 triton.load(triton_name)
+                probe(triton, triton_name, version.signature, f"{version.model} v{version.number}")
                 capacity, p50 = self._calibrate(triton.replica(), triton_name, version.signature)
             except Exception as err:
+                if exported:  # what failed to load, or loaded but failed its probe, is served nowhere
+                    self._discard(triton, triton_name, spec.device_class)
                 self._save(tenant_id, name, triton_name, version, settings, FAILED, str(err)[:900])
                 raise
             if existing:
@@ -254,31 +261,42 @@ class DeploymentManager:
     def reload(self, classes: Iterable[str] | None = None, on: TritonClient | None = None) -> int:
         """Load every READY deployment on its pool, or only those of device ``classes`` (the classes of a pool whose
         replica came up), on every replica or only ``on`` (the replica that came up), skipping a replica where it
-        is ready already (a replica started with ``--load-model=*``). Returns how many it loaded somewhere."""
-        query = select(DeploymentRow.triton_name, DeploymentRow.device_class, DeploymentRow.state).where(
-            DeploymentRow.state.in_([READY, SCALED_TO_ZERO]))
+        is ready already (a replica started with ``--load-model=*``). Up to ``reload_concurrency`` loads run at
+        once, so a restarted replica has its deployments back in about the time of the slowest load, not of all
+        of them in a row. Returns how many it loaded somewhere."""
+        query = select(DeploymentRow.triton_name).where(DeploymentRow.state.in_([READY, SCALED_TO_ZERO]))
         if classes is not None:
             query = query.where(DeploymentRow.device_class.in_(list(classes)))
         with self._sessions() as s:
-            rows = s.execute(query).all()
-        loaded = 0
-        for triton_name, device_class, state in rows:
-            target = on or self.pools.for_class(device_class)
-            if state == SCALED_TO_ZERO:  # a replica started with --load-model=* loads it from the repository
-                if on is not None and target.model_ready(triton_name):
-                    try:
-                        target.unload(triton_name)
-                    except MarginError as err:
-                        log.warning("could not unload scaled-to-zero %s on %s: %s", triton_name, target.url, err)
-                continue
-            if target.model_ready(triton_name):
-                continue
+            names = list(s.scalars(query.order_by(DeploymentRow.id)).all())
+        if not names:
+            return 0
+        with ThreadPoolExecutor(min(self._reload_concurrency, len(names)), thread_name_prefix="reload") as pool:
+            return sum(pool.map(lambda name: self._reload_one(name, on), names))
+
+    def _reload_one(self, triton_name: str, on: TritonClient | None) -> bool:
+        """Load one deployment where it is missing (see :meth:`reload`); under its lock, its state read again there,
+        so one scaled to zero, redeployed or undeployed meanwhile is not loaded back. True when it was loaded."""
+        with self._lock(triton_name):
+            with self._sessions() as s:
+                row = s.execute(select(DeploymentRow.device_class, DeploymentRow.state)
+                                .where(DeploymentRow.triton_name == triton_name)).first()
+            if row is None:
+                return False
             try:
+                target = on or self.pools.for_class(row.device_class)
+                if row.state == SCALED_TO_ZERO:  # a replica started with --load-model=* loads it from the repository
+                    if on is not None and target.model_ready(triton_name):
+                        target.unload(triton_name)
+                    return False
+                if row.state != READY or target.model_ready(triton_name):
+                    return False
                 target.load(triton_name)
-                loaded += 1
-            except Exception:
-                log.exception("could not load %s on %s", triton_name, target.url)
-        return loaded
+                return True
+            except Exception:  # one deployment that cannot be loaded does not keep the others from it
+                log.exception("could not %s %s on %s", "unload scaled-to-zero" if row.state == SCALED_TO_ZERO
+                              else "load", triton_name, (on.url if on else row.device_class))
+                return False
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, tenant_id: int, name: str) -> Deployment:
@@ -369,6 +387,15 @@ class DeploymentManager:
         ``--load-model=*`` does not load it again."""
         shutil.rmtree(self.repository_for(deployment.device_class) / deployment.triton_name, ignore_errors=True)
 
+    def _discard(self, triton: TritonReplicas, triton_name: str, device_class: str) -> None:
+        """After a deploy failed once its model was exported: unload it from the pool (where it loaded) and delete it
+        from the repository, so that no replica serves it or loads it at start."""
+        try:
+            triton.unload(triton_name)
+        except MarginError as err:
+            log.warning("could not unload %s after its deploy failed: %s", triton_name, err)
+        shutil.rmtree(self.repository_for(device_class) / triton_name, ignore_errors=True)
+
     def _leave_previous_pool(self, previous: Deployment, triton: TritonReplicas) -> None:
         """A redeploy on a device class served by another pool unloads the deployment from the pool it was on."""
         if previous.state == UNLOADED or not self.pools.serves(previous.device_class):
@@ -388,8 +415,7 @@ class DeploymentManager:
         """Measure requests/s and p50 latency at batch 1 with 4 clients for a short while."""
         if self._calibrate_seconds <= 0:
             return 0.0, 0.0
-        inputs = [RawTensor(t.name, t.dtype, shape := tuple(1 if d == -1 else d for d in t.shape),
-                            bytes(math.prod(shape) * ITEM_SIZES.get(t.dtype, 1))) for t in signature.inputs]
+        inputs = zero_inputs(signature)
         outputs = [t.name for t in signature.outputs]
         triton.infer(triton_name, inputs, outputs)  # warm-up
         latencies: list[float] = []

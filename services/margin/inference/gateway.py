@@ -11,17 +11,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from margin.common.errors import InvalidArgument, NotFound
+from margin.common.errors import InvalidArgument, NotFound, Unavailable
 from margin.common.tenancy import Principal
 from margin.inference.budgetgate import OPEN, THROTTLE_FACTOR, BudgetGate, ServingBudget
 from margin.inference.deployments import READY, Deployment, DeploymentManager
 from margin.inference.metering import Meter, MeterKey
 from margin.inference.pools import TritonPools
 from margin.inference.ratelimit import RateLimiter
+from margin.inference.replicas import RETRY_AFTER_S, TritonReplicas
 from margin.inference.routing import Policy, choose
 from margin.inference.scaling import Scaler
 from margin.inference.served_cost import ServedCost
-from margin.inference.triton_client import RawTensor
+from margin.inference.triton_client import ModelNotLoaded, RawTensor
 from margin.inference.validation import validate_inputs, validate_outputs
 from margin.sdk.registry_source import RegistrySource
 
@@ -104,9 +105,27 @@ class Gateway:
             deployment = await self._scaler.ready(deployment)
             self._routes.clear()
         start = time.perf_counter()
-        result = await self._pools.for_class(deployment.device_class).infer_async(deployment.triton_name, inputs,
-                                                                                 wanted)
+        pool = self._pools.for_class(deployment.device_class)
+        try:
+            result = await pool.infer_async(deployment.triton_name, inputs, wanted)
+        except ModelNotLoaded as err:
+            raise await asyncio.to_thread(self._not_loaded, pool, deployment, err) from None
         return self._count(principal, deployment, rows, start, result)
+
+    def _not_loaded(self, pool: TritonReplicas, deployment: Deployment, err: ModelNotLoaded) -> Unavailable:
+        """A replica taking requests says it has no model for ``deployment``. Still READY: the replica restarted
+        between two probes (or lost the model): it is set aside, and the watcher's next probe loads its
+        deployments again. Not READY any more (scaled to zero, redeployed, undeployed): the cached route was
+        stale. Either way the caller may retry: UNAVAILABLE with a retry hint, never FAILED_PRECONDITION."""
+        current = self.deployments.get(deployment.tenant_id, deployment.name)
+        if current.state == READY and current.triton_name == deployment.triton_name:
+            if err.replica is not None:
+                pool.lost_models(err.replica)
+            return Unavailable(f"{deployment.name} is being loaded again on its Triton pool (a replica restarted); "
+                               "retry", retry_after_s=err.retry_after_s or RETRY_AFTER_S)
+        self.invalidate()
+        return Unavailable(f"{deployment.name} changed ({current.state}) while this request was on its way; retry",
+                           retry_after_s=RETRY_AFTER_S)
 
     @staticmethod
     def _within_budget(principal: Principal, target: Target, status: ServingBudget) -> tuple[Target, int]:

@@ -17,9 +17,15 @@ So a pool's address may name its replicas:
 round-robin over the replicas that last answered; a replica that does not answer is set aside and the request
 tried once more on the next. A load or unload goes to every replica, so whichever replica a request reaches has
 the model. :meth:`TritonReplicas.probe` (the inference service's watcher calls it) re-resolves, asks each replica
-whether it is ready, and returns the replicas that came up since the last probe, so that the deployments they
-lack are loaded on them — a replica started with ``--load-model=*`` already has the repository's models and is
-left alone.
+whether it is ready, and has the replicas that came up since the last probe *prepared* in the background — the
+deployments they lack loaded on them (a replica started with ``--load-model=*`` already has the repository's
+models) — before they take requests again.
+
+A Triton restart looks like one to callers: every failure it causes is :class:`Unavailable` with a retry hint
+(:data:`RETRY_AFTER_S`) — connection refused or reset, a replica still being prepared, or one that says it has no
+such model (:class:`~margin.inference.triton_client.ModelNotLoaded`; a replica that restarted between two probes
+says that: the gateway then checks the deployment and, if it is READY, calls :meth:`TritonReplicas.lost_models`
+so that the next probe prepares it again).
 """
 from __future__ import annotations
 
@@ -35,11 +41,12 @@ from dataclasses import dataclass
 
 from margin.common.config import ConfigError
 from margin.common.errors import Unavailable
-from margin.inference.triton_client import RawTensor, TritonClient
+from margin.inference.triton_client import ModelNotLoaded, RawTensor, TritonClient
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0
+RETRY_AFTER_S = 1.0  # the retry hint of an UNAVAILABLE answer: a replica down, restarting or loading its deployments
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,10 @@ class TritonReplicas:
         self._resolve = resolve or self.address.resolve
         self._refresh_s, self._infer_timeout_s = refresh_s, infer_timeout_s
         self._clients: dict[str, TritonClient] = {}
-        self._live: tuple[TritonClient, ...] = ()  # answered the last probe or request, in address order
+        self._live: tuple[TritonClient, ...] = ()  # answered the last probe or request, and prepared; address order
         self._answered = 0                         # replicas that answered the last probe
+        self._preparing: set[str] = set()          # came up, being given their deployments: no requests yet
+        self._interrupted: set[str] = set()        # of those, the ones a probe found down meanwhile: prepare again
         self._resolved_at = -float("inf")
         self._turn = itertools.count()
         self._lock = threading.Lock()
@@ -152,22 +161,60 @@ class TritonReplicas:
 
     def probe(self, prepare: Callable[[TritonClient], object] | None = None) -> list[TritonClient]:
         """Ask every replica whether it is ready (resolving again when ``refresh_s`` has passed, or at once when none
-        is ready). A replica that was not ready (or not known) at the last probe and is now is first ``prepare``d
-        (given the pool's deployments it lacks), then takes requests; returns those replicas. A replica that no
-        longer answers takes none until it is ready again."""
+        is ready). A replica that was not ready (or not known, or had :meth:`lost_models`) at the last probe and is
+        now is ``prepare``d — given the pool's deployments it lacks — on a background thread, so the probe returns at
+        once (the watcher goes on reporting health and metering); it takes requests when that is done. Returns those
+        replicas. A replica that no longer answers takes none until it is ready again and prepared again."""
         members = self.members(force=not self._live)
         ready = [c for c, ok in zip(members, _each(lambda c: c.server_ready(), members), strict=True) if ok]
         self._answered = len(ready)
-        came_up = [c for c in ready if c not in self._live]
+        answering = {c.url for c in ready}
         with self._lock:  # those that went away stop taking requests now; those that came up, once prepared
-            self._live = tuple(c for c in ready if c not in came_up)
+            self._live = tuple(c for c in self._live if c.url in answering)
+            self._interrupted |= self._preparing - answering
+            came_up = [c for c in ready if c not in self._live and c.url not in self._preparing]
+            self._preparing |= {c.url for c in came_up}
         for client in came_up:
-            if prepare is not None:
-                prepare(client)
-            with self._lock:
-                if client.url in self._clients:
-                    self._live = tuple(sorted((*self._live, client), key=lambda c: c.url))
+            if prepare is None:
+                self._prepared(client, True)
+            else:  # a daemon thread per replica that came up: a stopping gateway does not wait for its loads
+                threading.Thread(target=self._prepare, args=(client, prepare), name=f"triton-prepare-{client.url}",
+                                 daemon=True).start()
         return came_up
+
+    def _prepare(self, client: TritonClient, prepare: Callable[[TritonClient], object]) -> None:
+        try:
+            prepare(client)
+        except Exception:  # the next probe finds it ready and not live: it is prepared again
+            log.exception("Triton pool %s: preparing replica %s failed", self.url, client.url)
+            self._prepared(client, False)
+        else:
+            self._prepared(client, True)
+
+    def _prepared(self, client: TritonClient, ok: bool) -> None:
+        """``client``'s preparation ended: it takes requests, unless it failed or the replica went down meanwhile
+        (a probe found it not ready: it may have restarted and lost what it was given)."""
+        with self._lock:
+            self._preparing.discard(client.url)
+            interrupted = client.url in self._interrupted
+            self._interrupted.discard(client.url)
+            if ok and not interrupted and self._clients.get(client.url) is client and client not in self._live:
+                self._live = tuple(sorted((*self._live, client), key=lambda c: c.url))
+
+    @property
+    def preparing(self) -> bool:
+        """Some replica came up and is being given its deployments (it takes no requests until it has them)."""
+        return bool(self._preparing)
+
+    def lost_models(self, client: TritonClient) -> None:
+        """``client`` says it lacks a model it was given, one still deployed READY: it restarted between two probes
+        (explicit model control starts empty) or something unloaded it. It takes no requests until the next probe
+        has prepared it again."""
+        with self._lock:
+            if client in self._live:
+                log.warning("Triton pool %s: replica %s lost its deployments (a restart?); it takes no requests "
+                            "until they are loaded again", self.url, client.url)
+                self._live = tuple(c for c in self._live if c is not client)
 
     @property
     def live(self) -> tuple[TritonClient, ...]:
@@ -242,26 +289,38 @@ class TritonReplicas:
 
     # -- inference -----------------------------------------------------------------------------------
     def infer(self, model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> list[RawTensor]:
+        """One inference on the next replica (the one after it when it does not answer). Every failure a Triton
+        restart causes is :class:`Unavailable` with a retry hint; :class:`ModelNotLoaded` (naming the replica) when a
+        replica taking requests says it has no such model."""
         tried = self._pick()
         for i, client in enumerate(tried):
             try:
                 return client.infer(model, inputs, outputs)
-            except Unavailable:
-                self._set_aside(client)
-                if i == len(tried) - 1:
-                    raise
-        raise Unavailable(f"the Triton pool {self.url} has no replica")
+            except Unavailable as err:
+                self._failed(client, err, last=i == len(tried) - 1)
+        raise Unavailable(f"the Triton pool {self.url} has no replica", retry_after_s=RETRY_AFTER_S)
 
     async def infer_async(self, model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> list[RawTensor]:
+        """:meth:`infer` on the caller's event loop."""
         tried = self._pick()
         for i, client in enumerate(tried):
             try:
                 return await client.infer_async(model, inputs, outputs)
-            except Unavailable:
-                self._set_aside(client)
-                if i == len(tried) - 1:
-                    raise
-        raise Unavailable(f"the Triton pool {self.url} has no replica")
+            except Unavailable as err:
+                self._failed(client, err, last=i == len(tried) - 1)
+        raise Unavailable(f"the Triton pool {self.url} has no replica", retry_after_s=RETRY_AFTER_S)
+
+    def _failed(self, client: TritonClient, err: Unavailable, last: bool) -> None:
+        """After ``client`` failed a request with ``err``: raise what the caller gets, or return to try the next
+        replica (a replica that did not answer, when it was not the ``last`` to try)."""
+        if isinstance(err, ModelNotLoaded):
+            if client in self._live:  # given its deployments: the gateway checks whether the model is still one
+                raise ModelNotLoaded(str(err), client, RETRY_AFTER_S) from None
+            raise Unavailable(f"Triton pool {self.url}: replica {client.url} has restarted and is being given its "
+                              "deployments again; retry", retry_after_s=RETRY_AFTER_S) from None
+        self._set_aside(client)
+        if last:
+            raise Unavailable(str(err), retry_after_s=RETRY_AFTER_S) from None
 
     def close(self) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +48,18 @@ class InferenceSettings:
     budget_address: str = ""   # where the fleet is reported and serving budgets read; "" : neither (a bare gateway)
     triton_device_class: str = "cpu"  # the replicas of triton_url's pool, when it serves every class
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    reload_concurrency: int = 8  # deployments loaded at once on a replica that came back
 
 
 class TritonWatcher:
-    """Health follows the Triton pools: NOT_SERVING while any pool has no ready replica. Every replica that comes
-    up — a restart, or a new one the autoscaler added — gets its pool's READY deployments that it lacks (explicit
-    model control starts empty), and health returns to SERVING once every pool has a ready replica. The service
-    starts NOT_SERVING and does the same once for each replica, so deployments survive a restart of both."""
+    """Health follows the Triton pools: NOT_SERVING while any pool has no replica that is ready *and has its
+    deployments*. Every replica that comes up — a restart, or a new one the autoscaler added — gets its pool's READY
+    deployments that it lacks (explicit model control starts empty), loaded in parallel on a background thread
+    (:meth:`TritonReplicas.probe`), and takes requests once it has them; health returns to SERVING once every pool
+    has such a replica. A pool whose only replica restarted is therefore NOT_SERVING until its deployments are
+    back (Predicts meanwhile answer UNAVAILABLE with a retry hint). Health is one status for the whole service
+    ("" and margin.v1.Inference): a gateway that cannot serve one of its pools is not ready. The service starts
+    NOT_SERVING and does the same once for each replica, so deployments survive a restart of both."""
 
     def __init__(self, pools: TritonPools, deployments: DeploymentManager, every_s: float,
                  observer: FleetObserver | None = None):
@@ -79,9 +85,10 @@ class TritonWatcher:
         ready = {}
         for pool in self._pools.pools:
             def prepare(replica, pool=pool) -> None:
+                started = time.monotonic()
                 loaded = self._deployments.reload(pool.classes, on=replica)
-                log.warning("Triton pool %s: replica %s is ready; loaded %d deployment(s) it lacked", pool.name,
-                            replica.url, loaded)
+                log.warning("Triton pool %s: replica %s is ready; loaded %d deployment(s) it lacked in %.1f s",
+                            pool.name, replica.url, loaded, time.monotonic() - started)
             pool.client.probe(prepare)
             ready[pool.name] = bool(pool.client.live)
             if self._ready[pool.name] and not ready[pool.name]:
@@ -106,7 +113,8 @@ def inference_builder(settings: InferenceSettings):
                                     settings.triton_device_class)
         registry = RegistrySource(settings.registry_address)
         deployments = DeploymentManager(ctx.sessions, pools, settings.repository, registry, catalog,
-                                        settings.instance_kind, settings.calibrate_seconds)
+                                        settings.instance_kind, settings.calibrate_seconds,
+                                        settings.reload_concurrency)
         meter = Meter()
         budgets = BudgetsClient(settings.budget_address, ctx.admin_key) if settings.budget_address else None
         if budgets is None:
@@ -161,6 +169,9 @@ def settings_from_env() -> InferenceSettings:
     if scaling.interval_s <= 0 or scaling.scale_to_zero_after_s <= 0 or scaling.cold_start_timeout_s <= 0:
         raise config.ConfigError(f"{config.FLEET_INTERVAL_SECONDS.env}, {config.SCALE_TO_ZERO_AFTER_SECONDS.env} and "
                                  f"{config.COLD_START_TIMEOUT_SECONDS.env} must be positive")
+    reload_concurrency = config.RELOAD_CONCURRENCY.get_int()
+    if reload_concurrency < 1:
+        raise config.ConfigError(f"{config.RELOAD_CONCURRENCY.env}={reload_concurrency}: it must be at least 1")
     return InferenceSettings(
         triton_url=parse_pool_address(config.TRITON_URL.get()).text,
         triton_urls=parse_triton_urls(config.TRITON_URLS.raw()),
@@ -169,7 +180,7 @@ def settings_from_env() -> InferenceSettings:
         instance_kind=instance_kind,
         limits=Limits(config.RATE_LIMIT_RPS.get_float(), config.RATE_LIMIT_BURST.get_int()),
         budget_address=config.BUDGET_ADDR.get(), triton_device_class=config.TRITON_DEVICE_CLASS.get(),
-        scaling=scaling)
+        scaling=scaling, reload_concurrency=reload_concurrency)
 
 
 def builder_from_env():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from margin.common import config
 from margin.common.errors import FailedPrecondition, Unavailable
 
 CHANNEL_OPTIONS = [
@@ -22,6 +23,12 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
 UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What a Triton started with a control key (config.TRITON_CONTROL_KEY) answers only with the key in this header:
+# model control and the server's own settings (tritonserver --grpc-restricted-protocol / --http-restricted-api).
+# Over gRPC, Triton expects the header with its own prefix (and refuses a call without it as UNAVAILABLE).
+CONTROL_KEY_HEADER = "margin-triton-key"
+GRPC_CONTROL_KEY_HEADER = f"triton-grpc-protocol-{CONTROL_KEY_HEADER}"
+RESTRICTED_PROTOCOLS = "model-repository,shared-memory,trace,logging"
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,11 @@ class RawTensor:
 
 
 class TritonClient:
-    def __init__(self, url: str, infer_timeout_s: float = 30.0):
+    def __init__(self, url: str, infer_timeout_s: float = 30.0, control_key: str | None = None):
         self.url = url
         self.infer_timeout_s = infer_timeout_s
+        key = control_key if control_key is not None else config.TRITON_CONTROL_KEY.raw()
+        self._control = ((GRPC_CONTROL_KEY_HEADER, key),) if key else ()  # sent on model control calls only
         self._channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._aio_channel: grpc.aio.Channel | None = None
@@ -65,11 +74,20 @@ class TritonClient:
         except grpc.RpcError:
             return False
 
+    def _check_control(self, err: grpc.RpcError) -> None:
+        """A model control call Triton refused for want of the key: a configuration error, not an outage."""
+        if "restricted" in (err.details() or ""):
+            raise FailedPrecondition(f"Triton at {self.url} refused model control: it needs the key in "
+                                     f"{config.TRITON_CONTROL_KEY.env}, which this gateway "
+                                     f"{'holds wrong' if self._control else 'does not hold'}") from None
+
     def load(self, name: str, wait_s: float = 120.0) -> None:
         """Load (or reload) a model from the repository and wait until it is ready."""
         try:
-            self._stub.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name=name), timeout=wait_s)
+            self._stub.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name=name), timeout=wait_s,
+                                           metadata=self._control)
         except grpc.RpcError as err:
+            self._check_control(err)
             if err.code() in UNAVAILABLE_CODES:
                 raise Unavailable(f"Triton at {self.url} is unreachable") from None
             raise FailedPrecondition(f"Triton could not load {name}: {err.details()}") from None
@@ -81,8 +99,10 @@ class TritonClient:
 
     def unload(self, name: str) -> None:
         try:
-            self._stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=name), timeout=30)
+            self._stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=name), timeout=30,
+                                             metadata=self._control)
         except grpc.RpcError as err:
+            self._check_control(err)
             if err.code() in UNAVAILABLE_CODES:
                 raise Unavailable(f"Triton at {self.url} is unreachable") from None
             raise FailedPrecondition(f"Triton could not unload {name}: {err.details()}") from None
@@ -140,7 +160,20 @@ def _outputs(reply: service_pb2.ModelInferResponse) -> list[RawTensor]:
             for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)]
 
 
+class ModelNotLoaded(Unavailable):
+    """Triton has no ready model of that name ("unknown model"): a replica that restarted (explicit model control
+    starts empty), one still loading its deployments, or a route gone stale; whoever routed the request decides
+    which (:meth:`margin.inference.replicas.TritonReplicas.infer_async`, :class:`margin.inference.gateway.Gateway`).
+    ``replica`` is the Triton that said so."""
+
+    def __init__(self, message: str, replica: TritonClient | None = None, retry_after_s: float | None = None):
+        super().__init__(message, retry_after_s)
+        self.replica = replica
+
+
 def _infer_error(model: str, err: grpc.RpcError) -> Exception:
     if err.code() in UNAVAILABLE_CODES:
         return Unavailable(f"Triton is unreachable: {err.details()}")
+    if err.code() == grpc.StatusCode.NOT_FOUND or "unknown model" in (err.details() or ""):
+        return ModelNotLoaded(f"Triton has no model {model} loaded: {err.details()}")
     return FailedPrecondition(f"Triton refused the request for {model}: {err.details()}")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from margin.cluster.processes import MissingDependency, ProcessSpec, free_port
+from margin.inference.triton_client import CONTROL_KEY_HEADER, RESTRICTED_PROTOCOLS
 
 INSTALL_HINT = "install it with `pip install nvidia-pytriton==0.7.0` (`make setup` does)"
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -135,10 +136,18 @@ def triton_env(install: TritonInstall) -> dict[str, str]:
     }
 
 
+def restricted_flags(control_key: str) -> list[str]:
+    """The flags that make Triton answer model control and its settings only with ``control_key`` in the header."""
+    rule = f"{RESTRICTED_PROTOCOLS}:{CONTROL_KEY_HEADER}={control_key}"
+    return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
+
+
 def triton_spec(home: Path, repository: Path, grpc_port: int | None = None, http_port: int | None = None,
-                metrics_port: int | None = None, load_all: bool = False) -> ProcessSpec:
+                metrics_port: int | None = None, load_all: bool = False, control_key: str | None = None) -> ProcessSpec:
     """A :class:`ProcessSpec` for ``tritonserver`` serving ``repository`` (explicit model control; with
-    ``load_all``, every model in the repository is loaded at start, as the chart's serving pools do).
+    ``load_all``, every model in the repository is loaded at start, as the chart's serving pools do). With
+    ``control_key``, model control and the server's settings answer only requests carrying it (gRPC and HTTP):
+    the gateway's (:data:`~margin.inference.triton_client.CONTROL_KEY_HEADER`), nobody else on this machine.
 
     The backend directory is assembled under ``<home>/triton/backends``. Ports left None are picked free;
     ``spec.port``/``spec.address`` is the gRPC endpoint (what the gateway and the health check use), and
@@ -167,5 +176,6 @@ def triton_spec(home: Path, repository: Path, grpc_port: int | None = None, http
         "--strict-readiness=false",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         *(["--load-model=*"] if load_all else []),
+        *(restricted_flags(control_key) if control_key else []),
     ]
     return ProcessSpec("triton", argv, ports["grpc"], "triton", triton_env(install), ports)

@@ -17,7 +17,9 @@ What it does:
   (``max_batch_size > 0``), requests whose inputs share a shape apart from the batch dimension are
   concatenated along dimension 0 and run as ONE forward pass under ``torch.inference_mode()``; the
   outputs are split back per request. The model may return a tensor, a tuple/list of tensors in the
-  configured output order, or a dict keyed by output name. With batching off each request runs alone.
+  configured output order, or a dict keyed by output name; each output must have its configured data type
+  (it is not cast: a mismatch is the request's error, which a deploy's probe request turns into a refusal).
+  With batching off each request runs alone.
 * A failing request gets an error response; it never takes the model down. When a batched forward pass
   fails, each request of the batch is retried alone, so that one bad request fails only itself.
 """
@@ -38,6 +40,13 @@ UNSUPPORTED_TYPES = ("TYPE_STRING",)
 
 class _RequestError(Exception):
     """A problem with one request's tensors: becomes that request's error response."""
+
+
+def _dtype_mismatch(name: str, returned: str, data_type: str) -> str:
+    """Outputs are not cast: a model returning another dtype than its signature declares is refused (a deploy's
+    probe request shows it), rather than served converted (float logits truncated to integers, say)."""
+    return (f"output {name!r}: the model returned {returned}, the signature declares "
+            f"{data_type.removeprefix('TYPE_')}")
 
 
 def _parameter(config: dict, key: str, default: str) -> str:
@@ -128,11 +137,14 @@ class TritonPythonModel:
                 raise _RequestError(f"output {name!r}: the model returned {type(value).__name__}, not a tensor")
             value = value.detach()
             if data_type == "TYPE_BF16":
-                arrays.append(value.to("cpu", torch.bfloat16).contiguous())
+                if value.dtype != torch.bfloat16:
+                    raise _RequestError(_dtype_mismatch(name, str(value.dtype).removeprefix("torch."), data_type))
+                arrays.append(value.cpu().contiguous())
             else:
                 array = value.cpu().numpy()
-                arrays.append(np.ascontiguousarray(array.astype(pb_utils.triton_string_to_numpy(data_type),
-                                                                copy=False)))
+                if array.dtype != np.dtype(pb_utils.triton_string_to_numpy(data_type)):
+                    raise _RequestError(_dtype_mismatch(name, str(array.dtype), data_type))
+                arrays.append(np.ascontiguousarray(array))
         return arrays
 
     def _response(self, arrays) -> object:

@@ -4,7 +4,9 @@
 - ``cnn``: ``{"family": "cnn", "image_size": 8, "channels": [16, 32], "num_classes": 10}`` on 1-channel images
   given flat (batch, image_size²) like sklearn's digits; it reshapes internally.
 
-:func:`signature` is what either family takes and returns, as registered with its versions.
+:func:`signature` is what either family takes and returns, as registered with its versions. The sizes are read and
+checked by :mod:`margin.modelzoo.sizes` (which also counts parameters and applies the configured limits without
+building anything).
 """
 from __future__ import annotations
 
@@ -16,31 +18,15 @@ from torch import nn
 
 from margin.common.errors import InvalidArgument
 from margin.common.tensors import Signature, TensorSpec
-
-
-def _positive_int(spec: dict, key: str, default: int | None = None) -> int:
-    value = spec.get(key, default)
-    if not isinstance(value, (int, float)) or int(value) != value or value <= 0:
-        raise InvalidArgument(f"architecture.{key} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _int_list(spec: dict, key: str, default: list[int]) -> list[int]:
-    values = spec.get(key, default)
-    if not isinstance(values, list) or not values:
-        raise InvalidArgument(f"architecture.{key} must be a non-empty list of positive integers")
-    return [_positive_int({key: v}, key) for v in values]
+from margin.modelzoo import sizes
 
 
 def build_mlp(spec: dict) -> nn.Module:
-    dims = [_positive_int(spec, "input_dim"), *_int_list(spec, "hidden", [128])]
-    dropout = float(spec.get("dropout", 0.0))
-    if not 0.0 <= dropout < 1.0:
-        raise InvalidArgument("architecture.dropout must be in [0, 1)")
+    s = sizes.mlp_sizes(spec)
     layers: list[nn.Module] = []
-    for a, b in pairwise(dims):
-        layers += [nn.Linear(a, b), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
-    layers.append(nn.Linear(dims[-1], _positive_int(spec, "num_classes")))
+    for a, b in pairwise(s.dims):
+        layers += [nn.Linear(a, b), nn.ReLU()] + ([nn.Dropout(s.dropout)] if s.dropout else [])
+    layers.append(nn.Linear(s.dims[-1], s.num_classes))
     return nn.Sequential(*layers)
 
 
@@ -63,8 +49,8 @@ class SmallCNN(nn.Module):
 
 
 def build_cnn(spec: dict) -> nn.Module:
-    return SmallCNN(_positive_int(spec, "image_size", 8), _int_list(spec, "channels", [16, 32]),
-                    _positive_int(spec, "num_classes"))
+    s = sizes.cnn_sizes(spec)
+    return SmallCNN(s.image_size, list(s.channels), s.num_classes)
 
 
 FAMILIES: dict[str, Callable[[dict], nn.Module]] = {"mlp": build_mlp, "cnn": build_cnn}
@@ -75,6 +61,13 @@ def build_model(spec: dict) -> nn.Module:
     if family not in FAMILIES:
         raise InvalidArgument(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[family](spec)
+
+
+def parameter_names(spec: dict) -> list[str]:
+    """The names of the parameters of the model ``spec`` builds, from a build on the meta device (shapes only,
+    no memory): callers check the spec's sizes (:func:`margin.modelzoo.sizes.check`) first."""
+    with torch.device("meta"):
+        return [name for name, _ in build_model(spec).named_parameters()]
 
 
 def signature(arch: dict) -> Signature:

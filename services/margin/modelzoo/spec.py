@@ -1,6 +1,7 @@
 """A training run's spec as plain data, checked before a job is queued and read again by the worker.
 
-The training service validates what it can without the data (sizes, names, limits, that the model builds);
+The training service validates what it can without the data (sizes and their limits, names, the layers to freeze)
+without building the model (:mod:`margin.modelzoo.sizes`);
 the worker re-reads the same dict, so what ran is exactly what was accepted and recorded as the recipe.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from margin.common.errors import InvalidArgument
 from margin.common.names import validate_name
-from margin.modelzoo.architectures import FAMILIES, build_model
+from margin.modelzoo import sizes
+from margin.modelzoo.architectures import FAMILIES, parameter_names
 from margin.modelzoo.datasets import BUILTIN_SHAPES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -80,8 +82,10 @@ def complete_architecture(spec: TrainSpec) -> TrainSpec:
     return TrainSpec(**{**spec.__dict__, "architecture": arch})
 
 
-def validate(spec: TrainSpec, *, max_world_size: int, device_classes: list[str]) -> TrainSpec:
-    """Everything that can be checked without the data; returns the spec with its architecture completed."""
+def validate(spec: TrainSpec, *, max_world_size: int, device_classes: list[str],
+             limits: sizes.SizeLimits | None = None) -> TrainSpec:
+    """Everything that can be checked without the data; returns the spec with its architecture completed.
+    ``limits``: the architecture's size limits (default: the configured ones)."""
     validate_name(spec.model, "spec.model")
     if spec.family not in FAMILIES:
         raise InvalidArgument(f"unknown model family {spec.family!r}; known: {sorted(FAMILIES)}")
@@ -109,8 +113,8 @@ def validate(spec: TrainSpec, *, max_world_size: int, device_classes: list[str])
         raise InvalidArgument(f"spec.world_size must be between 1 and the configured maximum {max_world_size}, "
                               f"got {spec.world_size}")
     spec = complete_architecture(spec)
-    model = build_model(spec.model_spec())
-    names = [name for name, _ in model.named_parameters()]
+    sizes.check(spec.model_spec(), limits)
+    names = parameter_names(spec.model_spec())
     for prefix in spec.freeze_layers:
         if not any(n.startswith(prefix) for n in names):
             raise InvalidArgument(f"freeze_layers: {prefix!r} matches no parameter; parameters are {names}")
@@ -120,4 +124,5 @@ def validate(spec: TrainSpec, *, max_world_size: int, device_classes: list[str])
 
 
 def parameter_count(spec: TrainSpec) -> int:
-    return sum(p.numel() for p in build_model(spec.model_spec()).parameters())
+    """Trainable parameters of the spec's model, from its sizes (nothing is built)."""
+    return sizes.parameter_count(spec.model_spec())

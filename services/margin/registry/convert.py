@@ -39,6 +39,9 @@ def cost_from_proto(msg: common_pb2.Cost) -> CostRecord:
     for part in (msg.total, msg.compute, msg.energy):
         if part.micros < 0:
             raise InvalidArgument("cost amounts must be >= 0")
+    for name in ("device_hours", "energy_kwh"):
+        if protoconv.finite(getattr(msg, name), f"metadata.cost.{name}") < 0:
+            raise InvalidArgument(f"metadata.cost.{name} must be >= 0")
     currency = msg.total.currency or "USD"
     return CostRecord(currency=currency, total_micros=msg.total.micros, compute_micros=msg.compute.micros,
                       energy_micros=msg.energy.micros, device_class=msg.device_class,
@@ -51,9 +54,9 @@ def upload_request(meta: registry_pb2.UploadMetadata) -> UploadRequest:
     return UploadRequest(
         model=meta.model, format=FORMAT_FROM_PROTO[meta.format], sha256=meta.sha256.lower(),
         size_bytes=meta.size_bytes, signature=protoconv.signature_from_proto(meta.signature),
-        architecture=protoconv.from_struct(meta.architecture),
+        architecture=protoconv.from_struct(meta.architecture, "metadata.architecture"),
         parent=selector(meta.parent) if meta.HasField("parent") else None,
-        recipe=protoconv.from_struct(meta.recipe), metrics=dict(meta.metrics),
+        recipe=protoconv.from_struct(meta.recipe, "metadata.recipe"), metrics=dict(meta.metrics),
         cost=cost_from_proto(meta.cost) if meta.HasField("cost") else None, description=meta.description,
         idempotency_key=meta.idempotency_key)
 

@@ -32,7 +32,7 @@ from margin.registry.tables import AliasRow, LabelRow, ModelRow, VersionRow
 
 log = logging.getLogger(__name__)
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_CHAIN = 1000
 
 
@@ -93,7 +93,7 @@ class RegistryCore:
         """Validate the metadata and open a pending upload; nothing is visible until ``commit``."""
         if request.format not in FORMATS:
             raise InvalidArgument(f"format {request.format!r} is not one of {list(FORMATS)}")
-        if not _SHA256.match(request.sha256 or ""):
+        if not _SHA256.fullmatch(request.sha256 or ""):
             raise InvalidArgument("sha256 must be the artifact's 64-character lowercase hex digest")
         if request.size_bytes < 0:
             raise InvalidArgument("size_bytes must be >= 0")
@@ -324,7 +324,7 @@ class Upload:
             raise InvalidArgument(f"sha256 mismatch: declared {self.request.sha256}, received bytes hash to "
                                   f"{self.pending.sha256}; nothing was stored")
         self.pending.close()
-        check_format(self.pending.path, self.request.format)
+        check_format(self.pending.path, self.request.format, self.request.signature)
         record = self._core._commit_upload(self)
         self._done = True
         return record

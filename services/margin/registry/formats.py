@@ -1,8 +1,9 @@
-"""Cheap checks that an upload is the format it claims, without loading (let alone unpickling) it.
+"""Checks that an upload is the format it claims, without running (let alone unpickling) it.
 
-TorchScript archives and .npz datasets are zip files; safetensors starts with a little-endian u64
-header length followed by a JSON object. ONNX is a bare protobuf with no magic number, so it is not
-checked here; a broken ONNX file fails at deploy time with Triton's message.
+.npz datasets are zip files; safetensors starts with a little-endian u64 header length followed by a JSON
+object. A TorchScript archive is a zip of a known layout (:mod:`margin.registry.torchscript_format`); ONNX is a
+protobuf that must parse and pass ``onnx.checker``, and whose graph must agree with a declared signature
+(:mod:`margin.registry.onnx_format`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import zipfile
 from pathlib import Path
 
 from margin.common.errors import InvalidArgument
+from margin.common.tensors import Signature
+from margin.registry.onnx_format import check_onnx
+from margin.registry.torchscript_format import check_torchscript
 
 MAX_SAFETENSORS_HEADER = 100 << 20
 
@@ -38,14 +42,16 @@ def _safetensors(path: Path) -> None:
 
 
 CHECKS = {
-    "torchscript": lambda p: _zip(p, "TorchScript archive"),
-    "dataset-npz": lambda p: _zip(p, ".npz dataset"),
-    "safetensors": _safetensors,
+    "torchscript": lambda p, _: check_torchscript(p),
+    "onnx": check_onnx,
+    "dataset-npz": lambda p, _: _zip(p, ".npz dataset"),
+    "safetensors": lambda p, _: _safetensors(p),
 }
 
 
-def check_format(path: Path, fmt: str) -> None:
-    """Raise InvalidArgument when the file at ``path`` is plainly not ``fmt``."""
+def check_format(path: Path, fmt: str, signature: Signature | None = None) -> None:
+    """Raise InvalidArgument when the file at ``path`` is not ``fmt`` (or, for ONNX, does not take and return
+    what ``signature`` declares)."""
     check = CHECKS.get(fmt)
     if check:
-        check(path)
+        check(path, signature or Signature())

@@ -31,7 +31,7 @@ def spec_from_proto(msg: training_pb2.TrainingSpec) -> TrainSpec:
         raise InvalidArgument(f"spec.precision {msg.precision} is not a known precision")
     source = msg.dataset.WhichOneof("source")
     return TrainSpec(
-        model=msg.model, family=msg.family, architecture=protoconv.from_struct(msg.architecture),
+        model=msg.model, family=msg.family, architecture=protoconv.from_struct(msg.architecture, "spec.architecture"),
         dataset=msg.dataset.builtin if source == "builtin" else "",
         dataset_version=_ref(msg.dataset.registry, "spec.dataset.registry") if source == "registry" else None,
         base=_ref(msg.base_version, "spec.base_version") if msg.HasField("base_version") else None,

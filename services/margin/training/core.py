@@ -12,6 +12,7 @@ from margin.common.errors import InvalidArgument
 from margin.common.jobcontrol import Admission, Caller, JobControl, check_request
 from margin.common.jobevents import JobEvents
 from margin.common.jobs import Job, JobStore
+from margin.modelzoo import sizes
 from margin.modelzoo import spec as specs
 from margin.modelzoo.datasets import BUILTIN_SHAPES
 from margin.modelzoo.spec import BaseRef, TrainSpec
@@ -46,17 +47,18 @@ class TrainingCore:
             arch = {k: v for k, v in base.architecture.items() if k != "family"}
             arch.update({k: v for k, v in spec.architecture.items() if k == "num_classes"})
             spec = replace(spec, family=family, architecture=arch, base=BaseRef(base.model, base.number))
-        rows = BUILTIN_SHAPES[spec.dataset].rows if spec.dataset in BUILTIN_SHAPES else 0
+        data = None
         if spec.dataset_version:
             ref = spec.dataset_version
             data = self.registry.version(caller.api_key, ref.model, ref.number, ref.alias)
             if data.format != "dataset-npz":
                 raise InvalidArgument(f"dataset {data.model} v{data.number} is {data.format}, not dataset-npz")
             spec = replace(spec, dataset_version=BaseRef(data.model, data.number))
-            features = spec.architecture.get("input_dim") or spec.architecture.get("image_size", 8) ** 2
-            rows = max(2, data.size_bytes // (4 * int(features) + 8))
         spec = specs.validate(spec, max_world_size=self.max_world_size, device_classes=self.catalog.device_classes)
-        return spec, rows
+        if data is None:
+            return spec, BUILTIN_SHAPES[spec.dataset].rows
+        per_row = 4 * sizes.sizes(spec.model_spec()).input_features + 8  # fp32 features + an int64 label
+        return spec, max(2, data.size_bytes // per_row)
 
     def estimate(self, caller: Caller, spec: TrainSpec) -> tuple[TrainSpec, Estimate]:
         spec, rows = self.resolve(caller, spec)

@@ -29,8 +29,10 @@ class WorkerContext:
 def from_env() -> WorkerContext:
     catalog = PriceCatalog.load()
     sessions = make_sessionmaker(make_engine(config.database_url()))
+    admin_key = config.admin_key()
     return WorkerContext(
-        store=JobStore(sessions, catalog), events=JobEvents.from_url(config.REDIS_URL.get()),
+        store=JobStore(sessions, catalog, ledger_key=config.ledger_id_key(admin_key)),
+        events=JobEvents.from_url(config.REDIS_URL.get()),
         checkpoints=CheckpointStore(config.checkpoint_dir()), catalog=catalog,
-        registry_addr=config.REGISTRY_ADDR.get(), admin_key=config.admin_key(),
+        registry_addr=config.REGISTRY_ADDR.get(), admin_key=admin_key,
         lease_seconds=config.JOB_LEASE_SECONDS.get_float(), max_attempts=config.JOB_MAX_ATTEMPTS.get_int())

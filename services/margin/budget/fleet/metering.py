@@ -16,11 +16,11 @@ For each pool in a report (one metering interval), in one transaction:
 5. serving reports refresh the deployments the autoscaler plans for.
 
 Every entry is dated at the interval's end, and its id (``fleet:``, ``alloc:``, ``idle:``, ``jobs:``, ``revenue:``
-and a digest of pool, interval and party) is one that no other writer may use.
+and a digest of pool, interval and party keyed with the deployment's ledger id key,
+:class:`~margin.common.ledger.EntryIds`) is one that no other writer may use, nor compute before it is written.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,8 +36,8 @@ from margin.budget.fleet.allocation import PLATFORM, POLICIES, Consumer, allocat
 from margin.budget.fleet.tables import FleetCarryRow, FleetIntervalRow, FleetObservationRow, ServingDeploymentRow
 from margin.common.costs import PriceCatalog, UnknownDeviceClass, format_money
 from margin.common.errors import InvalidArgument
-from margin.common.ledger import LedgerEntry, append_in
-from margin.common.names import validate_name
+from margin.common.ledger import EntryIds, LedgerEntry, append_in
+from margin.common.names import validate_name, validate_text
 from margin.common.tenancy import TenantStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -119,19 +119,15 @@ def micros_of(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def entry_id(prefix: str, pool_key: str, start_us: int, party: str = "") -> str:
-    digest = hashlib.sha256(f"{pool_key}|{start_us}|{party}".encode()).hexdigest()[:40]
-    return f"{prefix}:{digest}"
-
-
 class FleetMeter:
     """Turns fleet reports into the bill, its allocation and revenue in the ledger (see the module docstring)."""
 
     def __init__(self, sessions: sessionmaker, tenants: TenantStore, catalog: PriceCatalog, policy: str = "usage",
-                 clock=utcnow):
+                 clock=utcnow, ledger_key: bytes | None = None):
         if policy not in POLICIES:
             raise ValueError(f"idle policy must be one of {list(POLICIES)}, got {policy!r}")
         self._sessions, self._tenants, self._catalog, self._clock = sessions, tenants, catalog, clock
+        self._ids = EntryIds(ledger_key)  # config.ledger_id_key(): every replica of the service shares it
         self.policy = policy
         self.platform_id = tenants.ensure_platform()
 
@@ -195,6 +191,7 @@ class FleetMeter:
                 raise InvalidArgument(f"pool {pool.pool!r}: kind must be one of {list(KINDS)}")
             if not pool.pool or len(pool.key) > 240:
                 raise InvalidArgument("every pool needs a name (with its replica, at most 240 characters)")
+            validate_text(pool.key, "pool")
             if pool.kind == "worker" and not pool.replica:
                 raise InvalidArgument(f"worker pool {pool.pool!r}: name the reporting replica")
             try:
@@ -210,6 +207,8 @@ class FleetMeter:
                 deployments.add((d.tenant, d.deployment))
                 triton_names.add(d.triton_name)
                 validate_name(d.model, "deployment model")
+                for what, value in (("deployment", d.deployment), ("triton_name", d.triton_name)):
+                    validate_text(value, f"pool {pool.pool!r}: {what}")
                 if not d.deployment or len(d.deployment) > 200 or not d.triton_name or len(d.triton_name) > 250:
                     raise InvalidArgument(f"pool {pool.pool!r}: a deployment needs a name and a Triton name")
                 if d.device_class and d.device_class not in self._catalog.devices:
@@ -217,8 +216,10 @@ class FleetMeter:
                 if d.state not in STATES:
                     raise InvalidArgument(f"deployment {d.deployment!r}: state must be one of {list(STATES)}")
                 if min(d.compute_ns, d.executions, d.inferences, d.gateway_requests, d.reserved_replica_us,
-                       d.min_replicas, d.max_replicas, d.price_micros_per_hour) < 0 or not d.capacity_rps >= 0:
-                    raise InvalidArgument(f"deployment {d.deployment!r}: counts and times are never negative")
+                       d.min_replicas, d.max_replicas, d.price_micros_per_hour) < 0 \
+                        or not 0 <= d.capacity_rps < float("inf"):
+                    raise InvalidArgument(f"deployment {d.deployment!r}: counts and times are never negative, and "
+                                          "capacity_rps is a finite number")
                 if d.compute_ns > length * 1e9 * MAX_REPLICAS * MAX_INSTANCES \
                         or d.reserved_replica_us > length * 1e6 * MAX_REPLICAS \
                         or max(d.executions, d.inferences, d.gateway_requests) > MAX_REQUESTS:
@@ -253,7 +254,7 @@ class FleetMeter:
         at = report.end
         interval = f"{(end_us - start_us) / 1e6:.1f} s"
         entries = [LedgerEntry(
-            id=entry_id("fleet", pool.key, start_us), tenant_id=self.platform_id, category="fleet",
+            id=self._ids.keyed("fleet", pool.key, start_us), tenant_id=self.platform_id, category="fleet",
             micros=result.bill, quantity=pool.replica_us, deployment=pool.pool[:200], created_at=at,
             description=f"{pool.key} ({pool.device_class}): {pool.replica_us / 1e6:.2f} replica-s of {interval} × "
                         f"{format_money(price)}/h")]
@@ -265,8 +266,8 @@ class FleetMeter:
         idle = result.micros[PLATFORM]
         if idle:
             entries.append(LedgerEntry(
-                id=entry_id("idle", pool.key, start_us), tenant_id=self.platform_id, category="idle", micros=idle,
-                deployment=pool.pool[:200], created_at=at,
+                id=self._ids.keyed("idle", pool.key, start_us), tenant_id=self.platform_id, category="idle",
+                micros=idle, deployment=pool.pool[:200], created_at=at,
                 description=f"{pool.key}: what no tenant pays of {interval} ({policy} policy, split by "
                             f"{result.basis})"))
         revenue, next_revenue = self._revenue(s, pool, start_us, names, revenue_carries, at)
@@ -288,14 +289,14 @@ class FleetMeter:
             if not micros:
                 return []
             return [LedgerEntry(
-                id=entry_id("jobs", pool.key, start_us, key), tenant_id=self.platform_id, category="jobs",
+                id=self._ids.keyed("jobs", pool.key, start_us, key), tenant_id=self.platform_id, category="jobs",
                 micros=micros, quantity=usage.busy_us, job_id=usage.job_id, created_at=at,
                 description=f"{pool.key}: {usage.busy_us / 1e6:.2f} s of {usage.tenant}'s {usage.kind} job "
                             f"{usage.job_id} (billed to it by the job's own entries)")]
         if not micros and not usage.gateway_requests:
             return []
         return [LedgerEntry(
-            id=entry_id("alloc", pool.key, start_us, key), tenant_id=names[usage.tenant], category="serving",
+            id=self._ids.keyed("alloc", pool.key, start_us, key), tenant_id=names[usage.tenant], category="serving",
             micros=micros, quantity=usage.gateway_requests, model=usage.model, version=usage.version,
             deployment=usage.deployment, created_at=at,
             description=f"{pool.pool}: {usage.compute_ns / 1e9:.4f} s Triton compute ({usage.inferences} "
@@ -318,8 +319,8 @@ class FleetMeter:
                                                       carries.get(party, Fraction(0)))
             if micros:
                 entries.append(LedgerEntry(
-                    id=entry_id("revenue", pool.key, start_us, party + suffix), tenant_id=tenant_id, category="revenue",
-                    micros=micros, quantity=d.gateway_requests, model=d.model, version=d.version,
+                    id=self._ids.keyed("revenue", pool.key, start_us, party + suffix), tenant_id=tenant_id,
+                    category="revenue", micros=micros, quantity=d.gateway_requests, model=d.model, version=d.version,
                     deployment=d.deployment, created_at=at,
                     description=f"{d.gateway_requests} requests at {format_money(per_million)} per million"))
         return entries, next_carries
@@ -355,7 +356,7 @@ class FleetMeter:
         zero-micro serving entries) and their revenue; the bill and its allocation stand."""
         start_us, at, observer = micros_of(report.start), report.end, report.observer[:200]
         entries = [LedgerEntry(
-            id=entry_id("alloc", pool.key, start_us, f"{names[d.tenant]}/{d.deployment}@{observer}"),
+            id=self._ids.keyed("alloc", pool.key, start_us, f"{names[d.tenant]}/{d.deployment}@{observer}"),
             tenant_id=names[d.tenant], category="serving", micros=0, quantity=d.gateway_requests, model=d.model,
             version=d.version, deployment=d.deployment, created_at=at,
             description=f"{pool.pool}: {d.gateway_requests} requests through another gateway ({observer}); the "
