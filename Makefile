@@ -117,7 +117,7 @@ bench: bench-registry bench-gateway bench-training bench-compression bench-autos
 bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
 	$(PY) bench/registry_bench.py --size-mb 200
 
-bench-gateway: setup ## Predict through the gateway vs straight to Triton at concurrency 1/8/32; writes bench/results/gateway.json
+bench-gateway: setup ## Tiny MLP + MiniLM-L6: direct Triton vs bare proxy vs KServe v2 (OIP) vs Predict at concurrency 1/8/32, goals; writes bench/results/gateway.json
 	$(PY) bench/gateway_bench.py
 
 bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2; writes bench/results/training.json

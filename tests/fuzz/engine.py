@@ -1,6 +1,7 @@
-"""The fuzz campaign: every RPC of every margin.v1 service (enumerated from the generated descriptors, so a new RPC
-is covered without changes here), called with random valid-typed messages and with garbage bytes, as the tenant
-``acme``, as the admin and with no key, each call under a deadline; the status codes are tallied per service.
+"""The fuzz campaign: every RPC of every margin.v1 service and of the other contracts Margin serves (the Open
+Inference Protocol's ``inference.GRPCInferenceService`` on the gateway) — enumerated from the generated descriptors,
+so a new RPC is covered without changes here — called with random valid-typed messages and with garbage bytes, as
+the tenant ``acme``, as the admin and with no key, each call under a deadline; the status codes are tallied per service.
 
 A call *fails the campaign* when it answers INTERNAL or UNKNOWN (Margin's own code broke, or grpc could not decode
 the request) or, for a unary response, runs past its deadline (a hang). A streaming response may run past its
@@ -50,11 +51,16 @@ class Rpc:
         return f"{self.service.removeprefix('margin.v1.')}.{self.name}"
 
 
+# Contracts Margin serves that are not its own: the Open Inference Protocol (KServe v2 gRPC) on the gateway.
+OTHER_CONTRACTS = ("tritonclient.grpc.service_pb2",)
+
+
 def rpcs() -> list[Rpc]:
-    """Every method of every service in the generated margin.v1 modules."""
+    """Every method of every service in the generated margin.v1 modules and in :data:`OTHER_CONTRACTS`."""
     found = []
-    for module in sorted(m.name for m in pkgutil.iter_modules(margin.v1.__path__) if m.name.endswith("_pb2")):
-        descriptor = importlib.import_module(f"margin.v1.{module}").DESCRIPTOR
+    modules = [f"margin.v1.{m.name}" for m in pkgutil.iter_modules(margin.v1.__path__) if m.name.endswith("_pb2")]
+    for module in sorted(modules) + list(OTHER_CONTRACTS):
+        descriptor = importlib.import_module(module).DESCRIPTOR
         for service in descriptor.services_by_name.values():
             found += [Rpc(service.full_name, m.name, m.input_type, m.client_streaming, m.server_streaming)
                       for m in service.methods]

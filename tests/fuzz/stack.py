@@ -43,6 +43,7 @@ from margin.v1 import (
     training_pb2_grpc,
 )
 from safetensors.torch import save as safetensors_save
+from tritonclient.grpc import service_pb2
 
 from tests.fuzz.engine import Caller
 from tests.fuzz.strategies import MessageStrategies
@@ -103,6 +104,9 @@ class FuzzStack:
             "margin.v1.QualityFloor": [floor],
             "margin.v1.Tensor": [tensor],
             "margin.v1.PredictRequest": [inference_pb2.PredictRequest(version=digits, inputs=[tensor])],
+            "inference.ModelInferRequest": [service_pb2.ModelInferRequest(
+                model_name="digits", model_version="1", inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+                    name="input", datatype="FP32", shape=[1, 64])], raw_input_contents=[bytes(256)])],
             "margin.v1.SubmitJobRequest": [training_pb2.SubmitJobRequest(spec=spec, budget=usd)],
             "margin.v1.SubmitCompressionRequest": [compression_pb2.SubmitCompressionRequest(
                 source=source, recipe=quantize, budget=usd)],
@@ -128,7 +132,8 @@ class FuzzStack:
         return {"margin.v1.Budgets": c.budget.server.address, "margin.v1.ModelRegistry": c.registry.server.address,
                 "margin.v1.TrainingJobs": self.jobs.training.server.address,
                 "margin.v1.Compression": self.jobs.compression.server.address,
-                "margin.v1.Inference": self.inference.server.address}
+                "margin.v1.Inference": self.inference.server.address,
+                "inference.GRPCInferenceService": self.inference.server.address}
 
     def servers(self) -> list[StartedService]:
         c = self.cluster

@@ -167,6 +167,10 @@ RELOAD_CONCURRENCY = Setting("MARGIN_RELOAD_CONCURRENCY", "8",
                              "How many deployments the gateway loads at once on a Triton replica that came back "
                              "(a restart, or a new replica): its deployments are back in about the time of the "
                              "slowest load, not of all of them one after another. At least 1.")
+COALESCE_IN_FLIGHT = Setting("MARGIN_COALESCE_IN_FLIGHT", "2",
+                             "How many calls the gateway has on their way to Triton per deployment before further "
+                             "requests wait to share one upstream batch (their rows concatenated, the outputs split "
+                             "back per request). A lone request never waits. At least 1.")
 LEDGER_ID_KEY = Setting("MARGIN_LEDGER_ID_KEY", None,
                         "Secret (at least 24 characters) keying the ids of the ledger entries Margin's services and "
                         "workers write (an HMAC-SHA256 of what each entry is for): a retry writes the same id and "
@@ -199,7 +203,7 @@ ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, G
                 AUTOSCALER_INTERVAL_SECONDS, TRITON_URLS, AUTOSCALER_TARGETS, BUDGETS_FILE, BUDGET_ADDR,
                 FLEET_INTERVAL_SECONDS, IDLE_POLICY, BURN_WINDOW_SECONDS, TRITON_DEVICE_CLASS,
                 SCALE_TO_ZERO_AFTER_SECONDS, COLD_START_TIMEOUT_SECONDS, LEDGER_ID_KEY, WEBHOOK_ALLOW,
-                TRITON_CONTROL_KEY, RELOAD_CONCURRENCY]
+                TRITON_CONTROL_KEY, RELOAD_CONCURRENCY, COALESCE_IN_FLIGHT]
 
 
 def margin_home() -> Path:

@@ -60,6 +60,10 @@ class Signature:
         specs = (*self.inputs, *self.outputs)
         return bool(specs) and all(s.shape[0] == -1 for s in specs)
 
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
     def describe(self) -> str:
         return (f"inputs [{', '.join(s.describe() for s in self.inputs)}] -> "
                 f"outputs [{', '.join(s.describe() for s in self.outputs)}]")

@@ -51,12 +51,12 @@ MAX_PENDING = 6000  # reports kept while the budget service is away (25 hours of
 class Usage:
     compute_ns: int = 0
     executions: int = 0
-    requests: int = 0
+    inferences: int = 0
 
     def add(self, delta: ModelCounters) -> None:
         self.compute_ns += delta.compute_ns
         self.executions += delta.executions
-        self.requests += delta.requests
+        self.inferences += delta.inferences
 
 
 @dataclass
@@ -94,11 +94,11 @@ class UsageCounter:
         for model, counters in now.items():
             before = (last or {}).get(model)
             if before is None or counters.compute_ns < before.compute_ns or counters.executions < before.executions \
-                    or counters.requests < before.requests:
+                    or counters.inferences < before.inferences:
                 before = ModelCounters(0, 0, 0)  # new on this replica (loaded since), or its counters restarted
             deltas[model] = ModelCounters(counters.compute_ns - before.compute_ns,
                                           counters.executions - before.executions,
-                                          counters.requests - before.requests)
+                                          counters.inferences - before.inferences)
         return deltas
 
 
@@ -249,7 +249,7 @@ class FleetObserver:
             by_pool[pool.name].append(budget_pb2.FleetDeployment(
                 tenant=d.tenant, deployment=d.name, model=d.model, version=d.version, triton_name=d.triton_name,
                 state=state, device_class=d.device_class, compute_ns=usage.compute_ns,
-                executions=usage.executions, inferences=usage.requests,
+                executions=usage.executions, inferences=usage.inferences,
                 gateway_requests=requests.get(d.triton_name, 0),
                 reserved_replica_us=round(interval.reserved_us.get(d.triton_name, 0.0)),
                 min_replicas=d.min_replicas, max_replicas=max(d.max_replicas, d.min_replicas),

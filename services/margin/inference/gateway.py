@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from margin.common.errors import InvalidArgument, NotFound, Unavailable
 from margin.common.tenancy import Principal
 from margin.inference.budgetgate import OPEN, THROTTLE_FACTOR, BudgetGate, ServingBudget
+from margin.inference.coalesce import Coalescer
 from margin.inference.deployments import READY, Deployment, DeploymentManager
 from margin.inference.metering import Meter, MeterKey
 from margin.inference.pools import TritonPools
@@ -33,6 +35,10 @@ class Target:
     number: int = 0
     alias: str = ""
     policy: Policy | None = None
+    default_alias: str = ""  # with no number, alias or policy: this alias's version when the model has it set
+
+
+DEFAULT_ALIAS = "production"
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,8 @@ class _TTLCache:
 class Gateway:
     def __init__(self, deployments: DeploymentManager, pools: TritonPools, registry: RegistrySource,
                  limiter: RateLimiter, meter: Meter, scaler: Scaler | None, served: ServedCost,
-                 route_ttl_s: float = 5.0, budget: BudgetGate | None = None):
+                 route_ttl_s: float = 5.0, budget: BudgetGate | None = None,
+                 coalescer: Coalescer | None = None):
         self.deployments = deployments
         self._pools = pools
         self._registry = registry
@@ -78,6 +85,8 @@ class Gateway:
         self._routes = _TTLCache(route_ttl_s)
         self._aliases = _TTLCache(route_ttl_s)
         self._budget = budget
+        self.coalescer = coalescer or Coalescer()
+        self._senders: dict[tuple[int, str], tuple[str, object]] = {}
 
     def attach_scaler(self, scaler: Scaler) -> None:
         """The scaler (which calls :meth:`invalidate` when it scales something to zero)."""
@@ -99,18 +108,36 @@ class Gateway:
         deployment = self._routes.get((principal.tenant_id, target))
         if deployment is None:
             deployment = await asyncio.to_thread(self._route, principal.tenant_id, api_key, target)
-        deployment, wanted, rows = self._admit(principal, deployment, inputs, outputs, factor)
+        inputs, wanted, rows = self._admit(principal, deployment, inputs, outputs, factor)
         if deployment.state != READY:
             self._scaler.admit(deployment, status)
             deployment = await self._scaler.ready(deployment)
             self._routes.clear()
         start = time.perf_counter()
         pool = self._pools.for_class(deployment.device_class)
+        batched = deployment.batching.max_batch_size if deployment.signature.batched else 0
         try:
-            result = await pool.infer_async(deployment.triton_name, inputs, wanted)
+            lane, send = self._sender(pool, deployment.triton_name)
+            result = await self.coalescer.infer(lane, send, inputs, wanted, rows, batched)
         except ModelNotLoaded as err:
             raise await asyncio.to_thread(self._not_loaded, pool, deployment, err) from None
         return self._count(principal, deployment, rows, start, result)
+
+    def _sender(self, pool: TritonReplicas, triton_name: str) -> tuple[str, object]:
+        """The deployment's lane (its pool and Triton name: a redeploy may move it to another pool) and the coroutine
+        function that sends its (coalesced) requests there; made once."""
+        key = (id(pool), triton_name)
+        found = self._senders.get(key)
+        if found is None:
+            if len(self._senders) > 10_000:
+                self._senders.clear()
+            found = self._senders[key] = (f"{pool.url}/{triton_name}", partial(pool.infer_async, triton_name))
+        return found
+
+    async def resolve(self, principal: Principal, api_key: str, target: Target) -> Deployment:
+        """The deployment a request for ``target`` would reach now (no admission, no cold start)."""
+        cached = self._routes.get((principal.tenant_id, target))
+        return cached or await asyncio.to_thread(self._route, principal.tenant_id, api_key, target)
 
     def _not_loaded(self, pool: TritonReplicas, deployment: Deployment, err: ModelNotLoaded) -> Unavailable:
         """A replica taking requests says it has no model for ``deployment``. Still READY: the replica restarted
@@ -140,20 +167,20 @@ class Gateway:
         raise status.refuse(principal.tenant or str(principal.tenant_id))
 
     def _admit(self, principal: Principal, deployment: Deployment, inputs: Sequence[RawTensor],
-               outputs: Sequence[str], factor: int = 1) -> tuple[Deployment, list[str], int]:
+               outputs: Sequence[str], factor: int = 1) -> tuple[list[RawTensor], list[str], int]:
         """Validate against the signature and take the rows (× ``factor`` when throttled) from the tenant's
-        allowance."""
-        validate_inputs(inputs, deployment.signature, deployment.batching.max_batch_size)
+        allowance. The inputs come back in the signature's order (so that requests can share a batch)."""
+        ordered = validate_inputs(inputs, deployment.signature, deployment.batching.max_batch_size)
         wanted = validate_outputs(outputs, deployment.signature)
         rows = inputs[0].shape[0] if deployment.signature.batched else 1
         self._limiter.take(principal.tenant_id, rows * factor)
-        return deployment, wanted, rows
+        return ordered, wanted, rows
 
     def _count(self, principal: Principal, deployment: Deployment, rows: int, start: float,
                result: list[RawTensor]) -> Prediction:
         compute_us = int((time.perf_counter() - start) * 1e6)
         self._meter.record(MeterKey(principal.tenant_id, principal.tenant or "", deployment.name, deployment.model,
-                                    deployment.version, deployment.triton_name), compute_us)
+                                    deployment.version, deployment.triton_name), compute_us, rows)
         per_million, _ = self.served.per_million(deployment)
         return Prediction(result, deployment, compute_us, rows * per_million / 1e6)
 
@@ -166,10 +193,9 @@ class Gateway:
             return cached
         number = target.number
         if target.alias:
-            number = self._aliases.get((tenant_id, target.model, target.alias))
-            if number is None:
-                number = self._registry.version(api_key, target.model, alias=target.alias).number
-                self._aliases.put((tenant_id, target.model, target.alias), number)
+            number = self._alias(tenant_id, api_key, target.model, target.alias)
+        elif not number and target.policy is None and target.default_alias:
+            number = self._alias(tenant_id, api_key, target.model, target.default_alias, missing_ok=True)
         servable = self.deployments.servable_for_model(tenant_id, target.model)
         if number:
             found = [d for d in servable if d.version == number]
@@ -181,3 +207,16 @@ class Gateway:
             deployment = choose(target.model, servable, target.policy or Policy(), self.served.for_routing(servable))
         self._routes.put(key, deployment)
         return deployment
+
+    def _alias(self, tenant_id: int, api_key: str, model: str, alias: str, missing_ok: bool = False) -> int:
+        """The version ``alias`` points at (cached); 0 when it is not set and ``missing_ok``."""
+        number = self._aliases.get((tenant_id, model, alias))
+        if number is None:
+            try:
+                number = self._registry.version(api_key, model, alias=alias).number
+            except NotFound:
+                if not missing_ok:
+                    raise
+                number = 0
+            self._aliases.put((tenant_id, model, alias), number)
+        return number

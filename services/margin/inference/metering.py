@@ -36,13 +36,17 @@ class Meter:
         self._lock = threading.Lock()
         self._open: dict[str, int] = defaultdict(int)   # triton name -> requests since the last take
         self._last: dict[str, float] = {}               # triton name -> when it last served
+        self._served: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # triton name -> [requests, rows], ever
         self._counters: dict[tuple[str, str], tuple] = {}  # Prometheus children, looked up once
 
-    def record(self, key: MeterKey, compute_us: int) -> None:
+    def record(self, key: MeterKey, compute_us: int, rows: int = 1) -> None:
         now = self._clock()
         with self._lock:
             self._open[key.triton_name] += 1
             self._last[key.triton_name] = now
+            served = self._served[key.triton_name]
+            served[0] += 1
+            served[1] += rows
         counters = self._counters.get((key.tenant, key.model))
         if counters is None:
             counters = self._counters[(key.tenant, key.model)] = (
@@ -55,6 +59,13 @@ class Meter:
         with self._lock:
             taken, self._open = dict(self._open), defaultdict(int)
         return taken
+
+    def served(self, triton_name: str) -> tuple[int, int]:
+        """(requests, rows) this gateway has served for the deployment since it started — each request counted once,
+        however it was batched on its way to Triton; rows are what Triton counts as inferences."""
+        with self._lock:
+            requests, rows = self._served.get(triton_name, (0, 0))
+        return requests, rows
 
     def last_served(self, triton_name: str) -> float | None:
         """When the deployment last served a request through this gateway (clock seconds), or None."""

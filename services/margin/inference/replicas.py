@@ -229,6 +229,11 @@ class TritonReplicas:
         with a fixed address or list, those that answered (a local process that is down costs nothing)."""
         return len(self._clients) if self.address.kind == "dns" else self._answered
 
+    def statistics(self, model: str) -> list:
+        """Triton's own ``ModelStatistics`` of ``model`` on each replica taking requests (one with no such model
+        loaded gives none)."""
+        return [s for found in _each(lambda c: c.statistics(model), self._live) for s in found]
+
     def server_ready(self) -> bool:
         """At least one replica is ready now (asked, not the last probe's view)."""
         return any(_each(lambda c: c.server_ready(), self.members()))

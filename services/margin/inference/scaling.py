@@ -64,7 +64,7 @@ class Scaler:
         """Called by the fleet observer when an interval closes: remember who was active; with ``decide`` (no
         budget service tells when it was billed) decide now."""
         for name, usage in closed.usage.items():
-            if usage.executions or usage.requests:
+            if usage.executions or usage.inferences:
                 self._active[name] = closed.end
         for name, count in closed.requests.items():
             if count:

@@ -62,14 +62,15 @@ class ServedCost:
     def __init__(self, window_s: float = WINDOW_S, min_requests: int = MIN_REQUESTS,
                  clock: Callable[[], float] = time.time):
         self._min = min_requests
-        self._usage = _Window(window_s, clock)      # Triton name -> (execution ns, requests)
+        self._usage = _Window(window_s, clock)      # Triton name -> (execution ns, inferences: rows)
         self._allocated = _Window(window_s, clock)  # (tenant, deployment) -> (allocated micros, requests)
 
     def add_interval(self, closed: ClosedInterval) -> None:
-        """The fleet observer closed an interval: each deployment's execution time and requests on Triton."""
+        """The fleet observer closed an interval: each deployment's execution time and inferences (rows) on Triton —
+        rows, not Triton's request count, which falls when the gateway coalesces requests into one batch."""
         for name, usage in closed.usage.items():
-            if usage.requests:
-                self._usage.add(name, usage.compute_ns, usage.requests)
+            if usage.inferences:
+                self._usage.add(name, usage.compute_ns, usage.inferences)
 
     def add_allocations(self, reply: budget_pb2.ReportFleetResponse) -> None:
         """The budget service billed intervals: what each deployment was allocated, and its requests there."""
@@ -77,7 +78,8 @@ class ServedCost:
             self._allocated.add((a.tenant, a.deployment), a.amount.micros, a.inferences)
 
     def live(self, d: Deployment) -> int | None:
-        """Execution time per request on Triton × the replica price, per million; None with too few requests."""
+        """Execution time per inference (a batch-1 request's row) on Triton × the replica price, per million; None
+        with too few."""
         compute_ns, requests = self._usage.totals(d.triton_name)
         if requests < self._min:
             return None

@@ -10,15 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from tritonclient.grpc import service_pb2_grpc
 
 from margin.common import config, costs
 from margin.common.server import AioRunningServer, RunningServer
 from margin.common.service import ServiceContext, ServiceSpec
 from margin.inference.budgetgate import BudgetGate
+from margin.inference.coalesce import Coalescer
 from margin.inference.deployments import DeploymentManager
 from margin.inference.fleet import FleetObserver
 from margin.inference.gateway import Gateway
 from margin.inference.metering import Meter
+from margin.inference.oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
+from margin.inference.oip_servicer import OpenInferenceServicer
 from margin.inference.pools import TritonPools, parse_triton_urls
 from margin.inference.ratelimit import Limits, RateLimiter
 from margin.inference.replicas import parse_pool_address
@@ -49,6 +53,7 @@ class InferenceSettings:
     triton_device_class: str = "cpu"  # the replicas of triton_url's pool, when it serves every class
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     reload_concurrency: int = 8  # deployments loaded at once on a replica that came back
+    coalesce_in_flight: int = 2  # upstream calls per deployment before requests wait to share a batch
 
 
 class TritonWatcher:
@@ -125,7 +130,8 @@ def inference_builder(settings: InferenceSettings):
         observer.on_closed(served.add_interval)
         observer.on_allocated(served.add_allocations)
         limiter = RateLimiter(redis.Redis.from_url(settings.redis_url), settings.limits)
-        gateway = Gateway(deployments, pools, registry, limiter, meter, None, served, budget=gate)
+        gateway = Gateway(deployments, pools, registry, limiter, meter, None, served, budget=gate,
+                          coalescer=Coalescer(settings.coalesce_in_flight))
         scaler = Scaler(deployments, meter, gate, settings.scaling, served, on_change=gateway.invalidate)
         gateway.attach_scaler(scaler)
         if budgets is not None:
@@ -138,6 +144,7 @@ def inference_builder(settings: InferenceSettings):
         deployments.loaded = scaler.loaded
         servicer = InferenceServicer(gateway)
         watcher = TritonWatcher(pools, deployments, settings.watch_every_s, observer)
+        open_inference = OpenInferenceServicer(gateway, pools, ready=lambda: watcher.up)
 
         def stop() -> None:
             watcher.stop()
@@ -149,9 +156,12 @@ def inference_builder(settings: InferenceSettings):
                 budgets.close()
 
         return ServiceSpec(
-            register=[lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)],
-            service_names=[SERVICE_NAME], on_stop=stop, on_started=watcher.start, asyncio=True,
-            extra={"gateway": gateway, "meter": meter, "limiter": limiter, "watcher": watcher, "pools": pools,
+            register=[lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server),
+                      lambda server: service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(open_inference,
+                                                                                                 server)],
+            service_names=[SERVICE_NAME, OIP_SERVICE_NAME], on_stop=stop, on_started=watcher.start, asyncio=True,
+            extra={"gateway": gateway, "open_inference": open_inference,
+                   "meter": meter, "limiter": limiter, "watcher": watcher, "pools": pools,
                    "observer": observer, "scaler": scaler, "served": served})
     return build
 
@@ -169,9 +179,10 @@ def settings_from_env() -> InferenceSettings:
     if scaling.interval_s <= 0 or scaling.scale_to_zero_after_s <= 0 or scaling.cold_start_timeout_s <= 0:
         raise config.ConfigError(f"{config.FLEET_INTERVAL_SECONDS.env}, {config.SCALE_TO_ZERO_AFTER_SECONDS.env} and "
                                  f"{config.COLD_START_TIMEOUT_SECONDS.env} must be positive")
-    reload_concurrency = config.RELOAD_CONCURRENCY.get_int()
-    if reload_concurrency < 1:
-        raise config.ConfigError(f"{config.RELOAD_CONCURRENCY.env}={reload_concurrency}: it must be at least 1")
+    reload_concurrency, in_flight = config.RELOAD_CONCURRENCY.get_int(), config.COALESCE_IN_FLIGHT.get_int()
+    for setting, value in ((config.RELOAD_CONCURRENCY, reload_concurrency), (config.COALESCE_IN_FLIGHT, in_flight)):
+        if value < 1:
+            raise config.ConfigError(f"{setting.env}={value}: it must be at least 1")
     return InferenceSettings(
         triton_url=parse_pool_address(config.TRITON_URL.get()).text,
         triton_urls=parse_triton_urls(config.TRITON_URLS.raw()),
@@ -180,7 +191,7 @@ def settings_from_env() -> InferenceSettings:
         instance_kind=instance_kind,
         limits=Limits(config.RATE_LIMIT_RPS.get_float(), config.RATE_LIMIT_BURST.get_int()),
         budget_address=config.BUDGET_ADDR.get(), triton_device_class=config.TRITON_DEVICE_CLASS.get(),
-        scaling=scaling, reload_concurrency=reload_concurrency)
+        scaling=scaling, reload_concurrency=reload_concurrency, coalesce_in_flight=in_flight)
 
 
 def builder_from_env():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from margin.common.auth import bearer_token, current_principal, current_tenant_id
-from margin.common.errors import MarginError, PermissionDenied, Unauthenticated
 from margin.inference import convert
 from margin.inference.gateway import Gateway
+from margin.inference.streaming import answer_each
 from margin.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -46,22 +46,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def PredictStream(self, request_iterator, context):
         """Each message is answered in order; one that fails — a bad tensor, an unknown model, Triton restarting, or
-        a message that does not decode (its iterator step raises) — is answered with ``error`` and the stream goes
-        on. Only authentication ends it (checked when it opens, as for any call)."""
+        a message that does not decode — is answered with ``error`` and the stream goes on
+        (:func:`margin.inference.streaming.answer_each`)."""
         principal, key = current_principal(), bearer_token(context.invocation_metadata())
         current_tenant_id()  # the admin key owns no deployments: PERMISSION_DENIED ends the stream at once
-        requests = aiter(request_iterator)
-        while True:
-            request = None
-            try:
-                request = await anext(requests)
-                yield await self._predict(request, principal, key)
-            except StopAsyncIteration:
-                return
-            except (Unauthenticated, PermissionDenied):
-                raise
-            except MarginError as err:
-                yield convert.stream_error(err, request.request_id if request is not None else "")
+        async for reply in answer_each(request_iterator, lambda request: self._predict(request, principal, key),
+                                       lambda err, request: convert.stream_error(
+                                           err, request.request_id if request is not None else "")):
+            yield reply
 
     async def _predict(self, request, principal, key):
         current_tenant_id()  # the admin key owns no deployments

@@ -36,7 +36,7 @@ class ModelCounters:
     """Triton's cumulative counters for one model (all its versions) on one replica, since it was loaded."""
     compute_ns: int   # execution time: compute input + infer + output, per batch executed (not per request)
     executions: int   # batches executed
-    requests: int     # requests completed (Triton's inference_stats.success)
+    inferences: int   # rows inferred (Triton's inference_count: a batch of n rows is n, however it arrived)
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,16 @@ class TritonClient:
                 compute = i.compute_input.ns + i.compute_infer.ns + i.compute_output.ns
             before = found.get(m.name, ModelCounters(0, 0, 0))
             found[m.name] = ModelCounters(before.compute_ns + compute, before.executions + m.execution_count,
-                                          before.requests + m.inference_stats.success.count)
+                                          before.inferences + m.inference_count)
         return found
+
+    def statistics(self, model: str, timeout: float = 2.0) -> list[service_pb2.ModelStatistics]:
+        """Triton's ``ModelStatistics`` of one model (every loaded version); none when it is not loaded here."""
+        try:
+            return list(self._stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=model),
+                                                   timeout=timeout).model_stats)
+        except grpc.RpcError:
+            return []
 
     # -- inference -------------------------------------------------------------------------------
     def infer(self, model: str, inputs: Sequence[RawTensor], outputs: Sequence[str]) -> list[RawTensor]:
