@@ -117,8 +117,9 @@ bench: bench-registry bench-gateway bench-training bench-compression bench-autos
 bench-registry: setup ## Stream a 200 MB artifact up and down the registry; writes bench/results/registry.json
 	$(PY) bench/registry_bench.py --size-mb 200
 
-bench-gateway: setup ## Tiny MLP + MiniLM-L6: direct Triton vs bare proxy vs KServe v2 (OIP) vs Predict at concurrency 1/8/32, goals; writes bench/results/gateway.json
-	$(PY) bench/gateway_bench.py
+bench-gateway: setup ## Tiny MLP + MiniLM-L6: direct Triton vs bare proxy vs KServe v2 (OIP) vs Predict at concurrency 1/8/32, goals, py-spy profile; then the grpc.aio floor and Margin's Python hot path; writes bench/results/gateway.json, gateway_floor.json
+	$(PY) bench/gateway_bench.py --profile bench/results/gateway_profile.txt
+	$(PY) bench/gateway_floor.py
 
 bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2; writes bench/results/training.json
 	$(PY) bench/training_bench.py

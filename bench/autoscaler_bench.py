@@ -2,12 +2,13 @@
 scaling policies, over one daily budget period.
 
 **Capacity of one replica, measured.** The per-replica capacity is read from ``bench/results/gateway.json`` (the
-gateway benchmark: batch-1 Predict requests through the real Inference gateway into a real Triton serving a
-TorchScript MLP, all on one 2-core machine — that machine is the replica). A replica's capacity is the
-throughput of the ``gateway`` path (what a client gets end to end) at the highest measured concurrency whose p99
-latency stays within the latency target (``--latency-target-ms``, default 20 ms, the controller's queueing
-target). With the recorded run that is concurrency 8: 1,945 req/s at p99 6.6 ms; concurrency 32 gives more
-throughput (2,461 req/s) but at p99 22.5 ms, past the target, so it is not "capacity at the target". The path's
+gateway benchmark: batch-1 requests through the real Inference gateway into a real Triton serving a TorchScript
+MLP, all on one 2-core machine — that machine is the replica). A replica's capacity is the throughput of the
+``oip`` path (Triton's own client through the gateway: what a client gets end to end; ``--capacity-path predict``
+for Margin's Predict) at the highest measured concurrency whose p99 latency stays within the latency target
+(``--latency-target-ms``, default 20 ms, the controller's queueing target). With the recorded run that is
+concurrency 8: 1,353 req/s at p99 12.5 ms; concurrency 32 gives more throughput (1,873 req/s) but at p99 43.8 ms,
+past the target, so it is not "capacity at the target". The path's
 p50 at concurrency 1 is the unloaded latency of a request; the queueing wait a request may have is the target
 less that. ``--capacity-path direct`` uses the straight-to-Triton figures instead. A missing file is an error
 (run ``make bench-gateway`` first).
@@ -139,15 +140,20 @@ class Capacity:
     date: str
 
 
+CAPACITY_MODEL = "mlp"  # the gateway benchmark's model whose figures size a replica
+
+
 def measured_capacity(path: Path, which: str, target_ms: float) -> Capacity:
     """The highest throughput of ``which`` path among the gateway benchmark's levels whose p99 ≤ the target."""
     if not path.exists():
         raise SystemExit(f"{path} is missing: the per-replica capacity comes from the gateway benchmark's real "
                          "Triton run; run `make bench-gateway` first (or pass --gateway-results)")
     data = json.loads(path.read_text())
-    levels = sorted(data.get("levels", []), key=lambda lv: lv["concurrency"])
+    levels = sorted(({"concurrency": lv["concurrency"], **lv["paths"]}
+                     for lv in data.get("models", {}).get(CAPACITY_MODEL, {}).get("levels", [])),
+                    key=lambda lv: lv["concurrency"])
     if not levels or which not in levels[0]:
-        raise SystemExit(f"{path}: no '{which}' figures per concurrency level")
+        raise SystemExit(f"{path}: no '{which}' figures per concurrency level for the {CAPACITY_MODEL} model")
     within = [lv for lv in levels if lv[which]["p99_ms"] <= target_ms]
     if not within:
         raise SystemExit(f"{path}: no concurrency level of the {which} path has p99 ≤ {target_ms} ms")
@@ -758,7 +764,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gateway-results", type=Path, default=REPO / "bench/results/gateway.json",
                         help="the gateway benchmark's results: the per-replica capacity")
-    parser.add_argument("--capacity-path", choices=("gateway", "direct"), default="gateway")
+    parser.add_argument("--capacity-path", choices=("oip", "predict", "direct"), default="oip")
     parser.add_argument("--latency-target-ms", type=float, default=20.0)
     parser.add_argument("--device-class", default="cpu", help="price catalog device class of a replica")
     parser.add_argument("--peak-load", type=float, default=20.0,

@@ -512,8 +512,11 @@ async def measure_case(case: ModelCase, cluster: Cluster, served: Served, args: 
             console.print(level_line(levels[-1]))
         after = await checked(paths, case, served, args, args.seed + 2, "after")
         profile = None
-        if args.profile and case.key == PROFILED_MODEL and "oip" in calls:
-            profile = await profile_gateway(calls["oip"], cluster.gateway.proc.pid, args, workdir, console)
+        if args.profile and case.key == PROFILED_MODEL and args.profile_path in calls:
+            process = cluster.proxy if args.profile_path == "proxy" else cluster.gateway
+            profile = await profile_gateway(calls[args.profile_path], process.proc.pid, args, workdir, console)
+            if profile:
+                profile["path"] = args.profile_path
     finally:
         for path in paths.values():
             await path.close()
@@ -670,7 +673,9 @@ def print_verification(key: str, verification: dict, console: Console) -> None:
 
 
 def print_profile(profile: dict, console: Console) -> None:
-    console.print(f"py-spy profile of the gateway on the oip path, MLP, concurrency {GOAL_CONCURRENCY} "
+    path = profile.get("path", "oip")
+    console.print(f"py-spy profile of the {'proxy' if path == 'proxy' else 'gateway'} on the {path} path, MLP, "
+                  f"concurrency {GOAL_CONCURRENCY} "
                   f"({profile['samples']} samples of non-idle threads), by where the stack is:")
     for row in profile["buckets"]:
         console.print(f"  {row['share'] * 100:5.1f}%  {row['bucket']}")
@@ -765,8 +770,10 @@ def main() -> None:
     parser.add_argument("--verify", type=int, default=16, help="inputs compared across paths before and after")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=Path, default=None,
-                        help="also py-spy record the gateway during an extra oip run on the MLP at concurrency 8 "
-                             "into this raw file")
+                        help="also py-spy record the gateway (the proxy for --profile-path proxy) during an extra "
+                             "run of one path on the MLP at concurrency 8 into this raw file")
+    parser.add_argument("--profile-path", choices=("oip", "predict", "proxy"), default="oip",
+                        help="the path --profile records")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gateway.json"))
     args = parser.parse_args()
     if args.seconds <= 0 or args.warmup < 0 or min(args.concurrency) < 1 or args.verify < 1:

@@ -62,7 +62,7 @@ def run(coro):
 
 def test_a_lone_request_goes_at_once_as_it_is():
     async def main():
-        up, c = Upstream(), Coalescer(max_in_flight=1)
+        up, c = Upstream(), Coalescer()
         req = rows(2, 0)
         out = await c.infer("d", up.send, req, ["y"], 2, MAX_ROWS)
         assert up.calls == [req] and np.array_equal(values(out), expected(req))
@@ -72,7 +72,7 @@ def test_a_lone_request_goes_at_once_as_it_is():
 
 def test_requests_waiting_behind_a_full_lane_share_one_call_and_get_their_own_rows():
     async def main():
-        up, c = Upstream(), Coalescer(max_in_flight=1)
+        up, c = Upstream(), Coalescer()
         up.gate.clear()
         first = asyncio.create_task(c.infer("d", up.send, rows(1, 0), ["y"], 1, MAX_ROWS))
         await settle()
@@ -93,7 +93,7 @@ def test_requests_waiting_behind_a_full_lane_share_one_call_and_get_their_own_ro
 def test_only_requests_that_can_share_a_batch_do():
     """Different non-batch dims, different outputs, or more rows than max_batch_size: separate calls."""
     async def main():
-        up, c = Upstream(), Coalescer(max_in_flight=1)
+        up, c = Upstream(), Coalescer()
         up.gate.clear()
         blocker = asyncio.create_task(c.infer("d", up.send, rows(1, 0), ["y"], 1, MAX_ROWS))
         await settle()
@@ -112,7 +112,7 @@ def test_only_requests_that_can_share_a_batch_do():
 
 def test_unbatched_deployments_never_coalesce():
     async def main():
-        up, c = Upstream(), Coalescer(max_in_flight=1)
+        up, c = Upstream(), Coalescer()
         up.gate.clear()
         tasks = [asyncio.create_task(c.infer("d", up.send, rows(1, i), ["y"], 1, 0)) for i in range(4)]
         await settle()
@@ -124,7 +124,7 @@ def test_unbatched_deployments_never_coalesce():
 
 def test_a_refused_batch_is_retried_one_by_one_so_only_the_bad_request_fails():
     async def main():
-        up, c = Upstream(), Coalescer(max_in_flight=1)
+        up, c = Upstream(), Coalescer()
         up.gate.clear()
         blocker = asyncio.create_task(c.infer("d", up.send, rows(1, 0), ["y"], 1, MAX_ROWS))
         await settle()
@@ -143,7 +143,7 @@ def test_a_refused_batch_is_retried_one_by_one_so_only_the_bad_request_fails():
 
 def test_an_outage_reaches_every_request_of_the_batch_and_the_lane_recovers():
     async def main():
-        up, c = Upstream(), Coalescer(max_in_flight=1)
+        up, c = Upstream(), Coalescer()
         up.gate.clear()
         blocker = asyncio.create_task(c.infer("d", up.send, rows(1, 0), ["y"], 1, MAX_ROWS))
         await settle()
@@ -161,7 +161,7 @@ def test_an_outage_reaches_every_request_of_the_batch_and_the_lane_recovers():
 
 def test_a_caller_that_gave_up_is_skipped():
     async def main():
-        up, c = Upstream(), Coalescer(max_in_flight=1)
+        up, c = Upstream(), Coalescer()
         up.gate.clear()
         blocker = asyncio.create_task(c.infer("d", up.send, rows(1, 0), ["y"], 1, MAX_ROWS))
         await settle()
@@ -196,3 +196,32 @@ def test_malformed_bytes_data_is_refused(raw):
 def test_an_output_without_the_batch_rows_is_a_clear_error():
     with pytest.raises(FailedPrecondition):
         split([RawTensor("y", "FP32", (2, 3), bytes(24))], [1, 2])
+
+
+def test_a_slow_model_is_not_held_back_so_tritons_own_batcher_keeps_it_fed():
+    """Deploy measured it at 50 ms a request: its requests go on at once, none waits at the gateway."""
+    async def main():
+        up, c = Upstream(), Coalescer()
+        up.gate.clear()
+        tasks = [asyncio.create_task(c.infer("d", up.send, rows(1, i), ["y"], 1, MAX_ROWS, model_ms=50.0))
+                 for i in range(4)]
+        await settle()
+        assert len(up.calls) == 4  # all four on their way while none has come back
+        up.gate.set()
+        await asyncio.gather(*tasks)
+        assert c.stats().coalesced == 0
+    run(main())
+
+
+def test_a_lane_has_a_call_in_flight_per_model_instance_and_replica():
+    async def main():
+        up, c = Upstream(), Coalescer()
+        up.gate.clear()
+        tasks = [asyncio.create_task(c.infer("d", up.send, rows(1, i), ["y"], 1, MAX_ROWS, slots=3))
+                 for i in range(6)]
+        await settle()
+        assert len(up.calls) == 3  # three slots busy, the other three wait to share the next call
+        up.gate.set()
+        await asyncio.gather(*tasks)
+        assert len(up.calls) == 4 and c.stats().coalesced == 3
+    run(main())

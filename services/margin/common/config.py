@@ -167,10 +167,11 @@ RELOAD_CONCURRENCY = Setting("MARGIN_RELOAD_CONCURRENCY", "8",
                              "How many deployments the gateway loads at once on a Triton replica that came back "
                              "(a restart, or a new replica): its deployments are back in about the time of the "
                              "slowest load, not of all of them one after another. At least 1.")
-COALESCE_IN_FLIGHT = Setting("MARGIN_COALESCE_IN_FLIGHT", "2",
-                             "How many calls the gateway has on their way to Triton per deployment before further "
-                             "requests wait to share one upstream batch (their rows concatenated, the outputs split "
-                             "back per request). A lone request never waits. At least 1.")
+COALESCE_IN_FLIGHT = Setting("MARGIN_COALESCE_IN_FLIGHT", "1",
+                             "How many calls the gateway has on their way to Triton per deployment, per model "
+                             "instance and replica, before further requests wait to share one upstream batch (their "
+                             "rows concatenated, the outputs split back per request). A lone request never waits. "
+                             "At least 1.")
 LEDGER_ID_KEY = Setting("MARGIN_LEDGER_ID_KEY", None,
                         "Secret (at least 24 characters) keying the ids of the ledger entries Margin's services and "
                         "workers write (an HMAC-SHA256 of what each entry is for): a retry writes the same id and "

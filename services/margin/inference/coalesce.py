@@ -1,8 +1,9 @@
 """Coalescing: the requests waiting for the same deployment go to Triton as one batch.
 
 A Python gateway pays one gRPC round trip — a client call to Triton — per request it forwards, and that round trip
-is most of what it costs (see BENCHMARKS.md, "The gateway's data path"). While a deployment already has
-``max_in_flight`` calls on their way to Triton, a new request waits in that deployment's lane; when a call comes
+is much of what it costs (see BENCHMARKS.md, "The gateway's data path"). While a deployment already has a call on
+its way to Triton for each batch its replicas can execute at once (``per_slot`` × instances × replicas), a new
+request waits in that deployment's lane; when a call comes
 back, everything waiting that can share a batch leaves as one upstream request: the raw rows of each input are
 concatenated (the batch dimension first, as Triton's own dynamic batcher does), and the outputs are split back by
 rows. Nothing waits when the lane has room: the request is sent at once by its own task, so a lone request pays no
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from margin.common.errors import FailedPrecondition, InvalidArgument
 from margin.inference.triton_client import RawTensor
 
+SLOW_MODEL_MS = 5.0  # a model that takes longer than this per request (at batch 1) is not coalesced
+UNLIMITED = 1 << 30
 Send = Callable[[Sequence[RawTensor], Sequence[str]], Awaitable[list[RawTensor]]]
 _LENGTH = struct.Struct("<I")
 
@@ -47,6 +50,7 @@ class _Lane:
     """One deployment's calls on their way to Triton and the requests waiting for room."""
 
     in_flight: int = 0
+    limit: int = 1
     waiting: deque[_Waiting] = field(default_factory=deque)
 
 
@@ -58,12 +62,13 @@ class CoalescingStats:
 
 
 class Coalescer:
-    """Per-deployment lanes; ``max_in_flight`` upstream calls per lane (1 or more)."""
+    """Per-deployment lanes; each lane has ``per_slot`` upstream calls in flight per slot (a model instance on a
+    replica: see :meth:`infer`) before requests wait."""
 
-    def __init__(self, max_in_flight: int = 2):
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self.max_in_flight = max_in_flight
+    def __init__(self, per_slot: int = 1, slow_model_ms: float = SLOW_MODEL_MS):
+        if per_slot < 1:
+            raise ValueError("per_slot must be at least 1")
+        self.per_slot, self.slow_model_ms = per_slot, slow_model_ms
         self._lanes: dict[str, _Lane] = {}
         self._requests = self._upstream = self._coalesced = 0
 
@@ -71,32 +76,34 @@ class Coalescer:
         return CoalescingStats(self._requests, self._upstream, self._coalesced)
 
     async def infer(self, lane_key: str, send: Send, inputs: Sequence[RawTensor], outputs: Sequence[str],
-                    rows: int, max_rows: int) -> list[RawTensor]:
+                    rows: int, max_rows: int, slots: int = 1, model_ms: float = 0.0) -> list[RawTensor]:
         """The outputs of ``inputs`` (``rows`` rows, the batch dimension first; ``max_rows`` 0: not batched, sent
         alone). ``outputs`` must be the full list of requested names (as validated); ``lane_key`` names the
-        deployment."""
+        deployment, ``slots`` how many batches its replicas execute at once (instances × replicas), ``model_ms``
+        how long one request takes it alone (Deploy's measurement at batch 1)."""
         self._requests += 1
         lane = self._lanes.get(lane_key)
         if lane is None:
             lane = self._lanes[lane_key] = _Lane()
-        if lane.in_flight < self.max_in_flight and not lane.waiting:
+        # A slow model (MiniLM: milliseconds of compute) is limited by Triton, not by the gateway's per-call CPU: its
+        # requests go straight on, as a direct client's would, and Triton's dynamic batcher keeps its instance fed
+        # (holding them would leave it idle between batches). A fast one (a small MLP) is limited by per-call CPU:
+        # its requests are coalesced.
+        lane.limit = self.per_slot * max(slots, 1) if model_ms < self.slow_model_ms else UNLIMITED
+        if lane.in_flight < lane.limit and not lane.waiting:
             lane.in_flight += 1
             self._upstream += 1
-            try:
-                return await send(inputs, outputs)
-            finally:
-                lane.in_flight -= 1
-                self._dispatch(lane, send)
+            return await self._call(lane, send, inputs, outputs)
         future = asyncio.get_running_loop().create_future()
         group = (tuple(outputs), max_rows, tuple((t.name, t.datatype, t.shape[1:]) for t in inputs))
         lane.waiting.append(_Waiting(group, inputs, rows if max_rows else 0, future))
-        if lane.in_flight < self.max_in_flight:  # room, but others were waiting: they go first, with this one
+        if lane.in_flight < lane.limit:  # room, but others were waiting: they go first, with this one
             self._dispatch(lane, send)
         return await future
 
     def _dispatch(self, lane: _Lane, send: Send) -> None:
         """Start upstream calls for the waiting requests while the lane has room."""
-        while lane.in_flight < self.max_in_flight and lane.waiting:
+        while lane.in_flight < lane.limit and lane.waiting:
             batch = self._take(lane)
             if not batch:
                 continue
@@ -127,29 +134,35 @@ class Coalescer:
         lane.waiting = kept
         return batch
 
-    async def _run(self, lane: _Lane, send: Send, batch: list[_Waiting]) -> None:
-        outputs = batch[0].group[0]
+    async def _call(self, lane: _Lane, send: Send, inputs: Sequence[RawTensor], outputs: Sequence[str]) \
+            -> list[RawTensor]:
+        """One upstream call of the lane. The moment Triton answers, the next batch leaves — before this one's
+        requests are answered, so that Triton does not wait while the gateway delivers."""
         try:
-            if len(batch) == 1:
-                await _settle(batch[0].future, send(batch[0].inputs, outputs))
-                return
-            try:
-                merged = await send(concatenate([w.inputs for w in batch]), outputs)
-                parts = split(merged, [w.rows for w in batch])
-            except (FailedPrecondition, InvalidArgument):  # Triton refused the batch: find whose request it was
-                await asyncio.gather(*(_settle(w.future, send(w.inputs, outputs)) for w in batch))
-                return
-            except Exception as err:
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(err)
-                return
-            for w, part in zip(batch, parts, strict=True):
-                if not w.future.done():
-                    w.future.set_result(part)
+            return await send(inputs, outputs)
         finally:
             lane.in_flight -= 1
             self._dispatch(lane, send)
+
+    async def _run(self, lane: _Lane, send: Send, batch: list[_Waiting]) -> None:
+        outputs = batch[0].group[0]
+        if len(batch) == 1:
+            await _settle(batch[0].future, self._call(lane, send, batch[0].inputs, outputs))
+            return
+        try:
+            merged = await self._call(lane, send, concatenate([w.inputs for w in batch]), outputs)
+            parts = split(merged, [w.rows for w in batch])
+        except (FailedPrecondition, InvalidArgument):  # Triton refused the batch: find whose request it was
+            await asyncio.gather(*(_settle(w.future, send(w.inputs, outputs)) for w in batch))
+            return
+        except Exception as err:
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            return
+        for w, part in zip(batch, parts, strict=True):
+            if not w.future.done():
+                w.future.set_result(part)
 
 
 async def _settle(future: asyncio.Future, call: Awaitable[list[RawTensor]]) -> None:

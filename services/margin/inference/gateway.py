@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 from margin.common.errors import InvalidArgument, NotFound, Unavailable
 from margin.common.tenancy import Principal
@@ -29,8 +30,8 @@ from margin.inference.validation import validate_inputs, validate_outputs
 from margin.sdk.registry_source import RegistrySource
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
+    """What a request names (a named tuple: made and hashed, as a route cache key, per request)."""
     model: str
     number: int = 0
     alias: str = ""
@@ -68,6 +69,12 @@ class _TTLCache:
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+
+
+def _model_ms(d: Deployment) -> float:
+    """How long the deployment takes to answer one request alone: Deploy's batch-1 latency, less the queue delay it
+    asked Triton to wait for company."""
+    return max(0.0, d.latency_p50_ms - d.batching.max_queue_delay_us / 1000)
 
 
 class Gateway:
@@ -118,7 +125,8 @@ class Gateway:
         batched = deployment.batching.max_batch_size if deployment.signature.batched else 0
         try:
             lane, send = self._sender(pool, deployment.triton_name)
-            result = await self.coalescer.infer(lane, send, inputs, wanted, rows, batched)
+            result = await self.coalescer.infer(lane, send, inputs, wanted, rows, batched,
+                                                deployment.instances * len(pool.live), _model_ms(deployment))
         except ModelNotLoaded as err:
             raise await asyncio.to_thread(self._not_loaded, pool, deployment, err) from None
         return self._count(principal, deployment, rows, start, result)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client import Counter
 
@@ -20,8 +20,7 @@ COMPUTE = Counter("margin_inference_compute_seconds_total", "Time spent in Trito
                   ["tenant", "model"])
 
 
-@dataclass(frozen=True)
-class MeterKey:
+class MeterKey(NamedTuple):
     tenant_id: int
     tenant: str
     deployment: str

@@ -53,7 +53,7 @@ class InferenceSettings:
     triton_device_class: str = "cpu"  # the replicas of triton_url's pool, when it serves every class
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     reload_concurrency: int = 8  # deployments loaded at once on a replica that came back
-    coalesce_in_flight: int = 2  # upstream calls per deployment before requests wait to share a batch
+    coalesce_in_flight: int = 1  # upstream calls per model instance and replica before requests wait to share a batch
 
 
 class TritonWatcher:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -39,8 +40,8 @@ class ModelCounters:
     inferences: int   # rows inferred (Triton's inference_count: a batch of n rows is n, however it arrived)
 
 
-@dataclass(frozen=True)
-class RawTensor:
+class RawTensor(NamedTuple):
+    """One tensor as it travels: its bytes are never decoded on the way (a named tuple: made per request, cheaply)."""
     name: str
     datatype: str           # Triton/KServe datatype string: FP32, INT64, BYTES, ...
     shape: tuple[int, ...]
