@@ -1,13 +1,17 @@
 """Coalescing: the requests waiting for the same deployment go to Triton as one batch.
 
 A Python gateway pays one gRPC round trip — a client call to Triton — per request it forwards, and that round trip
-is much of what it costs (see BENCHMARKS.md, "The gateway's data path"). While a deployment already has a call on
-its way to Triton for each batch its replicas can execute at once (``per_slot`` × instances × replicas), a new
-request waits in that deployment's lane; when a call comes
-back, everything waiting that can share a batch leaves as one upstream request: the raw rows of each input are
-concatenated (the batch dimension first, as Triton's own dynamic batcher does), and the outputs are split back by
-rows. Nothing waits when the lane has room: the request is sent at once by its own task, so a lone request pays no
-added latency. Under load Triton gets the larger batches a direct client's traffic gives it.
+is much of what it costs (BENCHMARKS.md, "Where the microseconds go"). While a deployment already has a call on its
+way to Triton for each batch its replicas can execute at once (``per_slot`` × instances × replicas), a new request
+waits in that deployment's lane; the moment a call comes back — before its own requests are answered — everything
+waiting that can share a batch leaves as one upstream request: the raw rows of each input are concatenated (the
+batch dimension first, as Triton's own dynamic batcher does), and the outputs are split back by rows. Nothing waits
+when the lane has room: the request is sent at once by its own task, so a lone request pays no added latency. Under
+load Triton gets larger batches than direct clients give it, and spends less CPU per request.
+
+A slow model (Deploy measured it over :data:`SLOW_MODEL_MS` at batch 1, less its queue delay) is not held back:
+Triton, not the gateway's per-call CPU, limits it, and holding its requests would leave Triton idle between
+batches; they go on as they come and Triton's dynamic batcher batches them, as it does a direct client's.
 
 Requests share a batch only when they can: the same inputs (names, dtypes, every dimension but the first), the same
 requested outputs, and no more rows together than the deployment's ``max_batch_size``. Each request was validated,
@@ -71,6 +75,7 @@ class Coalescer:
         self.per_slot, self.slow_model_ms = per_slot, slow_model_ms
         self._lanes: dict[str, _Lane] = {}
         self._requests = self._upstream = self._coalesced = 0
+        self._running: set[asyncio.Task] = set()
 
     def stats(self) -> CoalescingStats:
         return CoalescingStats(self._requests, self._upstream, self._coalesced)
@@ -85,10 +90,6 @@ class Coalescer:
         lane = self._lanes.get(lane_key)
         if lane is None:
             lane = self._lanes[lane_key] = _Lane()
-        # A slow model (MiniLM: milliseconds of compute) is limited by Triton, not by the gateway's per-call CPU: its
-        # requests go straight on, as a direct client's would, and Triton's dynamic batcher keeps its instance fed
-        # (holding them would leave it idle between batches). A fast one (a small MLP) is limited by per-call CPU:
-        # its requests are coalesced.
         lane.limit = self.per_slot * max(slots, 1) if model_ms < self.slow_model_ms else UNLIMITED
         if lane.in_flight < lane.limit and not lane.waiting:
             lane.in_flight += 1
@@ -111,7 +112,9 @@ class Coalescer:
             self._upstream += 1
             if len(batch) > 1:
                 self._coalesced += len(batch)
-            asyncio.get_running_loop().create_task(self._run(lane, send, batch))
+            task = asyncio.get_running_loop().create_task(self._run(lane, send, batch))
+            self._running.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._running.discard)
 
     @staticmethod
     def _take(lane: _Lane) -> list[_Waiting]:
