@@ -445,8 +445,9 @@ class Fresh:
 @pytest.fixture(scope="module")
 def metered(stack) -> Fresh:
     """acme's fresh model "metered" v1, deployed so that each call to Triton waits up to 100 ms for Triton's batch
-    to fill: the gateway's two calls in flight stay busy while the concurrent requests arrive, so they wait in the
-    coalescer's lane and share calls however fast the machine is."""
+    to fill: the gateway's call in flight (one per model instance and replica) stays busy while the concurrent
+    requests arrive, so they wait in the coalescer's lane and share calls however fast the machine is. (Deploy's
+    latency less that queue delay is the model's own: fast, so it is coalesced.)"""
     stack.cluster.client().create_model("metered")
     module = scripted_mlp(41)
     upload_model(stack.cluster, "metered", module, stack.home / "metered.pt", {})
