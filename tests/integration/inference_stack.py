@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as tg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from margin.cluster.processes import ManagedProcess, MissingDependency, redis_spec
 from margin.common.protoconv import signature_to_proto
@@ -180,3 +181,53 @@ def another_service(stack: Stack, settings: InferenceSettings, model: str, seeds
         yield view, service.context.tenants.authenticate(stack.cluster.keys["acme"]).tenant_id
     finally:
         service.stop()
+
+
+# -- shared by the OIP and ONNX serving tests -------------------------------------------------------------
+TOKENS_SIGNATURE = Signature((TensorSpec("tokens", "INT64", (-1, 8)),), (TensorSpec("vector", "FP32", (-1, 4)),))
+VOCABULARY = 100
+SLOW_BATCHING = inference_pb2.BatchingConfig(max_batch_size=16, max_queue_delay_microseconds=100_000)
+
+
+def triton_model_name(stack: Stack, deployment: str) -> str:
+    """The Triton name the gateway gave ``deployment`` (``t<tenant id>--<deployment>``), from Triton's own index."""
+    direct = tg.InferenceServerClient(stack.triton.spec.address)
+    try:
+        index = direct.get_model_repository_index().models
+    finally:
+        direct.close()
+    names = [m.name for m in index if m.name.endswith(f"--{deployment}") and m.state == "READY"]
+    assert len(names) == 1, f"expected one READY Triton model for {deployment}: {index}"
+    return names[0]
+
+
+def triton_counts(stack: Stack, triton_name: str) -> tuple[int, int]:
+    """Triton's own (inference_count, execution_count) of a model: rows inferred and batches executed."""
+    direct = tg.InferenceServerClient(stack.triton.spec.address)
+    try:
+        stats = direct.get_inference_statistics(triton_name).model_stats
+    finally:
+        direct.close()
+    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
+
+
+class MeanEmbedding(torch.nn.Module):
+    """INT64 token ids [-1, 8] -> the mean of their embeddings, FP32 [-1, 4]: a model whose input is integers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.table = torch.nn.Embedding(VOCABULARY, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table(tokens).mean(dim=1)
+
+
+def upload_torchscript(stack: Stack, model: str, module: torch.jit.ScriptModule, signature: Signature) -> int:
+    """Upload ``module`` as a TORCHSCRIPT version of ``model`` (created here) with its own signature."""
+    client = stack.cluster.client()
+    client.ensure_model(model)
+    path = stack.home / f"{model}.pt"
+    module.save(str(path))
+    return client.upload_file(path, registry_pb2.UploadMetadata(
+        model=model, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, signature=signature_to_proto(signature))).number

@@ -322,6 +322,107 @@ def test_report_fleet_and_margin_with_the_local_clusters_keys(cli: CliCluster) -
     assert "no price list is set" in " ".join(margin.out.split()), margin
 
 
+# -- a newcomer's own model: upload, signature dtypes, predict ----------------------------------------------------
+def _save_torchscript(module, path: Path) -> Path:
+    torch = pytest.importorskip("torch")
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream; TorchScript is what the registry serves
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+def _write_signature(path: Path, inputs: list[tuple[str, str, list[int]]],
+                     outputs: list[tuple[str, str, list[int]]]) -> Path:
+    def specs(items):
+        return [{"name": name, "dtype": dtype, "shape": shape} for name, dtype, shape in items]
+    path.write_text(json.dumps({"inputs": specs(inputs), "outputs": specs(outputs)}))
+    return path
+
+
+def test_upload_to_a_missing_model_is_refused_before_streaming_or_creates_it(cli: CliCluster,
+                                                                             artifacts: dict[str, Path]) -> None:
+    upload = ("versions", "upload", "door-new", str(artifacts["model"]), "--format", "torchscript",
+              "--signature", str(artifacts["signature"]))
+    refused = cli.fails(1, *upload)
+    message = _one_error(refused, "NOT_FOUND")
+    assert "'door-new'" in message and "margin models create door-new" in message and "--create" in message, message
+    assert "uploading" not in refused.text, refused  # refused before the progress bar: no byte was streamed
+    assert "door-new" not in cli.ok("models", "list").out
+
+    created = cli.ok(*upload, "--create")
+    assert "torchscript" in _table_row(created.out, "1"), created
+    assert "door-new" in cli.ok("models", "list").out
+    again = cli.ok(*upload, "--create")  # the model exists now: --create just uploads
+    assert "torchscript" in _table_row(again.out, "2"), again
+
+
+def test_signature_dtypes_may_use_numpy_names(cli: CliCluster, artifacts: dict[str, Path]) -> None:
+    from margin.cli.context import connection
+    from margin.common import protoconv
+    from margin.common.tensors import Signature
+    from margin.sdk import RegistryClient
+    from margin.v1 import common_pb2, registry_pb2
+
+    helped = " ".join(cli.ok("versions", "upload", "--help").out.split())
+    assert "float32" in helped and "INT64" in helped, helped
+    numpy_spelled = _write_signature(cli.work / "numpy_sig.json", [("input", "float32", [-1, 4])],
+                                     [("logits__0", "float32", [-1, 2])])
+    cli.ok("models", "create", "door-dtypes")
+    cli.ok("versions", "upload", "door-dtypes", str(artifacts["model"]), "--format", "torchscript",
+           "--signature", str(numpy_spelled))
+    conn = connection("registry")
+    try:
+        version = RegistryClient(conn).stub.GetVersion(registry_pb2.GetVersionRequest(
+            version=common_pb2.VersionRef(model="door-dtypes", number=1)), metadata=conn.metadata)
+    finally:
+        conn.close()
+    expected = Signature.from_dict(json.loads(artifacts["signature"].read_text()))  # the same, spelt FP32
+    assert protoconv.signature_from_proto(version.signature) == expected
+
+
+def test_predict_needs_no_input_name_for_a_single_input_model(cli: CliCluster) -> None:
+    import numpy as np
+    torch = pytest.importorskip("torch")
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.linear(features)
+
+    class Pair(torch.nn.Module):
+        def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+            return left + right
+
+    one = _save_torchscript(Features(), cli.work / "features.pt")
+    two = _save_torchscript(Pair(), cli.work / "pair.pt")
+    cli.ok("versions", "upload", "door-one", str(one), "--format", "torchscript", "--create", "--signature",
+           str(_write_signature(cli.work / "one.json", [("features", "FP32", [-1, 4])],
+                                [("logits__0", "FP32", [-1, 2])])))
+    cli.ok("versions", "upload", "door-two", str(two), "--format", "torchscript", "--create", "--signature",
+           str(_write_signature(cli.work / "two.json", [("left", "FP32", [-1, 4]), ("right", "FP32", [-1, 4])],
+                                [("sum__0", "FP32", [-1, 4])])))
+    for model in ("door-one", "door-two"):
+        assert "READY" in _table_row(cli.ok("deploy", f"{model}:1", "--max-batch-size", "8").out, f"{model}-v1")
+
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.save(cli.work / "features.npy", x)
+    out = cli.ok("predict", "door-one:1", str(cli.work / "features.npy")).out  # no --input: its only input
+    assert "served by door-one:1" in out, out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        expected = torch.jit.load(str(one))(torch.from_numpy(x)).detach().numpy()
+    assert f"{expected[0, 0]:.4f}"[:5] in out, (expected, out)
+
+    ambiguous = cli.fails(2, "predict", "door-two:1", str(cli.work / "features.npy"))
+    text = " ".join(ambiguous.text.split())
+    assert "2 inputs (left, right)" in text and "--input" in text, ambiguous
+    for model in ("door-one", "door-two"):
+        assert "UNLOADED" in _table_row(cli.ok("undeploy", f"{model}-v1").out, f"{model}-v1")
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 def test_download_of_a_missing_version_is_one_readable_line(cli: CliCluster) -> None:
     target = cli.work / "x"

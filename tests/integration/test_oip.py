@@ -14,27 +14,30 @@ import pytest
 import torch
 import tritonclient.grpc as tg
 import tritonclient.grpc.aio as ta
-from margin.common.protoconv import signature_to_proto
-from margin.common.tensors import Signature, TensorSpec
 from margin.v1 import common_pb2, inference_pb2, registry_pb2
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.inference_stack import (
+    SLOW_BATCHING,
+    TOKENS_SIGNATURE,
+    VOCABULARY,
+    MeanEmbedding,
     Stack,
     deploy,
     inference_stack,
     outputs,
     predict,
     scripted_mlp,
+    triton_counts,
+    triton_model_name,
     upload_model,
+    upload_torchscript,
     wait_for,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
 
 INVALID, NOT_FOUND, DENIED = "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.PERMISSION_DENIED"
-TOKENS_SIGNATURE = Signature((TensorSpec("tokens", "INT64", (-1, 8)),), (TensorSpec("vector", "FP32", (-1, 4)),))
-VOCABULARY = 100
 
 
 # -- the stack -----------------------------------------------------------------------------------------------------
@@ -94,18 +97,6 @@ def refusal(call: Callable[[], object]) -> tuple[str, str]:
 
 
 # -- Triton, called directly ---------------------------------------------------------------------------------------
-def triton_model_name(stack: Stack, deployment: str) -> str:
-    """The Triton name the gateway gave ``deployment`` (``t<tenant id>--<deployment>``), from Triton's own index."""
-    direct = tg.InferenceServerClient(stack.triton.spec.address)
-    try:
-        index = direct.get_model_repository_index().models
-    finally:
-        direct.close()
-    names = [m.name for m in index if m.name.endswith(f"--{deployment}") and m.state == "READY"]
-    assert len(names) == 1, f"expected one READY Triton model for {deployment}: {index}"
-    return names[0]
-
-
 def direct_triton(stack: Stack, triton_name: str, inputs: list[tg.InferInput], output: str) -> np.ndarray:
     direct = tg.InferenceServerClient(stack.triton.spec.address)
     try:
@@ -114,39 +105,7 @@ def direct_triton(stack: Stack, triton_name: str, inputs: list[tg.InferInput], o
         direct.close()
 
 
-def triton_counts(stack: Stack, triton_name: str) -> tuple[int, int]:
-    """Triton's own (inference_count, execution_count) of a model: rows inferred and batches executed."""
-    direct = tg.InferenceServerClient(stack.triton.spec.address)
-    try:
-        stats = direct.get_inference_statistics(triton_name).model_stats
-    finally:
-        direct.close()
-    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
-
-
 # -- models and aliases --------------------------------------------------------------------------------------------
-class MeanEmbedding(torch.nn.Module):
-    """INT64 token ids [-1, 8] -> the mean of their embeddings, FP32 [-1, 4]: a model whose input is integers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(5)
-        self.table = torch.nn.Embedding(VOCABULARY, 4)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.table(tokens).mean(dim=1)
-
-
-def upload_torchscript(stack: Stack, model: str, module: torch.jit.ScriptModule, signature: Signature) -> int:
-    """Upload ``module`` as a TORCHSCRIPT version of ``model`` (created here) with its own signature."""
-    client = stack.cluster.client()
-    client.ensure_model(model)
-    path = stack.home / f"{model}.pt"
-    module.save(str(path))
-    return client.upload_file(path, registry_pb2.UploadMetadata(
-        model=model, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, signature=signature_to_proto(signature))).number
-
-
 def set_alias(stack: Stack, model: str, alias: str, number: int) -> None:
     client = stack.cluster.client()
     client.stub.SetAlias(registry_pb2.SetAliasRequest(model=model, alias=alias, number=number),
@@ -433,7 +392,6 @@ def test_an_input_in_shared_memory_is_unimplemented(stack, client):
 
 
 # -- 7. metering and coalescing ------------------------------------------------------------------------------------
-SLOW_BATCHING = inference_pb2.BatchingConfig(max_batch_size=16, max_queue_delay_microseconds=100_000)
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def test_python_backend_keeps_batching_rules():
 
 def test_backends_for_each_format_default_first():
     assert backends_for("torchscript") == ["pytorch_libtorch", "python"]
-    assert backends_for("onnx") == ["onnxruntime"]
+    assert backends_for("onnx") == ["onnxruntime", "python"]
     assert backends_for("safetensors") == []
 
 
@@ -347,13 +347,28 @@ def test_export_python_backend_then_libtorch_replaces_model_py(tmp_path, torchsc
     assert (folder / "config.pbtxt").read_text() == MLP_CONFIG
 
 
-def test_python_backend_cannot_serve_onnx(tmp_path):
+def test_python_backend_serves_onnx_with_the_same_model_py(tmp_path):
     artifact = tmp_path / "model.bin"
     artifact.write_bytes(b"onnx bytes")
     sig = Signature(inputs=(TensorSpec("x", "FP32", (-1, 4)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),))
-    with pytest.raises(InvalidArgument, match=r"backend 'python' cannot serve format 'onnx'.*'onnxruntime'"):
-        export_version(_version(artifact, "onnx", sig), artifact, tmp_path / "repo", "clf",
-                       TritonOptions(backend="python"))
+    repo = tmp_path / "repo"
+    folder = export_version(_version(artifact, "onnx", sig), artifact, repo, "clf", PY_OPTIONS)
+    assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*")) == [
+        "clf", "clf/1", "clf/1/model.onnx", "clf/1/model.py", "clf/config.pbtxt"]
+    assert (folder / "1" / "model.onnx").read_bytes() == artifact.read_bytes()
+    assert (folder / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
+    config, _ = _parse((folder / "config.pbtxt").read_text())
+    assert config.backend == "python" and config.platform == "" and config.max_batch_size == 32
+    assert config.HasField("dynamic_batching") and [list(i.dims) for i in config.input] == [[4]]
+
+
+def test_libtorch_backend_cannot_serve_onnx(tmp_path):
+    artifact = tmp_path / "model.bin"
+    artifact.write_bytes(b"onnx bytes")
+    sig = Signature(inputs=(TensorSpec("x", "FP32", (-1, 4)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),))
+    with pytest.raises(InvalidArgument, match=r"backend 'pytorch_libtorch' cannot serve format 'onnx'; "
+                                              r"use backend 'onnxruntime' or 'python'"):
+        export_version(_version(artifact, "onnx", sig), artifact, tmp_path / "repo", "clf", TritonOptions())
     assert not (tmp_path / "repo").exists()
 
 

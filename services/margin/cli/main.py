@@ -9,6 +9,7 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from margin.cli import render
 from margin.cli.admin import admin_app
@@ -20,11 +21,11 @@ from margin.cli.reports import prices_app, report_app
 from margin.cli.shared import KeyOpt, RegistryOpt, console, grpc_errors, parse_ref
 from margin.cluster import local
 from margin.common import config, protoconv
-from margin.common.tensors import Signature
+from margin.common.errors import NotFound
 from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
 from margin.sdk.pages import all_pages
-from margin.sdk.tensors import from_tensor, to_tensor
+from margin.sdk.tensors import from_tensor, signature_from_dict, to_tensor
 from margin.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
 app = typer.Typer(help="Margin: train, compress, register and serve PyTorch models under a money budget.",
@@ -186,16 +187,29 @@ def _progress() -> Progress:
                     console=console)
 
 
+def _model_for_upload(client: RegistryClient, model: str, create: bool) -> None:
+    """Make sure ``model`` exists before any byte is sent (the server only answers NOT_FOUND after the whole file
+    has streamed): create it with ``create``, else refuse, saying both ways on."""
+    if create:
+        client.ensure_model(model)
+    elif not client.model_exists(model):
+        raise NotFound(f"model {model!r} does not exist: create it first (margin models create {model}), or add "
+                       "--create to this upload")
+
+
 @versions_app.command("upload")
 @grpc_errors
 def versions_upload(
     model: str, file: Path = typer.Argument(..., exists=True, dir_okay=False),
     fmt: str = typer.Option(..., "--format", help="|".join(FORMAT_TO_PROTO)),
-    signature: Path | None = typer.Option(None, help='JSON {"inputs": [{"name","dtype","shape"}], "outputs": [...]}'),
+    signature: Path | None = typer.Option(None, help='JSON {"inputs": [{"name","dtype","shape"}], "outputs": [...]}; '
+                                                     "dtype as Margin/Triton names it (FP32, INT64, BOOL, ...) or as "
+                                                     "numpy does (float32, int64, bool, uint8, ...)"),
     architecture: Path | None = typer.Option(None, help="JSON architecture spec (required for safetensors)"),
     parent: str | None = typer.Option(None, help="MODEL:NUMBER or MODEL@ALIAS this version derives from"),
     metric: list[str] = typer.Option([], help="name=value, may repeat"),
     description: str = "", alias: str | None = typer.Option(None, help="point this alias at the new version"),
+    create: bool = typer.Option(False, "--create", help="create the model first if it does not exist"),
     registry_addr: str = RegistryOpt, api_key: str = KeyOpt,
 ) -> None:
     """Upload a file as a new version (sha256 checked by the server)."""
@@ -204,13 +218,13 @@ def versions_upload(
     meta = registry_pb2.UploadMetadata(model=model, format=FORMAT_TO_PROTO[fmt], description=description,
                                        metrics=metrics(metric))
     if signature:
-        meta.signature.CopyFrom(protoconv.signature_to_proto(
-            Signature.from_dict(json.loads(signature.read_text()))))
+        meta.signature.CopyFrom(protoconv.signature_to_proto(signature_from_dict(json.loads(signature.read_text()))))
     if architecture:
         meta.architecture.CopyFrom(protoconv.struct(json.loads(architecture.read_text())))
     if parent:
         meta.parent.CopyFrom(parse_ref(parent))
     client = registry(registry_addr, api_key)
+    _model_for_upload(client, model, create)
     with _progress() as progress:
         task = progress.add_task(f"uploading {file.name}", total=file.stat().st_size)
         version = client.upload_file(file, meta, progress=lambda n: progress.advance(task, n))
@@ -265,6 +279,26 @@ def inference(address: str | None, key: str | None) -> tuple[inference_pb2_grpc.
     return inference_pb2_grpc.InferenceStub(conn.channel), conn.metadata
 
 
+def served_input_names(ref: common_pb2.VersionRef, address: str | None, key: str | None) -> list[str]:
+    """The input names of the version a request for ``ref`` would reach, from the gateway's Open Inference
+    Protocol model metadata (the same port and key as Predict)."""
+    conn = connection("inference", address, key)
+    request = service_pb2.ModelMetadataRequest(name=ref.model, version=str(ref.number) if ref.number else ref.alias)
+    reply = service_pb2_grpc.GRPCInferenceServiceStub(conn.channel).ModelMetadata(request, metadata=conn.metadata)
+    return [t.name for t in reply.inputs]
+
+
+def npy_input_name(ref: common_pb2.VersionRef, address: str | None, key: str | None) -> str:
+    """The input a lone .npy array feeds when --input is not given: the model's only input; a model with several
+    is refused, naming them."""
+    names = served_input_names(ref, address, key)
+    if len(names) != 1:
+        raise typer.BadParameter(f"{ref.model} takes {len(names)} inputs ({', '.join(names)}): name the one this "
+                                 ".npy file feeds with --input NAME, or pass a .npz with an array per input name",
+                                 param_hint="--input")
+    return names[0]
+
+
 @app.command()
 @grpc_errors
 def deploy(ref: str, device_class: str = typer.Option("cpu", help="price-catalog device class"),
@@ -316,16 +350,19 @@ def deployments(model: str = typer.Option("", help="only this model's"), inferen
 @app.command()
 @grpc_errors
 def predict(ref: str, file: Path = typer.Argument(..., exists=True, dir_okay=False, help=".npy or .npz"),
-            input_name: str = typer.Option("input", "--input", help="input name for a .npy file"),
+            input_name: str | None = typer.Option(None, "--input", help="input name for a .npy file (default: the "
+                                                                        "model's only input)"),
             min_quality: str | None = typer.Option(None, help="METRIC=VALUE: route to the cheapest variant meeting it"),
             max_latency_ms: float = 0.0, inference_addr: str = InferenceOpt, api_key: str = KeyOpt) -> None:
     """Predict with inputs from a .npy/.npz file (loaded without pickle); prints outputs, version served, cost."""
+    version = parse_ref(ref)
     if file.suffix == ".npz":
         with np.load(file, allow_pickle=False) as data:
             inputs = [to_tensor(name, data[name]) for name in data.files]
     else:
-        inputs = [to_tensor(input_name, np.load(file, allow_pickle=False))]
-    request = inference_pb2.PredictRequest(version=parse_ref(ref), inputs=inputs)
+        array = np.load(file, allow_pickle=False)
+        inputs = [to_tensor(input_name or npy_input_name(version, inference_addr, api_key), array)]
+    request = inference_pb2.PredictRequest(version=version, inputs=inputs)
     if min_quality or max_latency_ms:
         metric, minimum = next(iter(pairs([min_quality], "--min-quality").items())) if min_quality else ("", "0")
         request.routing.CopyFrom(inference_pb2.RoutingPolicy(

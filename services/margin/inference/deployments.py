@@ -39,7 +39,7 @@ from margin.inference.probe import probe, zero_inputs
 from margin.inference.replicas import TritonReplicas
 from margin.inference.tables import DeploymentRow
 from margin.inference.triton_client import TritonClient
-from margin.inference.triton_export import TritonOptions, export_version
+from margin.inference.triton_export import BACKENDS, TritonOptions, export_version
 from margin.sdk.registry_source import RegistrySource, VersionInfo
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,40 @@ def instance_kind_for(setting: str, device_class: str) -> str:
     return setting
 
 
+# An example signature for the refusals below: what `margin versions upload --signature FILE` reads from FILE.
+_EXAMPLE_SIGNATURE = ('{"inputs": [{"name": "x", "dtype": "FP32", "shape": [-1, 4]}], '
+                      '"outputs": [{"name": "y", "dtype": "FP32", "shape": [-1, 3]}]}')
+
+
+def register_signature_hint(version: VersionInfo) -> str:
+    """How to register a version with a signature: the CLI command, for the version's model and format."""
+    return (f"register a signature: upload the version again with one, `margin versions upload {version.model} FILE "
+            f"--format {version.format} --signature sig.json`, sig.json being {_EXAMPLE_SIGNATURE} "
+            "(a first dimension of -1 is the batch dimension)")
+
+
+def check_servable(version: VersionInfo, options: TritonOptions) -> None:
+    """Raise :class:`FailedPrecondition` before anything is saved when ``version`` cannot be deployed with
+    ``options``: a format the backend does not serve, no signature (Triton needs every tensor's name, dtype and
+    shape), or a signature without a batch dimension while batching is asked for. The signature refusals say first
+    how to register one, since that is what a newcomer's upload most often lacks."""
+    label = f"{version.model} v{version.number}"
+    servable = [fmt for fmt, backend in BACKENDS if backend == options.backend]
+    if version.format not in servable:
+        raise FailedPrecondition(f"{label} is {version.format}; deploy a {' or '.join(servable)} version "
+                                 "(export it first)")
+    signature = version.signature
+    if not signature.inputs or not signature.outputs:
+        lacking = "outputs" if signature.inputs else "inputs"
+        has = "no signature" if signature.empty else f"a signature without {lacking}"
+        raise FailedPrecondition(f"{label} has {has}, and serving needs its inputs' and outputs' names, dtypes and "
+                                 f"shapes; {register_signature_hint(version)}")
+    if options.max_batch_size and not signature.batched:
+        raise FailedPrecondition(
+            f"{label}'s signature has no batch dimension ({signature.describe()}); "
+            f"{register_signature_hint(version)}; or deploy with max_batch_size 0 to serve the full shapes unbatched")
+
+
 class DeploymentManager:
     def __init__(self, sessions: sessionmaker, pools: TritonPools, repository: Path, registry: RegistrySource,
                  catalog: costs.PriceCatalog, instance_kind: str = "KIND_CPU", calibrate_seconds: float = 0.3,
@@ -155,12 +189,7 @@ class DeploymentManager:
         settings, options = self._settings(spec), self._options(spec)
         triton = self.pools.for_class(spec.device_class)
         version = self._registry.version(api_key, spec.model, spec.number, spec.alias)
-        if version.format != "torchscript":
-            raise FailedPrecondition(f"{version.model} v{version.number} is {version.format}; deploy a torchscript "
-                                     "version (export it first)")
-        if spec.batching.max_batch_size and not version.signature.batched:
-            raise FailedPrecondition(f"{version.model} v{version.number}'s signature has no batch dimension "
-                                     f"({version.signature.describe()}); deploy with max_batch_size 0")
+        check_servable(version, options)
         name = f"{version.model}-v{version.number}"
         triton_name = f"t{tenant_id}--{name}"
         with self._lock(triton_name):
@@ -378,7 +407,7 @@ class DeploymentManager:
     def _export(self, api_key: str, version: VersionInfo, triton_name: str, options: TritonOptions,
                 repository: Path) -> None:
         with tempfile.TemporaryDirectory(dir=repository, prefix=".download-") as tmp:
-            artifact = Path(tmp) / "model.pt"
+            artifact = Path(tmp) / "artifact"  # export_version names it as its backend wants
             self._registry.download(api_key, version.model, version.number, artifact)
             export_version(version, artifact, repository, triton_name, options)
 

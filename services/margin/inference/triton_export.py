@@ -6,18 +6,21 @@ A Triton model repository holds one folder per model::
     <repository>/<model_name>/1/model.pt        (TorchScript, backend ``pytorch_libtorch``)
     <repository>/<model_name>/1/model.onnx      (ONNX, backend ``onnxruntime``)
     <repository>/<model_name>/1/model.pt        (TorchScript, backend ``python``, with ``1/model.py``)
+    <repository>/<model_name>/1/model.onnx      (ONNX, backend ``python``, with ``1/model.py``)
 
 :func:`triton_config` turns a version's :class:`~margin.common.tensors.Signature` into ``config.pbtxt``
 (protobuf text format of Triton's ``ModelConfig``); :func:`export_version` writes the whole folder
 atomically. Which formats can be exported, and how, is the table :data:`BACKENDS` (one
-:class:`TritonFormat` row per backend) with :data:`TRITON_FORMATS` naming each format's default backend:
-adding a backend is one new row.
+:class:`TritonFormat` row per format and backend) with :data:`TRITON_FORMATS` naming each format's default
+backend: adding a backend is one new row.
 
 TorchScript has two backends: ``pytorch_libtorch`` (the default; what the official Triton image serves on
 GPU) and ``python`` (``TritonOptions(backend="python")``): Triton's python backend running the generic
 ``model.py`` of :mod:`margin.inference.triton_python_model`, which loads ``model.pt`` with ``torch.jit.load``
 and runs each dynamically batched group of requests as one forward pass. The python backend is what the
 ``tritonserver`` of the ``nvidia-pytriton`` wheel can run on a machine without the libtorch backend.
+ONNX likewise has two: ``onnxruntime`` (the default, Triton's ``onnxruntime_onnx`` platform, what a cluster's
+official Triton image serves) and ``python``, the same ``model.py`` running ``model.onnx`` with onnxruntime.
 
 Rules the config follows (from Triton's model configuration documentation):
 
@@ -86,17 +89,22 @@ class TritonFormat:
 PYTHON_MODEL_SOURCE = "inference/triton_python_model.py"
 _MARGIN_PACKAGE = Path(__file__).resolve().parent.parent
 
-# Backend name -> how it serves its format.
-BACKENDS: dict[str, TritonFormat] = {f.backend: f for f in (
+_PYTHON_MODEL = (("model.py", PYTHON_MODEL_SOURCE),)
+
+# (format, backend) -> how that backend serves that format. A backend's platform and output naming are the same
+# for every format it serves (the python backend's model.py picks the runtime by the artifact's file name).
+BACKENDS: dict[tuple[str, str], TritonFormat] = {(f.format, f.backend): f for f in (
     TritonFormat("torchscript", "pytorch_libtorch", "pytorch_libtorch", "model.pt", indexed_outputs=True),
-    TritonFormat("torchscript", "python", None, "model.pt", support_files=(("model.py", PYTHON_MODEL_SOURCE),)),
+    TritonFormat("torchscript", "python", None, "model.pt", support_files=_PYTHON_MODEL),
     TritonFormat("onnx", "onnxruntime", "onnxruntime_onnx", "model.onnx"),
+    TritonFormat("onnx", "python", None, "model.onnx", support_files=_PYTHON_MODEL),
 )}
+BACKEND_NAMES: tuple[str, ...] = tuple(sorted({backend for _, backend in BACKENDS}))
 
 # Format -> its default backend's row (what export_version uses when given no options).
 TRITON_FORMATS: dict[str, TritonFormat] = {
-    "torchscript": BACKENDS["pytorch_libtorch"],
-    "onnx": BACKENDS["onnxruntime"],
+    "torchscript": BACKENDS["torchscript", "pytorch_libtorch"],
+    "onnx": BACKENDS["onnx", "onnxruntime"],
 }
 
 
@@ -104,7 +112,15 @@ def backends_for(fmt: str) -> list[str]:
     """The backends that can serve format ``fmt``, default first."""
     default = TRITON_FORMATS.get(fmt)
     names = [default.backend] if default else []
-    return names + sorted(b for b, row in BACKENDS.items() if row.format == fmt and b not in names)
+    return names + sorted(b for f, b in BACKENDS if f == fmt and b not in names)
+
+
+def _backend_row(backend: str) -> TritonFormat:
+    """A row of ``backend`` (any format's: what the config needs of it is the same for each)."""
+    for (_, name), row in BACKENDS.items():
+        if name == backend:
+            return row
+    raise InvalidArgument(f"backend {backend!r} is not supported; one of {list(BACKEND_NAMES)}")
 
 
 def support_file_source(relative: str) -> Path:
@@ -155,8 +171,7 @@ class TritonOptions:
         if self.instance_kind not in INSTANCE_KINDS:
             raise InvalidArgument(f"instance_kind {self.instance_kind!r} is not supported; "
                                   f"one of {list(INSTANCE_KINDS)}")
-        if self.backend not in BACKENDS:
-            raise InvalidArgument(f"backend {self.backend!r} is not supported; one of {sorted(BACKENDS)}")
+        _backend_row(self.backend)  # raises InvalidArgument for an unknown backend
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,9 +238,7 @@ def triton_config(model_name: str, signature: Signature, options: TritonOptions)
     ``<name>__<index>``.
     """
     validate_name(model_name, "Triton model name")
-    entry = BACKENDS.get(options.backend)
-    if entry is None:  # TritonOptions validates this; kept for options built around __post_init__
-        raise InvalidArgument(f"backend {options.backend!r} is not supported; one of {sorted(BACKENDS)}")
+    entry = _backend_row(options.backend)  # TritonOptions validates it; kept for options built around it
     if not signature.inputs or not signature.outputs:
         raise InvalidArgument(
             f"model {model_name!r}: Triton needs a signature with at least one input and one output, got "
@@ -309,11 +322,11 @@ def export_version(version: ExportableVersion, artifact_path: Path, repository: 
             f"servable formats: {servable}")
     if options is None:
         options = TritonOptions(backend=entry.backend)
-    elif BACKENDS[options.backend].format != version.format:
+    elif (version.format, options.backend) not in BACKENDS:
         choices = " or ".join(repr(b) for b in backends_for(version.format))
         raise InvalidArgument(f"backend {options.backend!r} cannot serve format {version.format!r}; "
                               f"use backend {choices}")
-    entry = BACKENDS[options.backend]
+    entry = BACKENDS[version.format, options.backend]
     config = triton_config(model_name, version.signature, options)
     support = [(name, support_file_source(source)) for name, source in entry.support_files]
     for name, source in support:

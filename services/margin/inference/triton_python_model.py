@@ -1,25 +1,30 @@
-"""A generic Triton python-backend ``model.py`` that serves the TorchScript file ``model.pt`` beside it.
+"""A generic Triton python-backend ``model.py`` that serves the TorchScript file ``model.pt`` or the ONNX file
+``model.onnx`` beside it.
 
 This file is data, not part of Margin's import graph: :func:`margin.inference.triton_export.export_version`
-copies it to ``<repository>/<model>/1/model.py`` when a TorchScript version is exported with the ``python``
-backend, and Triton's python-backend stub imports it. It imports ``triton_python_backend_utils``, which
-exists only inside that stub, so nothing else may import it.
+copies it to ``<repository>/<model>/1/model.py`` when a TorchScript or ONNX version is exported with the
+``python`` backend, and Triton's python-backend stub imports it. It imports ``triton_python_backend_utils``,
+which exists only inside that stub, so nothing else may import it.
 
 What it does:
 
 * ``initialize`` reads the model config (input and output names, data types, ``max_batch_size``) and loads
-  ``<model_repository>/<model_version>/model.pt`` with ``torch.jit.load`` on CPU, or on
-  ``cuda:<model_instance_device_id>`` for a ``KIND_GPU`` instance. Torch's intra-op threads are limited
-  to ``torch_num_threads`` from the config's ``parameters`` (default 1: Triton scales with instances,
-  not with threads inside one). When every input has a fixed shape (apart from the batch dimension), two
-  forward passes on zeros warm TorchScript's profiling executor up, so the first request is not slow.
+  the version folder's artifact, by its file name (:data:`RUNTIMES`): ``model.pt`` with ``torch.jit.load`` on
+  CPU, or on ``cuda:<model_instance_device_id>`` for a ``KIND_GPU`` instance; ``model.onnx`` into an
+  onnxruntime session (CPUExecutionProvider, with CUDAExecutionProvider first for a ``KIND_GPU`` instance when
+  this onnxruntime has it). Intra-op threads (torch's, or the session's) are limited to ``torch_num_threads``
+  from the config's ``parameters`` (default 1: Triton scales with instances, not with threads inside one).
+  When every input has a fixed shape (apart from the batch dimension), two forward passes on zeros warm the
+  model up (TorchScript's profiling executor, onnxruntime's first-run allocations), so the first request is
+  not slow.
 * ``execute`` gets the list of requests Triton's dynamic batcher gathered. With batching on
   (``max_batch_size > 0``), requests whose inputs share a shape apart from the batch dimension are
   concatenated along dimension 0 and run as ONE forward pass under ``torch.inference_mode()``; the
   outputs are split back per request. The model may return a tensor, a tuple/list of tensors in the
-  configured output order, or a dict keyed by output name; each output must have its configured data type
-  (it is not cast: a mismatch is the request's error, which a deploy's probe request turns into a refusal).
-  With batching off each request runs alone.
+  configured output order, or a dict keyed by output name (an ONNX model's outputs are fetched by their
+  configured names); each output must have its configured data type (it is not cast: a mismatch is the
+  request's error, which a deploy's probe request turns into a refusal). With batching off each request runs
+  alone.
 * A failing request gets an error response; it never takes the model down. When a batched forward pass
   fails, each request of the batch is retried alone, so that one bad request fails only itself.
 """
@@ -33,9 +38,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-MODEL_FILE = "model.pt"
 THREADS_PARAMETER = "torch_num_threads"
 UNSUPPORTED_TYPES = ("TYPE_STRING",)
+ONNX_UNSUPPORTED_TYPES = ("TYPE_BF16",)  # onnxruntime takes and returns numpy arrays, and numpy has no bfloat16
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
 class _RequestError(Exception):
@@ -54,6 +60,63 @@ def _parameter(config: dict, key: str, default: str) -> str:
     return value.get("string_value", default) if isinstance(value, dict) else default
 
 
+class _OnnxModule:
+    """An onnxruntime session called like a TorchScript module, so that batching, error isolation and output checks
+    are the same for both: positional torch tensors in the configured input order in, a tuple of torch tensors in
+    the configured output order out (views of onnxruntime's arrays: nothing copied, nothing cast)."""
+
+    def __init__(self, session, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]):
+        self.session = session
+        self.input_names = [name for name, _ in inputs]
+        self.output_names = [name for name, _ in outputs]
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = {name: t.numpy() for name, t in zip(self.input_names, tensors, strict=True)}
+        return tuple(torch.from_numpy(array) for array in self.session.run(self.output_names, feeds))
+
+
+def _load_torchscript(path: Path, args: dict, model: TritonPythonModel) -> tuple[object, torch.device]:
+    """``model.pt`` on CPU, or on the instance's GPU for a ``KIND_GPU`` instance."""
+    if args.get("model_instance_kind") == "GPU":
+        device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    module = torch.jit.load(str(path), map_location=device)
+    module.eval()
+    return module, device
+
+
+def _onnx_providers(args: dict) -> list:
+    """CPU, with CUDA first for a ``KIND_GPU`` instance when this onnxruntime has it (onnxruntime-gpu)."""
+    import onnxruntime
+
+    if args.get("model_instance_kind") == "GPU" and CUDA_PROVIDER in onnxruntime.get_available_providers():
+        return [(CUDA_PROVIDER, {"device_id": int(args.get("model_instance_device_id", 0))}), CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def _load_onnx(path: Path, args: dict, model: TritonPythonModel) -> tuple[object, torch.device]:
+    """``model.onnx`` in an onnxruntime session. Its tensors stay on the host (device cpu): onnxruntime copies them
+    to the GPU itself when its CUDA provider runs the graph."""
+    import onnxruntime  # only ONNX deployments need it
+
+    for name, data_type in (*model.inputs, *model.outputs):
+        if data_type in ONNX_UNSUPPORTED_TYPES:
+            raise pb_utils.TritonModelException(
+                f"{model.model_name}: tensor {name!r} has type {data_type}, which this backend cannot pass to "
+                "onnxruntime (numpy has no bfloat16)")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = model.threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=_onnx_providers(args))
+    return _OnnxModule(session, model.inputs, model.outputs), torch.device("cpu")
+
+
+# The artifact file a version folder may hold -> how to load it: (module called with torch tensors, input device).
+RUNTIMES = {"model.pt": _load_torchscript, "model.onnx": _load_onnx}
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -64,11 +127,11 @@ class TritonPythonModel:
         for name, data_type in (*self.inputs, *self.outputs):
             if data_type in UNSUPPORTED_TYPES:
                 raise pb_utils.TritonModelException(
-                    f"{self.model_name}: tensor {name!r} has type {data_type}, which a TorchScript model "
-                    "cannot take or return")
+                    f"{self.model_name}: tensor {name!r} has type {data_type}, which a TorchScript or ONNX "
+                    "model served by this backend cannot take or return")
 
-        threads = int(_parameter(config, THREADS_PARAMETER, "1"))
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, int(_parameter(config, THREADS_PARAMETER, "1")))
+        torch.set_num_threads(self.threads)
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # only allowed before any inter-op work; harmless when too late
@@ -76,21 +139,18 @@ class TritonPythonModel:
         # as_numpy() views Triton's shared memory read-only; torch only reads it (inference_mode).
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-        if args.get("model_instance_kind") == "GPU":
-            self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        path = Path(args["model_repository"]) / str(args["model_version"]) / MODEL_FILE
-        if not path.is_file():
-            raise pb_utils.TritonModelException(f"{self.model_name}: {path} does not exist")
-        self.module = torch.jit.load(str(path), map_location=self.device)
-        self.module.eval()
+        folder = Path(args["model_repository"]) / str(args["model_version"])
+        found = [(folder / name, load) for name, load in RUNTIMES.items() if (folder / name).is_file()]
+        if not found:
+            raise pb_utils.TritonModelException(f"{self.model_name}: {folder} holds none of {list(RUNTIMES)}")
+        path, load = found[0]
+        self.module, self.device = load(path, args, self)
         self._warm_up(config)
 
     def _warm_up(self, config: dict) -> None:
-        """Two forward passes on zeros, so that TorchScript's profiling executor has optimized the graph before
-        the first real request. Only for fixed shapes; a model that rejects zeros is simply not warmed up."""
+        """Two forward passes on zeros, so that TorchScript's profiling executor has optimized the graph (and
+        onnxruntime has made its first-run allocations) before the first real request. Only for fixed shapes; a
+        model that rejects zeros is simply not warmed up."""
         try:
             inputs = []
             for spec in config.get("input", []):

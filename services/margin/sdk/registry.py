@@ -44,6 +44,17 @@ class RegistryClient:
         return self.stub.CreateModel(registry_pb2.CreateModelRequest(
             name=name, description=description, labels=labels or {}), metadata=self.metadata)
 
+    def model_exists(self, name: str) -> bool:
+        """Whether the caller's tenant has model ``name`` (GetModel; another tenant's reads as missing). An upload
+        streams the whole file before the server looks at the model, so callers check first."""
+        try:
+            self.stub.GetModel(registry_pb2.GetModelRequest(name=name), metadata=self.metadata)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
     def ensure_model(self, name: str, description: str = "") -> None:
         """Create the model unless it exists already."""
         try:
