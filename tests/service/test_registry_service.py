@@ -11,13 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from margin.common.protoconv import signature_to_proto
+from margin.common.protoconv import signature_from_proto, signature_to_proto
 from margin.common.tensors import Signature, TensorSpec
 from margin.v1 import common_pb2, registry_pb2
+from onnx import TensorProto, helper
 from safetensors.torch import save as safetensors_save
 
 from tests.conftest import MAX_UPLOAD
-from tests.onnx_models import LINEAR_SIGNATURE, linear_onnx
+from tests.onnx_models import LINEAR_SIGNATURE, embedding_onnx, identity_onnx, linear_onnx
 
 OPAQUE = registry_pb2.ARTIFACT_FORMAT_ONNX  # uploads are linear_onnx(payload): any payload makes a valid model
 
@@ -162,6 +163,17 @@ def test_a_real_onnx_model_is_accepted_with_the_signature_of_its_graph(cluster):
     assert client.download_bytes(ref(number=1))[1] == data
 
 
+def test_an_onnx_model_uploaded_without_a_signature_is_stored_with_its_graphs(cluster):
+    client = cluster.client()
+    client.create_model("m")
+    uploaded = client.upload_bytes(embedding_onnx(), meta())
+    got = client.stub.GetVersion(registry_pb2.GetVersionRequest(version=ref(number=uploaded.number)),
+                                 metadata=client.metadata)
+    derived = Signature((TensorSpec("ids", "INT64", (-1, -1)),), (TensorSpec("vectors", "FP32", (-1, -1, 4)),))
+    assert signature_from_proto(uploaded.signature) == derived
+    assert signature_from_proto(got.signature) == derived
+
+
 # -- uploads that are not what they claim to be -----------------------------------------------------------------
 TS = registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT
 WRONG_SIGNATURE = Signature((TensorSpec("x", "FP32", (-1, 5)),), (TensorSpec("y", "INT64", (-1, 3)),))
@@ -232,6 +244,9 @@ BAD_UPLOADS = {
     "onnx whose graph is not its signature": (
         lambda d: _data_msgs(linear_onnx(d), signature=signature_to_proto(WRONG_SIGNATURE)),
         grpc.StatusCode.INVALID_ARGUMENT, "declared input x: FP32[-1, 5], the graph has x: FP32[batch, 4]"),
+    "onnx without a signature whose graph has none Margin can write": (
+        lambda d: _data_msgs(identity_onnx(helper.make_tensor_type_proto(TensorProto.UINT32, ["batch", 4]))),
+        grpc.StatusCode.INVALID_ARGUMENT, "Margin has no dtype for UINT32"),
     "torch.export pt2 as torchscript": (lambda d: _data_msgs(_torch_export_pt2(), format=TS),
                                         grpc.StatusCode.INVALID_ARGUMENT, "torch.export program (.pt2)"),
     "torch.save file as torchscript": (lambda d: _data_msgs(_torch_save(), format=TS),

@@ -324,7 +324,8 @@ class Upload:
             raise InvalidArgument(f"sha256 mismatch: declared {self.request.sha256}, received bytes hash to "
                                   f"{self.pending.sha256}; nothing was stored")
         self.pending.close()
-        check_format(self.pending.path, self.request.format, self.request.signature)
+        signature = check_format(self.pending.path, self.request.format, self.request.signature)
+        self.request = dataclasses.replace(self.request, signature=signature)  # an ONNX graph's, when undeclared
         record = self._core._commit_upload(self)
         self._done = True
         return record

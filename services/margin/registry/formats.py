@@ -2,8 +2,8 @@
 
 .npz datasets are zip files; safetensors starts with a little-endian u64 header length followed by a JSON
 object. A TorchScript archive is a zip of a known layout (:mod:`margin.registry.torchscript_format`); ONNX is a
-protobuf that must parse and pass ``onnx.checker``, and whose graph must agree with a declared signature
-(:mod:`margin.registry.onnx_format`).
+protobuf that must parse and pass ``onnx.checker``, and whose graph must agree with a declared signature or,
+when none is declared, gives the version its signature (:mod:`margin.registry.onnx_format`).
 """
 from __future__ import annotations
 
@@ -42,16 +42,20 @@ def _safetensors(path: Path) -> None:
 
 
 CHECKS = {
-    "torchscript": lambda p, _: check_torchscript(p),
-    "onnx": check_onnx,
-    "dataset-npz": lambda p, _: _zip(p, ".npz dataset"),
-    "safetensors": lambda p, _: _safetensors(p),
+    "torchscript": check_torchscript,
+    "dataset-npz": lambda p: _zip(p, ".npz dataset"),
+    "safetensors": _safetensors,
 }
 
 
-def check_format(path: Path, fmt: str, signature: Signature | None = None) -> None:
+def check_format(path: Path, fmt: str, signature: Signature | None = None) -> Signature:
     """Raise InvalidArgument when the file at ``path`` is not ``fmt`` (or, for ONNX, does not take and return
-    what ``signature`` declares)."""
+    what ``signature`` declares). Returns the signature to store with the version: the declared one, except that an
+    ONNX model declared without one gets its graph's."""
+    signature = signature or Signature()
+    if fmt == "onnx":
+        return check_onnx(path, signature)
     check = CHECKS.get(fmt)
     if check:
-        check(path, signature or Signature())
+        check(path)
+    return signature

@@ -8,8 +8,10 @@ external data reference (resolved relative to the model's folder) names a file t
 
 When the upload declares a signature, the graph's inputs and outputs must agree with it: the same names and
 dtypes, the same ranks, and no fixed dimension that differs (``-1`` and a graph's symbolic dimension match
-anything); every input the graph needs must be declared. They are read by walking the protobuf over a memory map
-(:mod:`margin.registry.protowire`), so the weights are not loaded a second time.
+anything); every input the graph needs must be declared. When it declares none, the signature is the graph's:
+its inputs (less those with an initializer) and outputs, a symbolic or unknown dimension becoming ``-1``. They are
+read by walking the protobuf over a memory map (:mod:`margin.registry.protowire`), so the weights are not loaded a
+second time.
 """
 from __future__ import annotations
 
@@ -44,17 +46,21 @@ _TENSOR_NAME = onnx.TensorProto.DESCRIPTOR.fields_by_name["name"].number
 _SPARSE_VALUES = onnx.SparseTensorProto.DESCRIPTOR.fields_by_name["values"].number
 
 
-def check_onnx(path: Path, signature: Signature) -> None:
+def check_onnx(path: Path, signature: Signature) -> Signature:
     """Raise :class:`InvalidArgument` unless the file at ``path`` is a valid, self-contained ONNX model whose graph
-    agrees with ``signature`` (when one is declared)."""
+    agrees with ``signature`` (when one is declared). Returns the version's signature: the declared one, or when
+    none is declared the graph's own (:func:`_derive_signature`), so that an ONNX upload can be deployed as is."""
     size = path.stat().st_size
     if size > MAX_ONNX_BYTES:
         raise InvalidArgument(f"the upload is not a single-file ONNX model: {size} bytes is over protobuf's 2 GiB "
                               "limit (models that large keep their weights in external data files, which the "
                               "registry does not accept)")
     _check_model(path)
-    if not signature.empty:
-        _check_signature(_graph_io(path), signature)
+    graph = _graph_io(path)
+    if signature.empty:
+        return _derive_signature(graph)
+    _check_signature(graph, signature)
+    return signature
 
 
 def _check_model(path: Path) -> None:
@@ -64,19 +70,27 @@ def _check_model(path: Path) -> None:
         os.symlink(path.resolve(), link)
         onnx.checker.check_model(str(link))
     except onnx.checker.ValidationError as err:
-        message = _first_line(err).replace(f"{alone.name}/", "")
-        if "Unable to parse proto" in message:
-            raise InvalidArgument("the upload is not an ONNX model: it does not parse as onnx.ModelProto") from None
-        if "Data of TensorProto" in message:
-            raise InvalidArgument(f"the ONNX model keeps tensor data in external files, which the registry does not "
-                                  f"accept ({message}); upload a self-contained model (onnx.save_model(model, path, "
-                                  "save_as_external_data=False))") from None
-        raise InvalidArgument(f"the upload is not a valid ONNX model: {message}") from None
+        raise _checker_refusal(_first_line(err).replace(f"{alone.name}/", "")) from None
     except (ValueError, TypeError):  # the checker refused it, in a message that is not UTF-8 (nor can be shown)
         raise InvalidArgument("the upload is not a valid ONNX model: onnx.checker refused it (its names or "
                               "strings are not UTF-8)") from None
     finally:
         shutil.rmtree(alone, ignore_errors=True)
+
+
+def _checker_refusal(message: str) -> InvalidArgument:
+    """The refusal for onnx.checker's ``message``, saying what to do where the checker does not."""
+    if "Unable to parse proto" in message:
+        return InvalidArgument("the upload is not an ONNX model: it does not parse as onnx.ModelProto")
+    if "Data of TensorProto" in message:
+        return InvalidArgument(f"the ONNX model keeps tensor data in external files, which the registry does not "
+                               f"accept ({message}); upload a self-contained model (onnx.save_model(model, path, "
+                               "save_as_external_data=False))")
+    if "Field 'shape' of 'type' is required" in message:
+        return InvalidArgument(f"the upload is not a valid ONNX model: {message} (a graph input or output has no "
+                               "shape, so not even its rank is known; export the model with the shapes of its inputs "
+                               "and outputs, a symbolic name for each dimension that varies)")
+    return InvalidArgument(f"the upload is not a valid ONNX model: {message}")
 
 
 def _first_line(err: Exception) -> str:
@@ -185,3 +199,41 @@ def _check_signature(graph: GraphIO, signature: Signature) -> None:
     if problems:
         raise InvalidArgument("the ONNX graph does not match the declared signature: " + "; ".join(problems)
                               + f" (declared: {signature.describe()})")
+
+
+# -- the graph's own signature, when none is declared -----------------------------------------------------------
+
+def _unrepresentable(value: onnx.ValueInfoProto) -> str | None:
+    """Why a graph input or output cannot be written as a Margin :class:`TensorSpec`, or None when it can."""
+    if not isinstance(value.name, str):
+        return f"{_describe(value)}: its name is not UTF-8"
+    if value.type.WhichOneof("value") != "tensor_type":
+        return _describe(value)
+    tensor = value.type.tensor_type
+    if tensor.elem_type not in ONNX_DTYPES:
+        return f"{_describe(value)}: Margin has no dtype for {_dtype_name(tensor.elem_type)}"
+    if not tensor.HasField("shape"):  # onnx.checker refuses this in a main graph, so it is only a guard here
+        return f"{_describe(value)}: its rank is unknown"
+    if not tensor.shape.dim:
+        return f"{_describe(value)}: a scalar (a signature's tensors have at least one dimension)"
+    return None
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    """A representable graph tensor as a :class:`TensorSpec`: fixed dimensions kept, symbolic or unknown ones
+    (a symbolic first one is the batch dimension) ``-1``."""
+    tensor = value.type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+    return TensorSpec(value.name, ONNX_DTYPES[tensor.elem_type], shape)
+
+
+def _derive_signature(graph: GraphIO) -> Signature:
+    """The signature the graph itself declares: its inputs that are not initializers, and its outputs. Refused,
+    naming every tensor it cannot describe, when a dtype or rank is not one Margin can write down."""
+    inputs = [v for v in graph.inputs if v.name not in graph.initialized]
+    problems = [p for p in map(_unrepresentable, (*inputs, *graph.outputs)) if p]
+    if problems:
+        raise InvalidArgument("no signature was declared, and the ONNX graph's cannot be written as one: "
+                              + "; ".join(problems) + "; declare the signature with the upload (--signature sig.json, "
+                              "Margin dtype names such as FP32 or INT64, -1 for the batch dimension)")
+    return Signature(tuple(map(_spec, inputs)), tuple(map(_spec, graph.outputs)))
