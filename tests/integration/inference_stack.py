@@ -61,6 +61,44 @@ def upload_model(cluster, model: str, module: torch.jit.ScriptModule, path: Path
         metrics=metrics)).number
 
 
+@dataclass
+class Gateway:
+    """A real tritonserver on ``<home>/repo`` and the inference service in front of it, on a cluster's registry and
+    budget service."""
+    triton: ManagedProcess
+    inference: object
+    settings: InferenceSettings
+    channel: grpc.Channel
+
+
+@contextmanager
+def gateway_on(cluster, home: Path, redis_url: str, triton_control_key: str | None = None) -> Iterator[Gateway]:
+    """Triton and the inference service (port 0) over ``cluster``'s SQLite database; skips when Triton is not
+    installed. With ``triton_control_key``, Triton's model control answers only that key."""
+    try:
+        find_triton()
+    except MissingDependency as err:
+        pytest.skip(str(err))
+    triton = ManagedProcess(triton_spec(home, home / "repo", control_key=triton_control_key), home)
+    triton.start()
+    triton.wait_healthy(60)
+    try:
+        settings = InferenceSettings(triton_url=triton.spec.address, registry_address=cluster.registry.server.address,
+                                     redis_url=redis_url, repository=home / "repo", watch_every_s=0.1,
+                                     budget_ttl_s=0, budget_address=cluster.budget.server.address,
+                                     scaling=ScalingSettings(interval_s=FLEET_INTERVAL_S))
+        inference = start_service(inference_builder(settings), database_url=f"sqlite:///{home / 'margin.db'}",
+                                  admin_key=cluster.admin_key, auth_cache_seconds=0)
+        channel = grpc.insecure_channel(inference.server.address)
+        try:
+            yield Gateway(triton, inference, settings, channel)
+        finally:
+            channel.close()
+            inference.stop()
+    finally:
+        triton.stop()
+
+
 @contextmanager
 def inference_stack(home: Path, triton_control_key: str | None = None) -> Iterator[Stack]:
     """redis-server, a real tritonserver on ``<home>/repo``, the registry and budget of the conftest cluster, and
@@ -75,19 +113,9 @@ def inference_stack(home: Path, triton_control_key: str | None = None) -> Iterat
     redis_proc = ManagedProcess(redis_spec(home), home)
     redis_proc.start()
     redis_proc.wait_healthy(30)
-    triton = ManagedProcess(triton_spec(home, home / "repo", control_key=triton_control_key), home)
-    triton.start()
-    triton.wait_healthy(60)
     try:
-        with running_cluster(f"sqlite:///{home / 'margin.db'}", home / "artifacts") as cluster:
-            settings = InferenceSettings(triton_url=triton.spec.address,
-                                         registry_address=cluster.registry.server.address,
-                                         redis_url=f"redis://{redis_proc.spec.address}/0", repository=home / "repo",
-                                         watch_every_s=0.1, budget_ttl_s=0,
-                                         budget_address=cluster.budget.server.address,
-                                         scaling=ScalingSettings(interval_s=FLEET_INTERVAL_S))
-            inference = start_service(inference_builder(settings), database_url=f"sqlite:///{home / 'margin.db'}",
-                                      admin_key=cluster.admin_key, auth_cache_seconds=0)
+        with running_cluster(f"sqlite:///{home / 'margin.db'}", home / "artifacts") as cluster, \
+                gateway_on(cluster, home, f"redis://{redis_proc.spec.address}/0", triton_control_key) as gateway:
             scripted = {}
             client = cluster.client()
             client.create_model("digits")
@@ -97,14 +125,9 @@ def inference_stack(home: Path, triton_control_key: str | None = None) -> Iterat
                      (3, {"accuracy": 0.90, "cost_per_million_micros": 100_000})], start=1):
                 scripted[number] = scripted_mlp(seed)
                 assert upload_model(cluster, "digits", scripted[number], home / f"m{number}.pt", metrics) == number
-            channel = grpc.insecure_channel(inference.server.address)
-            stubs = {t: inference_pb2_grpc.InferenceStub(channel) for t in ("acme", "other")}
-            try:
-                yield Stack(cluster, triton, inference, stubs, scripted, home, settings)
-            finally:
-                inference.stop()
+            stubs = {t: inference_pb2_grpc.InferenceStub(gateway.channel) for t in ("acme", "other")}
+            yield Stack(cluster, gateway.triton, gateway.inference, stubs, scripted, home, gateway.settings)
     finally:
-        triton.stop()
         redis_proc.stop()
 
 

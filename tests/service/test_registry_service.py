@@ -9,6 +9,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from margin.common.protoconv import signature_from_proto, signature_to_proto
@@ -174,8 +175,29 @@ def test_an_onnx_model_uploaded_without_a_signature_is_stored_with_its_graphs(cl
     assert signature_from_proto(got.signature) == derived
 
 
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_a_dataset_is_stored_with_its_manifest_as_its_signature(cluster):
+    client = cluster.client()
+    client.create_model("data")
+    data = _npz(ids=np.zeros((6, 5), np.int64), mask=np.ones((6, 5), np.uint8), y=np.arange(6, dtype=np.int32))
+    uploaded = client.upload_bytes(data, meta("data", format=NPZ))
+    got = client.stub.GetVersion(registry_pb2.GetVersionRequest(version=ref("data", uploaded.number)),
+                                 metadata=client.metadata)
+    manifest = Signature((TensorSpec("ids", "INT64", (6, 5)), TensorSpec("mask", "UINT8", (6, 5))),
+                         (TensorSpec("y", "INT32", (6,)),))
+    assert signature_from_proto(uploaded.signature) == manifest
+    assert signature_from_proto(got.signature) == manifest
+    assert client.download_bytes(ref("data", uploaded.number))[1] == data
+
+
 # -- uploads that are not what they claim to be -----------------------------------------------------------------
 TS = registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT
+NPZ = registry_pb2.ARTIFACT_FORMAT_DATASET_NPZ
 WRONG_SIGNATURE = Signature((TensorSpec("x", "FP32", (-1, 5)),), (TensorSpec("y", "INT64", (-1, 3)),))
 
 
@@ -253,6 +275,15 @@ BAD_UPLOADS = {
                                        grpc.StatusCode.INVALID_ARGUMENT, "torch.save file"),
     "plain zip as torchscript": (lambda d: _data_msgs(_plain_zip(d), format=TS),
                                  grpc.StatusCode.INVALID_ARGUMENT, "zip archive but not a TorchScript archive"),
+    "npz with an object array": (lambda d: _data_msgs(_npz(x=np.array([{"a": 1}, None]), y=np.zeros(2, np.int64)),
+                                                      format=NPZ),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "array 'x' is an object array"),
+    "npz declared with a signature that is not its manifest": (
+        lambda d: _data_msgs(_npz(x=np.zeros((2, 5), np.float32), y=np.zeros(2, np.int64)), format=NPZ,
+                             signature=signature_to_proto(WRONG_SIGNATURE)),
+        grpc.StatusCode.INVALID_ARGUMENT, "a dataset's manifest is read from its arrays; leave --signature out"),
+    "random bytes as npz": (lambda d: _data_msgs(d, format=NPZ), grpc.StatusCode.INVALID_ARGUMENT,
+                            "not a .npz dataset"),
     "safetensors that is not one": (lambda d: _data_msgs(d, format=registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
                                                          architecture=_struct({"family": "mlp"})),
                                     grpc.StatusCode.INVALID_ARGUMENT, "not a safetensors file"),

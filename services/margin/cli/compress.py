@@ -34,14 +34,18 @@ CompressionOpt = typer.Option(None, "--compression", help="compression service a
 PngOpt = typer.Option(None, "--png", help="where to save the front plot (default: compression-<job id>.png here)")
 BudgetOpt = typer.Option(None, "--budget", help="the job's cap in dollars, e.g. 0.01")
 IdempotencyOpt = typer.Option("", "--idempotency-key", help="same key, same job")
-EvalDatasetOpt = typer.Option("", "--eval-dataset", help="built-in dataset the variants are scored on (default: the "
-                              "source's: sklearn:digits for mlp/cnn, margin:sentences for minilm)")
+EvalDatasetOpt = typer.Option("", "--eval-dataset", help="dataset the variants are scored on: a dataset-npz version "
+                              "(MODEL:N or MODEL@ALIAS; required for an onnx source: one array per model input, "
+                              "plus labels y for accuracy) or a built-in (default: sklearn:digits for mlp/cnn, "
+                              "margin:sentences for minilm)")
 WatchOpt = typer.Option(False, "--watch", help="follow the job until it ends, then report the front")
 OBJECTIVES = {"cost": compression_pb2.OBJECTIVE_MIN_COST_PER_MILLION,
               "latency": compression_pb2.OBJECTIVE_MIN_LATENCY, "size": compression_pb2.OBJECTIVE_MIN_SIZE}
-_FLOOR = re.compile(r"^\s*(?P<metric>[A-Za-z_][\w-]*)\s*>=\s*(?P<minimum>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+_FLOOR = re.compile(r"^\s*(?P<metric>[A-Za-z_][\w-]*)\s*(?P<op>>=|<=)\s*"
+                    r"(?P<minimum>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 _REGISTRY_DATASET = re.compile(r"^[^:@]+(:\d+|@.+)$")  # model:3 or model@alias; "sklearn:digits" is built in
 _MESSAGE_WIDTH = 60
+LOWER_IS_BETTER = ("relative_error",)  # the compression service's metrics whose floor is a ceiling
 
 
 def compression(address: str | None, key: str | None) -> tuple[compression_pb2_grpc.CompressionStub, tuple]:
@@ -90,10 +94,15 @@ def parse_candidates(text: str | None) -> list[compression_pb2.Recipe]:
 
 
 def parse_floor(text: str) -> common_pb2.QualityFloor:
-    """``accuracy>=0.97`` → QualityFloor(metric="accuracy", minimum=0.97)."""
+    """``accuracy>=0.97`` → QualityFloor(metric="accuracy", minimum=0.97); a lower-is-better metric takes ``<=``
+    (``relative_error<=0.05``: the floor's minimum is then a ceiling)."""
     match = _FLOOR.match(text)
     if not match:
-        raise typer.BadParameter(f"{text!r}: use METRIC>=VALUE, e.g. accuracy>=0.97", param_hint="--floor")
+        raise typer.BadParameter(f"{text!r}: use METRIC>=VALUE, e.g. accuracy>=0.97 (relative_error<=VALUE)",
+                                 param_hint="--floor")
+    expected = "<=" if match["metric"] in LOWER_IS_BETTER else ">="
+    if match["op"] != expected:
+        raise typer.BadParameter(f"{text!r}: {match['metric']} takes {expected}", param_hint="--floor")
     return common_pb2.QualityFloor(metric=match["metric"], minimum=float(match["minimum"]))
 
 
@@ -432,7 +441,9 @@ def compress_submit(source: str = typer.Argument(..., metavar="SOURCE", help="MO
 @grpc_errors
 def compress_auto(source: str = typer.Argument(..., metavar="SOURCE", help="MODEL:NUMBER or MODEL@ALIAS"),
                   floor: str = typer.Option(..., "--floor", help="quality floor METRIC>=VALUE, e.g. accuracy>=0.97 "
-                                                                 "(classifiers) or cosine>=0.99 (minilm)"),
+                                                                 "(classifiers), cosine>=0.99 (minilm); onnx "
+                                                                 "sources: accuracy, agreement, cosine or "
+                                                                 "relative_error<=VALUE"),
                   objective: str = typer.Option("cost", "--objective", help="|".join(OBJECTIVES)),
                   candidates: str | None = typer.Option(None, "--candidates",
                                                         help="JSON list of recipes, or @FILE (default: the "

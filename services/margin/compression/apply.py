@@ -21,7 +21,7 @@ from margin.modelzoo.datasets import Split
 
 @dataclass
 class Compressed:
-    model: nn.Module
+    model: nn.Module | bytes  # bytes: an ONNX source's variant (margin.compression.onnx_apply)
     arch: dict | None  # None once quantized: the result is then only servable as TorchScript
     notes: list[str] = field(default_factory=list)
     sparsity: float = 0.0  # fraction of zero Linear / Conv weights in the result

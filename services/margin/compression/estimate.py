@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from margin.common.costs import PriceCatalog, run_cost
 from margin.common.jobs import JobStore
 from margin.compression import minilm
+from margin.compression.recipe import ONNX_FAMILY
 from margin.modelzoo import sizes
 
 # First guesses (measured once on the 2-core CPU VM for the digits MLP/CNN): fixed seconds per variant and
 # training throughput in sample-parameters per second. MiniLM-L6 variants (quantize, trace, encode the held-out
 # sentences, time batch 1 and 32, upload) take longer; its guess is per family.
 FIRST_GUESS_SECONDS_PER_VARIANT = 6.0
-FIRST_GUESS_SECONDS_BY_FAMILY = {minilm.FAMILY: 20.0}
+FIRST_GUESS_SECONDS_BY_FAMILY = {minilm.FAMILY: 20.0, ONNX_FAMILY: 10.0}
 FIRST_GUESS_WORK_PER_S = 1.0e9
 FIRST_GUESS_RANGE = (0.25, 4.0)
 HISTORY_MARGIN = (0.8, 1.25)
@@ -32,8 +33,12 @@ TRAIN_SHARE = 0.8                  # the worker's split: 80 % of the rows train,
 
 
 def source_parameters(arch: dict) -> int:
+    """The source's parameters, from its architecture alone (nothing is built or downloaded): an ONNX source's are
+    guessed from its file size (fp32 weights dominate an exported model's bytes)."""
     if arch["family"] == minilm.FAMILY:
         return minilm.encoder_parameters(arch.get("config"))
+    if arch["family"] == ONNX_FAMILY:
+        return int(arch.get("size_bytes", 0)) // 4
     return sizes.parameter_count(arch)
 
 

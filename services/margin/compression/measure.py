@@ -8,6 +8,7 @@ called as ``module(*batch)``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TypeAlias
 
@@ -37,6 +38,18 @@ class Measurement:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of(cls, size_bytes: int, parameters: int, sparsity: float, batch1_ms: np.ndarray, batch32_ms: np.ndarray,
+           *, batch: int, threads: int) -> Measurement:
+        """The figures from the timed calls at batch 1 and at ``batch`` (32)."""
+        return cls(size_bytes=size_bytes, parameters=parameters, sparsity=sparsity,
+                   latency_p50_ms_batch1=float(np.percentile(batch1_ms, 50)),
+                   latency_p99_ms_batch1=float(np.percentile(batch1_ms, 99)),
+                   latency_p50_ms_batch32=float(np.percentile(batch32_ms, 50)),
+                   latency_p99_ms_batch32=float(np.percentile(batch32_ms, 99)),
+                   throughput_per_second=float(batch * len(batch32_ms) / (batch32_ms.sum() / 1000.0)),
+                   threads=threads, repeats=len(batch1_ms))
+
 
 def measure(module: nn.Module, example_batch1: Batch, example_batch32: Batch, *, repeats: int = 50,
             warmup: int = 5, threads: int | None = 1) -> Measurement:
@@ -62,12 +75,8 @@ def measure(module: nn.Module, example_batch1: Batch, example_batch32: Batch, *,
         b32 = _latencies_ms(module, tuple(t.to(device) for t in example_batch32), repeats, warmup)
     finally:
         torch.set_num_threads(previous)
-    batch = example_batch32[0].shape[0]
-    return Measurement(
-        size_bytes=int(size), parameters=parameter_count(module), sparsity=sparsity(module),
-        latency_p50_ms_batch1=float(np.percentile(b1, 50)), latency_p99_ms_batch1=float(np.percentile(b1, 99)),
-        latency_p50_ms_batch32=float(np.percentile(b32, 50)), latency_p99_ms_batch32=float(np.percentile(b32, 99)),
-        throughput_per_second=float(batch * len(b32) / (b32.sum() / 1000.0)), threads=used, repeats=repeats)
+    return Measurement.of(int(size), parameter_count(module), sparsity(module), b1, b32,
+                          batch=example_batch32[0].shape[0], threads=used)
 
 
 def _args(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -82,19 +91,26 @@ def _sync(batch: tuple[torch.Tensor, ...]) -> None:
 def _latencies_ms(module: nn.Module, batch: tuple[torch.Tensor, ...], repeats: int, warmup: int) -> np.ndarray:
     was_training = getattr(module, "training", False)
     module.eval()
-    times = np.empty(repeats)
+
+    def call() -> None:
+        module(*batch)
+        _sync(batch)
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                module(*batch)
-            _sync(batch)
-            for i in range(repeats):
-                start = time.perf_counter_ns()
-                module(*batch)
-                _sync(batch)
-                times[i] = (time.perf_counter_ns() - start) / 1e6
+            return time_calls(call, repeats, warmup)
     finally:
         module.train(was_training)
+
+
+def time_calls(call: Callable[[], object], repeats: int, warmup: int) -> np.ndarray:
+    """Milliseconds of each of ``repeats`` calls of ``call``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter_ns()
+        call()
+        times[i] = (time.perf_counter_ns() - start) / 1e6
     return times
 
 

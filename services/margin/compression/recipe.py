@@ -14,10 +14,12 @@ unspecified prune kind = unstructured, ``per_channel`` / ``smoothquant`` false, 
 rate take the defaults below (so an explicit alpha of 0 must be sent through the Python API or a dict, not a
 proto).
 
-:func:`validate` knows two kinds of source: the classifiers (``mlp``, ``cnn``), which take every technique, and
+:func:`validate` knows three kinds of source: the classifiers (``mlp``, ``cnn``), which take every technique;
 the sentence encoder ``minilm``, whose recipes are quantize steps only, with the CPU schemes in
-:data:`ENCODER_SCHEMES`. Quantize is the last technique of a recipe; quantize steps may follow one another only when
-they touch different layers (``embedding_int8`` and one Linear scheme).
+:data:`ENCODER_SCHEMES`; and any ``onnx`` model a team uploaded, whose recipes are ONNX Runtime's: an optional
+``optimize`` step (offline graph optimization) and at most one quantize step with a scheme of :data:`ONNX_SCHEMES`,
+in that order. Quantize is the last technique of a recipe; quantize steps may follow one another only when they
+touch different layers (``embedding_int8`` and one Linear scheme).
 """
 from __future__ import annotations
 
@@ -32,6 +34,12 @@ from margin.modelzoo.architectures import FAMILIES
 PRUNE_KINDS = ("unstructured", "structured")
 STRUCTURED_FAMILIES = ("mlp", "cnn")
 ENCODER_FAMILIES = ("minilm",)
+ONNX_FAMILY = "onnx"  # any ONNX model a team uploaded, compressed with ONNX Runtime's tools
+# ONNX Runtime's schemes: dynamic int8 (MatMul/Gather/Conv weights), static int8 QDQ calibrated on the tenant's
+# dataset, int4 weight-only MatMul (MatMulNBits), fp16 with the model's I/O types kept (GPU device classes).
+ONNX_SCHEMES = ("dynamic_int8", "static_int8", "weight_only_int4", "fp16")
+OPTIMIZE_LEVELS = ("basic", "extended")
+INT4_GROUP_SIZES = (16, 32, 64, 128, 256)
 # The schemes an encoder takes: int8 on CPU (fp16/bf16/torchao would need a GPU device class).
 ENCODER_SCHEMES = ("embedding_int8", "dynamic_int8", "dynamic_int8_per_token", "weight_only_int8")
 # The layers each scheme quantizes; a scheme not listed rewrites the whole model.
@@ -69,7 +77,12 @@ class DistillStep:
     learning_rate: float = 1e-3
 
 
-Step = PruneStep | QuantizeStep | DistillStep
+@dataclass(frozen=True)
+class OptimizeStep:
+    level: str = "extended"  # ONNX Runtime's offline graph optimization level: "basic" | "extended"
+
+
+Step = PruneStep | QuantizeStep | DistillStep | OptimizeStep
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,9 @@ def validate(recipe: Recipe, *, family: str, input_dim: int = 0, num_classes: in
         raise InvalidArgument(f"recipe {recipe.name!r} has no steps")
     if not isinstance(recipe.keep_sensitive_layers, int) or recipe.keep_sensitive_layers < 0:
         raise InvalidArgument(f"keep_sensitive_layers must be >= 0, got {recipe.keep_sensitive_layers!r}")
+    if family == ONNX_FAMILY:
+        _validate_onnx(recipe)
+        return
     encoder = family in ENCODER_FAMILIES
     if encoder and recipe.keep_sensitive_layers:
         raise InvalidArgument(f"keep_sensitive_layers is not supported for {family}: layer sensitivity is measured "
@@ -147,6 +163,9 @@ def validate(recipe: Recipe, *, family: str, input_dim: int = 0, num_classes: in
                                   f"steps only, with schemes {list(ENCODER_SCHEMES)}")
         if i > 0 and isinstance(recipe.steps[i - 1], QuantizeStep):
             _validate_after_quantize(recipe.steps[:i], step, where)
+        if isinstance(step, OptimizeStep):
+            raise InvalidArgument(f"{where}: optimize is ONNX Runtime's graph optimization: it applies to onnx "
+                                  f"sources, not {family!r}")
         if isinstance(step, PruneStep):
             _validate_prune(step, where, current)
         elif isinstance(step, QuantizeStep):
@@ -156,6 +175,43 @@ def validate(recipe: Recipe, *, family: str, input_dim: int = 0, num_classes: in
             current = step.student_family
         else:
             raise InvalidArgument(f"step {i + 1}: unknown step type {type(step).__name__}")
+
+
+def _validate_onnx(recipe: Recipe) -> None:
+    """An ONNX source's recipe: an optional optimize step, then at most one quantize step of :data:`ONNX_SCHEMES`
+    (ONNX Runtime cannot quantize a graph it has already quantized)."""
+    if recipe.keep_sensitive_layers:
+        raise InvalidArgument("keep_sensitive_layers is not supported for onnx sources; name the nodes to keep in "
+                              "float with the quantize step's skip_layers")
+    kinds = [type(s) for s in recipe.steps]
+    for i, step in enumerate(recipe.steps):
+        where = f"step {i + 1} ({type(step).__name__})"
+        if isinstance(step, OptimizeStep):
+            if step.level not in OPTIMIZE_LEVELS:
+                raise InvalidArgument(f"{where}: unknown optimization level {step.level!r}; known: "
+                                      f"{list(OPTIMIZE_LEVELS)}")
+            if i != 0:
+                raise InvalidArgument(f"{where}: optimize must be the first step (the graph is optimized, then "
+                                      "quantized)")
+        elif isinstance(step, QuantizeStep):
+            if kinds.count(QuantizeStep) > 1:
+                raise InvalidArgument(f"{where}: an onnx recipe has at most one quantize step: ONNX Runtime cannot "
+                                      "quantize a graph it has already quantized")
+            if step.scheme not in ONNX_SCHEMES:
+                raise InvalidArgument(f"{where}: quantization scheme {step.scheme!r} is not supported for onnx "
+                                      f"sources; use one of {list(ONNX_SCHEMES)}")
+            if step.smoothquant:
+                raise InvalidArgument(f"{where}: smoothquant is not supported for onnx sources")
+            _non_negative(step.calibration_batches, f"{where}: calibration_batches")
+            _non_negative(step.group_size, f"{where}: group_size")
+            if step.group_size and step.group_size not in INT4_GROUP_SIZES:
+                raise InvalidArgument(f"{where}: group_size must be one of {list(INT4_GROUP_SIZES)}, got "
+                                      f"{step.group_size}")
+            _names(step.skip_layers, f"{where}: skip_layers")
+        else:
+            technique = {PruneStep: "prune", DistillStep: "distill"}.get(type(step), type(step).__name__)
+            raise InvalidArgument(f"{where}: {technique} is not supported for onnx sources: their recipes are an "
+                                  f"optional optimize step and one quantize step with schemes {list(ONNX_SCHEMES)}")
 
 
 def _validate_prune(step: PruneStep, where: str, family: str) -> None:
@@ -267,6 +323,8 @@ def _step_to_dict(step: Step) -> dict:
                              "calibration_batches": step.calibration_batches,
                              "skip_layers": list(step.skip_layers), "group_size": step.group_size,
                              "smoothquant": step.smoothquant}}
+    if isinstance(step, OptimizeStep):
+        return {"optimize": {"level": step.level}}
     if isinstance(step, DistillStep):
         return {"distill": {"student_family": step.student_family,
                             "student_architecture": dict(step.student_architecture),
@@ -278,7 +336,8 @@ def _step_to_dict(step: Step) -> dict:
 def _step_from_dict(data, index: int) -> Step:
     where = f"recipe.steps[{index}]"
     if not isinstance(data, Mapping) or len(data) != 1:
-        raise InvalidArgument(f"{where} must be an object with exactly one of 'prune', 'quantize', 'distill'")
+        raise InvalidArgument(f"{where} must be an object with exactly one of 'prune', 'quantize', 'distill', "
+                              "'optimize'")
     (technique, body), = data.items()
     if not isinstance(body, Mapping):
         raise InvalidArgument(f"{where}.{technique} must be an object")
@@ -309,7 +368,10 @@ def _step_from_dict(data, index: int) -> Step:
                            epochs=_int(_get(body, "epochs", defaults.epochs), f"{where}.epochs"),
                            learning_rate=_float(_get(body, "learning_rate", defaults.learning_rate),
                                                 f"{where}.learning_rate"))
-    raise InvalidArgument(f"{where}: unknown technique {technique!r}; known: ['prune', 'quantize', 'distill']")
+    if technique == "optimize":
+        return OptimizeStep(level=str(_get(body, "level", "") or OptimizeStep.level))
+    raise InvalidArgument(f"{where}: unknown technique {technique!r}; known: ['prune', 'quantize', 'distill', "
+                          "'optimize']")
 
 
 def _get(data: Mapping, key: str, default):

@@ -22,9 +22,12 @@ def _source(ref: common_pb2.VersionRef) -> tuple[str, int, str]:
     return ref.model, ref.number, ref.alias
 
 
-def _dataset(ref: common_pb2.DatasetRef) -> str:
+def _dataset(ref: common_pb2.DatasetRef) -> str | tuple[str, int, str]:
+    """A built-in dataset's name, or a registry dataset version as (model, number, alias)."""
     if ref.WhichOneof("source") == "registry":
-        raise InvalidArgument("eval_dataset: registry datasets are not supported for compression yet; use a built-in")
+        if not ref.registry.model:
+            raise InvalidArgument("eval_dataset.registry.model is required")
+        return ref.registry.model, ref.registry.number, ref.registry.alias
     return ref.builtin
 
 

@@ -11,13 +11,17 @@
   sentences of ``margin:sentences``, of the cosine similarity of each sentence's embedding to the fp32 source's
   (``minimum`` is the worst sentence); latency is measured on one sentence and on the first 32.
 
+- :class:`~margin.compression.onnx_task.OnnxTask` (family ``onnx``): any ONNX model a team uploaded, compressed
+  with ONNX Runtime's tools and scored on the tenant's own dataset.
+
+A classifier may also be scored on a registry dataset (an ``.npz`` with ``x`` and ``y``) instead of a built-in one.
 The worker (:mod:`margin.worker.compress`) picks the task with :func:`task_for` and keeps the job logic.
 """
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,24 +33,21 @@ from margin.common.errors import InvalidArgument
 from margin.common.tensors import Signature
 from margin.compression import minilm
 from margin.compression.apply import Compressed, apply_encoder_recipe, apply_recipe
-from margin.compression.measure import Batch, accuracy
+from margin.compression.measure import Batch, Measurement, accuracy, measure, parameter_count
+from margin.compression.onnx_task import OnnxTask
+from margin.compression.quality import Quality
 from margin.compression.quantize import serialized_bytes
 from margin.compression.recipe import Recipe
 from margin.modelzoo.architectures import FAMILIES as CLASSIFIER_FAMILIES
 from margin.modelzoo.architectures import build_model, signature
-from margin.modelzoo.datasets import load_builtin, split
+from margin.modelzoo.datasets import load_builtin, load_npz, split
 
 AfterEpoch = Callable[[int], None]
 CALIBRATION_BATCH = 16  # sentences per SmoothQuant calibration batch
 
 
-@dataclass(frozen=True)
-class Quality:
-    mean: float  # the quality metric (the floor compares this)
-    minimum: float | None = None  # the worst single example, where the metric has one (cosine)
-
-
 class Task(Protocol):
+    format: str  # the registry format of the variants: "torchscript" | "onnx"
     quality_metric: str
     train_rows: int  # training rows a recipe's fine-tuning would go over (for the estimate's history)
     latency_repeats: int
@@ -59,13 +60,19 @@ class Task(Protocol):
         """The compressed model (``source`` itself is left as it is)."""
 
     def serialize(self, module: nn.Module) -> bytes:
-        """The TorchScript file that would be served."""
+        """The file that would be served."""
 
-    def quality(self, served: nn.Module) -> Quality:
-        """The quality of the reloaded TorchScript on the held-out data."""
+    def served(self, blob: bytes):
+        """The served form, reloaded from the file's bytes (what quality and latency are measured on)."""
 
-    def latency_inputs(self) -> tuple[Batch, Batch]:
-        """A batch of 1 and a batch of 32 held-out examples."""
+    def quality(self, served) -> Quality:
+        """The quality of the reloaded file on the held-out data."""
+
+    def measure(self, served, blob: bytes) -> Measurement:
+        """Size, parameters and latency at batch 1 and 32 of the reloaded file."""
+
+    def parameters(self, model) -> int:
+        """The model's parameter count."""
 
     def signature(self) -> Signature:
         """The variants' signature, as registered."""
@@ -74,13 +81,34 @@ class Task(Protocol):
         """The quality figures registered with a variant."""
 
 
-class ClassifierTask:
+class TorchScriptServed:
+    """Variants served as TorchScript: reloaded with ``torch.jit.load`` and timed with torch on one thread."""
+    format = "torchscript"
+    latency_repeats: int
+    latency_warmup: int
+
+    def latency_inputs(self) -> tuple[Batch, Batch]:
+        raise NotImplementedError
+
+    def served(self, blob: bytes) -> nn.Module:
+        return torch.jit.load(io.BytesIO(blob))
+
+    def measure(self, served: nn.Module, blob: bytes) -> Measurement:
+        return measure(served, *self.latency_inputs(), repeats=self.latency_repeats, warmup=self.latency_warmup)
+
+    def parameters(self, model: nn.Module) -> int:
+        return parameter_count(model)
+
+
+class ClassifierTask(TorchScriptServed):
     quality_metric = "accuracy"
     latency_repeats, latency_warmup = 30, 5
 
-    def __init__(self, arch: dict, eval_dataset: str):
+    def __init__(self, arch: dict, eval_dataset: str, dataset: Path | None = None):
+        """``dataset``: a registry dataset's downloaded ``.npz`` (``x``, ``y``), used instead of the built-in one."""
         self.arch = arch
-        self.data = split(*load_builtin(eval_dataset), validation_fraction=0.2, seed=0)
+        rows = load_npz(dataset) if dataset is not None else load_builtin(eval_dataset)
+        self.data = split(*rows, validation_fraction=0.2, seed=0)
         self.train_rows = len(self.data.x_train)
         self.x_val, self.y_val = torch.from_numpy(self.data.x_val), torch.from_numpy(self.data.y_val)
 
@@ -108,7 +136,7 @@ class ClassifierTask:
         return {"accuracy": quality.mean, "val_accuracy": quality.mean}
 
 
-class EncoderTask:
+class EncoderTask(TorchScriptServed):
     quality_metric = "cosine"
     train_rows = 0  # quantize steps only
     latency_repeats, latency_warmup = 10, 2  # a MiniLM batch of 32 takes tens of milliseconds on one thread
@@ -153,11 +181,15 @@ class EncoderTask:
         return {"cosine": quality.mean, "cosine_min": quality.minimum}
 
 
-def task_for(arch: dict, eval_dataset: str) -> Task:
-    """The task for the source's family."""
+def task_for(arch: dict, eval_dataset: str | dict, quality_metric: str, dataset: Path | None = None) -> Task:
+    """The task for the source's family; ``eval_dataset`` is a built-in dataset's name or a registry dataset's
+    reference (then downloaded to ``dataset``)."""
     family = arch.get("family")
+    builtin = eval_dataset if isinstance(eval_dataset, str) else ""
     if family == minilm.FAMILY:
-        return EncoderTask(arch, eval_dataset)
+        return EncoderTask(arch, builtin)
     if family in CLASSIFIER_FAMILIES:
-        return ClassifierTask(arch, eval_dataset)
-    raise InvalidArgument(f"cannot compress a {family!r} model; known: {[*CLASSIFIER_FAMILIES, minilm.FAMILY]}")
+        return ClassifierTask(arch, builtin, dataset)
+    if family == "onnx" and dataset is not None:
+        return OnnxTask(arch, dataset, quality_metric)
+    raise InvalidArgument(f"cannot compress a {family!r} model; known: {[*CLASSIFIER_FAMILIES, minilm.FAMILY, 'onnx']}")

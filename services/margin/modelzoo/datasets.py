@@ -64,10 +64,15 @@ def load_builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
     raise InvalidArgument(f"unknown built-in dataset {name!r}; known: ['sklearn:digits']")
 
 
-def split(x: np.ndarray, y: np.ndarray, validation_fraction: float = 0.2, seed: int = 0) -> Split:
+def holdout(rows: int, validation_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (training, held out): a seeded permutation, the first ``validation_fraction`` of it held out."""
     if not 0.0 < validation_fraction < 1.0:
         raise InvalidArgument("validation_fraction must be in (0, 1)")
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_val = max(1, round(len(x) * validation_fraction))
-    val, train = order[:n_val], order[n_val:]
+    order = np.random.default_rng(seed).permutation(rows)
+    n_val = max(1, round(rows * validation_fraction))
+    return order[n_val:], order[:n_val]
+
+
+def split(x: np.ndarray, y: np.ndarray, validation_fraction: float = 0.2, seed: int = 0) -> Split:
+    train, val = holdout(len(x), validation_fraction, seed)
     return Split(x[train], y[train], x[val], y[val])

@@ -1,28 +1,26 @@
-"""Checks that an upload is the format it claims, without running (let alone unpickling) it.
+"""Checks that an upload is the format it claims, without running (let alone unpickling) it, and gives the signature
+to store with the version.
 
-.npz datasets are zip files; safetensors starts with a little-endian u64 header length followed by a JSON
-object. A TorchScript archive is a zip of a known layout (:mod:`margin.registry.torchscript_format`); ONNX is a
-protobuf that must parse and pass ``onnx.checker``, and whose graph must agree with a declared signature or,
-when none is declared, gives the version its signature (:mod:`margin.registry.onnx_format`).
+Safetensors starts with a little-endian u64 header length followed by a JSON object. A TorchScript archive is a
+zip of a known layout (:mod:`margin.registry.torchscript_format`); ONNX is a protobuf that must parse and pass
+``onnx.checker``, and whose graph must agree with a declared signature or, when none is declared, gives the
+version its signature (:mod:`margin.registry.onnx_format`). A ``dataset-npz`` upload's signature is always its
+manifest, read from the ``.npy`` headers of its arrays (:mod:`margin.registry.npz_format`): a declared signature
+must be that manifest, since the arrays, not the uploader, say what the dataset holds.
 """
 from __future__ import annotations
 
 import json
 import struct
-import zipfile
 from pathlib import Path
 
 from margin.common.errors import InvalidArgument
 from margin.common.tensors import Signature
+from margin.registry.npz_format import read_manifest
 from margin.registry.onnx_format import check_onnx
 from margin.registry.torchscript_format import check_torchscript
 
 MAX_SAFETENSORS_HEADER = 100 << 20
-
-
-def _zip(path: Path, what: str) -> None:
-    if not zipfile.is_zipfile(path):
-        raise InvalidArgument(f"the upload is not a {what} (expected a zip archive)")
 
 
 def _safetensors(path: Path) -> None:
@@ -41,20 +39,26 @@ def _safetensors(path: Path) -> None:
         raise InvalidArgument("the upload is not a safetensors file (header is not a JSON object)")
 
 
-CHECKS = {
-    "torchscript": check_torchscript,
-    "dataset-npz": lambda p: _zip(p, ".npz dataset"),
-    "safetensors": _safetensors,
-}
+def check_dataset(path: Path, signature: Signature) -> Signature:
+    """The .npz dataset's manifest; a declared signature that is not the manifest is refused."""
+    manifest = read_manifest(path)
+    if not signature.empty and signature != manifest:
+        raise InvalidArgument(f"a dataset's manifest is read from its arrays; leave --signature out (declared "
+                              f"{signature.describe()}, the arrays are {manifest.describe()})")
+    return manifest
+
+
+CHECKS = {"torchscript": check_torchscript, "safetensors": _safetensors}
+SIGNATURE_CHECKS = {"onnx": check_onnx, "dataset-npz": check_dataset}  # these give the version its signature
 
 
 def check_format(path: Path, fmt: str, signature: Signature | None = None) -> Signature:
     """Raise InvalidArgument when the file at ``path`` is not ``fmt`` (or, for ONNX, does not take and return
     what ``signature`` declares). Returns the signature to store with the version: the declared one, except that an
-    ONNX model declared without one gets its graph's."""
+    ONNX model declared without one gets its graph's, and a dataset always gets its manifest."""
     signature = signature or Signature()
-    if fmt == "onnx":
-        return check_onnx(path, signature)
+    if fmt in SIGNATURE_CHECKS:
+        return SIGNATURE_CHECKS[fmt](path, signature)
     check = CHECKS.get(fmt)
     if check:
         check(path)

@@ -6,6 +6,7 @@ import logging
 from dataclasses import replace
 
 from margin.budget.store import BudgetStore
+from margin.common import manifest
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
 from margin.common.errors import InvalidArgument
@@ -16,11 +17,25 @@ from margin.modelzoo import sizes
 from margin.modelzoo import spec as specs
 from margin.modelzoo.datasets import BUILTIN_SHAPES
 from margin.modelzoo.spec import BaseRef, TrainSpec
-from margin.sdk.registry_source import RegistrySource
+from margin.sdk.registry_source import RegistrySource, VersionInfo
 from margin.training.estimate import Estimate, Estimator
 
 log = logging.getLogger(__name__)
 KIND = "training"
+
+
+def dataset_rows(spec: TrainSpec, data: VersionInfo) -> int:
+    """The row count of the registry dataset ``data``, after checking from its manifest that it has features ``x``
+    the architecture takes and integer labels ``y``. A version uploaded before manifests has none: its rows are
+    guessed from its size, and the worker checks its arrays when it loads them (``worker.data.check_fits``)."""
+    features = sizes.sizes(spec.model_spec()).input_features
+    if data.signature.empty:
+        per_row = 4 * features + 8  # fp32 features + an int64 label
+        return max(2, data.size_bytes // per_row)
+    what = f"dataset {data.model} v{data.number}"
+    manifest.check_features(data.signature, features, what=what)
+    manifest.check_labels(data.signature, what=what)
+    return manifest.rows(data.signature)
 
 
 class TrainingCore:
@@ -35,7 +50,8 @@ class TrainingCore:
     # -- specs ------------------------------------------------------------------------------------
     def resolve(self, caller: Caller, spec: TrainSpec) -> tuple[TrainSpec, int]:
         """Validate ``spec`` and pin what it names in the registry (base and dataset versions, as the caller
-        sees them: another tenant's version is NOT_FOUND). Returns the spec and the dataset's row count."""
+        sees them: another tenant's version is NOT_FOUND). Returns the spec and the dataset's row count. A registry
+        dataset with a manifest is checked against the architecture here, before anything is queued or billed."""
         if spec.base:
             base = self.registry.version(caller.api_key, spec.base.model, spec.base.number, spec.base.alias)
             if base.format != "safetensors" or not base.architecture.get("family"):
@@ -57,8 +73,7 @@ class TrainingCore:
         spec = specs.validate(spec, max_world_size=self.max_world_size, device_classes=self.catalog.device_classes)
         if data is None:
             return spec, BUILTIN_SHAPES[spec.dataset].rows
-        per_row = 4 * sizes.sizes(spec.model_spec()).input_features + 8  # fp32 features + an int64 label
-        return spec, max(2, data.size_bytes // per_row)
+        return spec, dataset_rows(spec, data)
 
     def estimate(self, caller: Caller, spec: TrainSpec) -> tuple[TrainSpec, Estimate]:
         spec, rows = self.resolve(caller, spec)

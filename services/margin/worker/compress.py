@@ -16,7 +16,6 @@ registers one twice.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import tempfile
 import time
@@ -29,8 +28,8 @@ import torch
 from margin.common import config, protoconv
 from margin.common.costs import RunCost, cost_per_million_micros, format_money, run_cost
 from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, Refusal
+from margin.compression import quality
 from margin.compression.estimate import CompressionEstimator, source_parameters, variant_work
-from margin.compression.measure import measure, parameter_count
 from margin.compression.recipe import Recipe
 from margin.compression.tasks import Quality, Task, task_for
 from margin.sdk.channel import Connection
@@ -45,6 +44,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 BUDGET_MARGIN = 1.5  # the next piece of work is assumed to take up to 1.5× what it took last time
 SERVING_FIGURES = ("cost_per_million_micros", "latency_p50_ms_batch1", "latency_p50_ms_batch32")
+VARIANT_FORMATS = {"torchscript": registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, "onnx": registry_pb2.ARTIFACT_FORMAT_ONNX}
 OBJECTIVE_KEYS = {"min_cost_per_million": "cost_per_million_micros", "min_latency": "latency_p50_ms_batch1",
                   "min_size": "size_bytes"}
 
@@ -67,15 +67,23 @@ class Compressor:
         self.last_beat = 0.0
         self.task: Task | None = None
 
-    def load_source(self, beat: Callable[[], None]) -> torch.nn.Module:
-        self.task = task_for(self.arch, self.spec["eval_dataset"])
-        beat()
+    def load_source(self, beat: Callable[[], None]) -> torch.nn.Module | bytes:
+        """The source, loaded by its task; a registry evaluation dataset is downloaded for the task first."""
+        dataset = self.spec["eval_dataset"]
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "weights.safetensors"
-            self.registry.download_to(common_pb2.VersionRef(model=self.source["model"],
-                                                            number=self.source["number"]), path)
+            path = None
+            if isinstance(dataset, dict):
+                path = Path(tmp) / "dataset.npz"
+                self.registry.download_to(common_pb2.VersionRef(model=dataset["model"], number=dataset["number"]),
+                                          path)
+                beat()
+            self.task = task_for(self.arch, dataset, self.spec["quality_metric"], path)
             beat()
-            return self.task.load(path)
+            source = Path(tmp) / "source"
+            self.registry.download_to(common_pb2.VersionRef(model=self.source["model"],
+                                                            number=self.source["number"]), source)
+            beat()
+            return self.task.load(source)
 
     def check(self, step: int, total: int, next_seconds: float, *, between: bool = True) -> None:
         """Renew the lease (at most once a second inside a variant); stop for a cancel, or before work expected to
@@ -112,15 +120,14 @@ class Compressor:
 
     def report(self, module: torch.nn.Module, blob: bytes, recipe: dict, sparsity: float, run_micros: int,
                beat: Callable[[], None]) -> dict:
-        """Measure what would be served: the TorchScript artifact, reloaded from its bytes."""
-        served = torch.jit.load(io.BytesIO(blob))
+        """Measure what would be served: the artifact, reloaded from its bytes."""
+        served = self.task.served(blob)
         quality = self.task.quality(served)
         beat()
-        m = measure(served, *self.task.latency_inputs(), repeats=self.task.latency_repeats,
-                    warmup=self.task.latency_warmup)
+        m = self.task.measure(served, blob)
         beat()
         report = {"recipe": recipe, "device_class": self.spec["device_class"], "size_bytes": len(blob),
-                "parameters": parameter_count(module), "sparsity": sparsity,
+                "parameters": self.task.parameters(module), "sparsity": sparsity,
                 "latency_p50_ms_batch1": m.latency_p50_ms_batch1, "latency_p99_ms_batch1": m.latency_p99_ms_batch1,
                 "latency_p50_ms_batch32": m.latency_p50_ms_batch32,
                 "latency_p99_ms_batch32": m.latency_p99_ms_batch32, "throughput_per_second": m.throughput_per_second,
@@ -134,7 +141,7 @@ class Compressor:
 
     def register(self, index: int, blob: bytes, report: dict, made: RunCost) -> dict:
         meta = registry_pb2.UploadMetadata(
-            model=self.source["model"], format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+            model=self.source["model"], format=VARIANT_FORMATS[self.task.format],
             signature=protoconv.signature_to_proto(self.task.signature()),
             parent=common_pb2.VersionRef(model=self.source["model"], number=self.source["number"]),
             recipe=protoconv.struct({"kind": "compression", "job_id": self.run.job_id, "recipe": report["recipe"]}),
@@ -197,7 +204,7 @@ class Compressor:
             micros = made.total_micros
             report = self.report(compressed.model, blob, recipe, compressed.sparsity, micros, beat)
             report["compression_ratio"] = len(baseline_blob) / len(blob)
-            report["quality_delta"] = report["quality"] - baseline["quality"]
+            report["quality_delta"] = report["quality"] - baseline["quality"]  # signed as the metric is
             saving = baseline["cost_per_million_micros"] - report["cost_per_million_micros"]
             report["break_even_inferences"] = int(micros * 1_000_000 / saving) if saving > 0 else -1
             report["version"] = self.register(i, blob, report, made)
@@ -217,24 +224,29 @@ def choose(variants: list[dict], baseline: dict, auto: dict | None) -> dict:
     under the objective — the best, not the first that passes."""
     floor = (auto or {}).get("floor") or {}
     minimum = float(floor.get("minimum", 0.0))
-    baseline.update(meets_floor=baseline["quality"] >= minimum, pareto_optimal=False)
+    metric = baseline.get("quality_metric", "")
+    if not floor:  # an explicit recipe: every variant meets the (absent) floor
+        minimum = float("inf") if metric in quality.LOWER_IS_BETTER else float("-inf")
+    good = {id(v): quality.goodness(metric, v["quality"]) for v in (baseline, *variants)}
+    baseline.update(meets_floor=quality.meets(metric, baseline["quality"], minimum), pareto_optimal=False)
     for v in variants:
-        v["meets_floor"] = v["quality"] >= minimum
+        v["meets_floor"] = quality.meets(metric, v["quality"], minimum)
         v["pareto_optimal"] = not any(
-            (o["cost_per_million_micros"] <= v["cost_per_million_micros"] and o["quality"] >= v["quality"])
-            and (o["cost_per_million_micros"] < v["cost_per_million_micros"] or o["quality"] > v["quality"])
+            (o["cost_per_million_micros"] <= v["cost_per_million_micros"] and good[id(o)] >= good[id(v)])
+            and (o["cost_per_million_micros"] < v["cost_per_million_micros"] or good[id(o)] > good[id(v)])
             for o in variants)
     objective = (auto or {}).get("objective") or "min_cost_per_million"
     key = OBJECTIVE_KEYS[objective]
     passing = [i for i, v in enumerate(variants) if v["meets_floor"]]
     if not passing:
-        best = max(variants, key=lambda v: v["quality"]) if variants else None
-        metric = floor.get("metric") or baseline.get("quality_metric", "quality")
-        outcome = (f"no variant meets the floor {metric} ≥ {minimum}: the best reached {best['quality']:.4f} "
+        best = max(variants, key=lambda v: good[id(v)]) if variants else None
+        bound = "≤" if metric in quality.LOWER_IS_BETTER else "≥"
+        outcome = (f"no variant meets the floor {metric or 'quality'} {bound} {minimum}: the best reached "
+                   f"{best['quality']:.4f} "
                    f"({best['recipe'].get('name')}); the source has {baseline['quality']:.4f}"
                    if best else "no variant was made")
         return {"variants": variants, "chosen": -1, "outcome": outcome, "baseline": baseline}
-    chosen = min(passing, key=lambda i: (variants[i][key], -variants[i]["quality"]))
+    chosen = min(passing, key=lambda i: (variants[i][key], -good[id(variants[i])]))
     v = variants[chosen]
     outcome = (f"chose {v['recipe'].get('name') or f'variant {chosen + 1}'} ({objective.replace('_', ' ')}): "
                f"{format_money(v['cost_per_million_micros'])} per million inferences vs "

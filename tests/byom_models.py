@@ -1,0 +1,151 @@
+"""Two small "bring your own" PyTorch models, trained in seconds on data made here, for tests of what Margin does
+with an ONNX model a team uploads (signature derivation, compression with ONNX Runtime's quantization tools).
+
+Unlike :mod:`tests.onnx_models` (graphs written node by node), these come out of the PyTorch exporter, with the
+operators real uploads have: a transformer text classifier (``Gather``, ``MatMul``, ``LayerNormalization``,
+``Softmax``) and a residual CNN (``Conv`` with folded BatchNorm, ``GlobalAveragePool``, ``Gemm``). They are trained,
+so that a compressed variant can be judged by whether its argmax agrees with the fp32 model's on held-out rows.
+Nothing is downloaded: the text task is synthetic and the images are scikit-learn's bundled ``load_digits``.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+VOCAB = 1000
+SEQ_LEN = 32
+TEXT_CLASSES = 4
+IMAGE_SIZE = 32
+IMAGE_CLASSES = 10
+_KEYWORDS_PER_CLASS = 8
+_KEYWORDS_PER_ROW = 4
+_THREADS = 2  # the CI machine has 2 cores, shared
+
+
+class TextClassifier(nn.Module):
+    """``input_ids: INT64[batch, 32]`` -> ``logits: FP32[batch, 4]``: token and learned position embeddings, a
+    2-layer transformer encoder (d_model 64, 4 heads, no dropout), mean pooling over the sequence, a linear head."""
+
+    def __init__(self, vocab: int = VOCAB, seq_len: int = SEQ_LEN, classes: int = TEXT_CLASSES,
+                 d_model: int = 64) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d_model)
+        self.positions = nn.Parameter(torch.randn(1, seq_len, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=128, dropout=0.0, batch_first=True)
+        # enable_nested_tensor=False: the nested-tensor fast path is for padded batches, which these are not
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(self.tokens(input_ids) + self.positions)
+        return self.head(hidden.mean(dim=1))
+
+
+class _BasicBlock(nn.Module):
+    """A ResNet basic block: two conv3x3+BatchNorm layers and a shortcut (1x1 conv+BatchNorm where the shape
+    changes), added before the last ReLU."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(channels_out),
+            nn.ReLU(), nn.Conv2d(channels_out, channels_out, 3, 1, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out))
+        reshapes = stride != 1 or channels_in != channels_out
+        self.shortcut = (nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, stride, bias=False),
+                                       nn.BatchNorm2d(channels_out)) if reshapes else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNetCNN(nn.Module):
+    """``images: FP32[batch, 3, 32, 32]`` -> ``logits: FP32[batch, 10]``: a conv3x3(16)+BatchNorm+ReLU stem, a basic
+    block at 16 channels, a stride-2 basic block to 32 channels, global average pooling, a linear head."""
+
+    def __init__(self, classes: int = IMAGE_CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(_BasicBlock(16, 16, stride=1), _BasicBlock(16, 32, stride=2))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(self.stem(images))
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def text_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows of a learnable 4-class text task: ``(input_ids INT64[n, 32], y INT64[n])``. Each class owns 8
+    keyword tokens; a row is uniform random tokens (outside every keyword set) with 4 of its class's keywords put at
+    random positions, so the class is read off which keywords occur, wherever they are."""
+    rng = np.random.default_rng(seed)
+    keywords = np.arange(TEXT_CLASSES * _KEYWORDS_PER_CLASS).reshape(TEXT_CLASSES, _KEYWORDS_PER_CLASS)
+    y = rng.integers(0, TEXT_CLASSES, n)
+    ids = rng.integers(keywords.size, VOCAB, (n, SEQ_LEN))
+    slots = np.argsort(rng.random((n, SEQ_LEN)), axis=1)[:, :_KEYWORDS_PER_ROW]
+    picks = rng.integers(0, _KEYWORDS_PER_CLASS, (n, _KEYWORDS_PER_ROW))
+    np.put_along_axis(ids, slots, keywords[y[:, None], picks], axis=1)
+    return ids.astype(np.int64), y.astype(np.int64)
+
+
+def image_data() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (1797 rows of 8x8, values 0..16) as ``(images FP32[1797, 3, 32, 32] in [0, 1],
+    labels INT64[1797])``: each pixel repeated 4x4, the grey level copied to 3 channels."""
+    digits = load_digits()
+    images = np.kron(digits.images / 16.0, np.ones((IMAGE_SIZE // 8, IMAGE_SIZE // 8)))
+    images = np.repeat(images[:, None], 3, axis=1)
+    return images.astype(np.float32), digits.target.astype(np.int64)
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
+          batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
+    """Train ``model`` on ``(x, y)`` with Adam and cross-entropy, in shuffled mini-batches on at most 2 threads, and
+    return it in eval mode. Training mode during the epochs means BatchNorm learns its running statistics, so an
+    exported model folds real (not identity) normalization into its convolutions."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(_THREADS)
+    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(inputs)).split(batch_size):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs[rows]), targets[rows]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """The fraction of rows whose argmax logit is the label."""
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(dim=1).numpy() == y).mean())
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, input_name: str) -> bytes:
+    """``model`` as a serialized opset-17 ONNX model with one input ``input_name`` and one output ``logits``, the
+    batch axis of both dynamic. Uses the TorchScript exporter (``dynamo=False``), which needs no ``onnxscript``; the
+    BatchNorm layers of a model in eval mode are folded into the convolutions before them. PyTorch's fused
+    transformer fast path (``aten::_transformer_encoder_layer_fwd``, taken in eval mode without gradients) has no
+    ONNX export, so it is off while exporting and the encoder is traced as its plain operators."""
+    buffer = io.BytesIO()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model.eval(), (example,), buffer, dynamo=False, opset_version=17,
+                              input_names=[input_name], output_names=["logits"],
+                              dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return buffer.getvalue()
+
+
+def dataset_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of an ``.npz`` file (``np.savez``), e.g. a calibration or evaluation set to upload."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
