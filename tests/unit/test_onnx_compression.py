@@ -181,3 +181,29 @@ def test_a_relative_error_floor_is_a_ceiling_and_lower_error_is_better_on_the_fr
     assert [v["pareto_optimal"] for v in variants] == [True, True, False]
     none = choose([variant("a", 0.2, 10)], {**baseline}, {"floor": {"metric": "relative_error", "minimum": 0.1}})
     assert none["chosen"] == -1 and "relative_error ≤ 0.1" in none["outcome"]
+
+
+def test_fp16_keeps_float_inputs_and_outputs_and_a_graph_onnx_checker_accepts(tmp_path):
+    """The fp16 converter casts a float input in a node it appends last; the variant is sorted so that the
+    registry's onnx.checker (and Triton) take it."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                 torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.zeros(1, 3, 8, 8),), buffer, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    (tmp_path / "source.onnx").write_bytes(buffer.getvalue())
+    made = apply_onnx_recipe(buffer.getvalue(), recipe({"quantize": {"scheme": "fp16"}}), [])
+    (tmp_path / "half.onnx").write_bytes(made.model)
+    assert check_onnx(tmp_path / "half.onnx", Signature()) == check_onnx(tmp_path / "source.onnx", Signature())
+    assert len(made.model) < 0.65 * len(buffer.getvalue())  # half the weight bytes; the graph is as long
+
+
+def test_a_scheme_that_finds_nothing_to_quantize_says_so(source):
+    """int4 weight-only takes MatMul weights; a model of Conv and Gemm layers is left as it was, and the notes say
+    so rather than report a variant as quantized."""
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.zeros(1, 4),), buffer, input_names=["x"], output_names=["y"], dynamo=False)
+    made = apply_onnx_recipe(buffer.getvalue(), recipe({"quantize": {"scheme": "weight_only_int4"}}), [])
+    assert any("found nothing to quantize" in note for note in made.notes), made.notes

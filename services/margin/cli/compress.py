@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -24,9 +24,17 @@ from rich.table import Table
 from margin.cli import render, shared
 from margin.cli.context import connection
 from margin.cli.jobs import STATES, TERMINAL, budget_micros, state_filter
-from margin.cli.shared import KeyOpt, grpc_errors, parse_ref
+from margin.cli.shared import KeyOpt, RegistryOpt, grpc_errors, parse_ref
 from margin.common.costs import format_money
-from margin.v1 import common_pb2, compression_pb2, compression_pb2_grpc, inference_pb2, inference_pb2_grpc
+from margin.v1 import (
+    common_pb2,
+    compression_pb2,
+    compression_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 
 compress_app = typer.Typer(help="Compress registered models: explicit recipes, AutoCompress, the Pareto front.",
                            no_args_is_help=True)
@@ -388,20 +396,41 @@ def watch(stub: compression_pb2_grpc.CompressionStub, metadata: tuple, job_id: s
     return stub.GetCompressionJob(compression_pb2.GetCompressionJobRequest(id=job_id), metadata=metadata)
 
 
-def follow(stub: compression_pb2_grpc.CompressionStub, metadata: tuple, job_id: str, png: Path | None) -> None:
-    """Watch and report a job; exit 0 when it SUCCEEDED, else 1. Ctrl-C stops watching, not the job."""
+def follow(stub: compression_pb2_grpc.CompressionStub, metadata: tuple, job_id: str, png: Path | None,
+           then: Callable[[compression_pb2.CompressionJob], None] | None = None) -> None:
+    """Watch and report a job (and, when it SUCCEEDED, hand it to ``then``); exit 0 when it SUCCEEDED, else 1.
+    Ctrl-C stops watching, not the job."""
     try:
         job = watch(stub, metadata, job_id)
     except KeyboardInterrupt:
         shared.console.print(f"stopped watching; {job_id} keeps running: `margin compress watch {job_id}`")
         raise typer.Exit(130) from None
-    raise typer.Exit(0 if report(job, shared.console, png) else 1)
+    succeeded = report(job, shared.console, png)
+    if succeeded and then is not None:
+        then(job)
+    raise typer.Exit(0 if succeeded else 1)
 
 
-def _submitted(stub, md, job: compression_pb2.CompressionJob, watch_job: bool, png: Path | None) -> None:
+def alias_chosen(alias: str, registry_addr: str | None, api_key: str | None) \
+        -> Callable[[compression_pb2.CompressionJob], None]:
+    """Point ``alias`` at the job's chosen variant (nothing when none was chosen)."""
+    def point(job: compression_pb2.CompressionJob) -> None:
+        if not 0 <= job.chosen < len(job.variants):
+            shared.console.print(f"no variant was chosen: {alias} left as it was")
+            return
+        version = job.variants[job.chosen].version
+        conn = connection("registry", registry_addr, api_key)
+        registry_pb2_grpc.ModelRegistryStub(conn.channel).SetAlias(registry_pb2.SetAliasRequest(
+            model=version.model, alias=alias, number=version.number), metadata=conn.metadata)
+        shared.console.print(f"{version.model}@{alias} → v{version.number}")
+    return point
+
+
+def _submitted(stub, md, job: compression_pb2.CompressionJob, watch_job: bool, png: Path | None,
+               then: Callable[[compression_pb2.CompressionJob], None] | None = None) -> None:
     shared.console.print(f"submitted [bold]{job.id}[/] ({render.job_state(job.state)})")
     if watch_job:
-        follow(stub, md, job.id, png)
+        follow(stub, md, job.id, png, then)
 
 
 def jobs_table(jobs: list[compression_pb2.CompressionJob]) -> Table:
@@ -452,14 +481,20 @@ def compress_auto(source: str = typer.Argument(..., metavar="SOURCE", help="MODE
                                                          help="price-catalog device class (default cpu); may repeat"),
                   eval_dataset: str = EvalDatasetOpt, budget: str | None = BudgetOpt,
                   idempotency_key: str = IdempotencyOpt, watch_job: bool = WatchOpt, png: Path | None = PngOpt,
-                  compression_addr: str = CompressionOpt, api_key: str = KeyOpt) -> None:
+                  alias: str | None = typer.Option(None, "--alias", help="with --watch: point this alias at the "
+                                                   "chosen variant when the job succeeds (e.g. cheapest)"),
+                  compression_addr: str = CompressionOpt, registry_addr: str = RegistryOpt,
+                  api_key: str = KeyOpt) -> None:
     """AutoCompress SOURCE: the best variant above the floor; with --watch, follow it and report the front."""
+    if alias and not watch_job:
+        raise typer.BadParameter("the chosen variant is known when the job ends: add --watch", param_hint="--alias")
     request = compression_pb2.AutoCompressRequest(
         source=parse_ref(source), floor=parse_floor(floor), objective=parse_objective(objective),
         candidates=parse_candidates(candidates), device_classes=device_class, eval_dataset=dataset_ref(eval_dataset),
         budget=_money(budget_micros(budget)), idempotency_key=idempotency_key)
     stub, md = compression(compression_addr, api_key)
-    _submitted(stub, md, stub.AutoCompress(request, metadata=md), watch_job, png)
+    _submitted(stub, md, stub.AutoCompress(request, metadata=md), watch_job, png,
+               alias_chosen(alias, registry_addr, api_key) if alias else None)
 
 
 @compress_app.command("watch")

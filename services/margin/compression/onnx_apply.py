@@ -84,10 +84,12 @@ def _weight_only_int4(source: Path, out: Path, step: QuantizeStep, _: Sequence[F
 
 def _fp16(source: Path, out: Path, step: QuantizeStep, _: Sequence[Feeds]) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = convert_float_to_float16(onnx.load(source), keep_io_types=True,
-                                     node_block_list=list(step.skip_layers) or None)
-    onnx.save(model, out)
+    model = OnnxModel(convert_float_to_float16(onnx.load(source), keep_io_types=True,
+                                               node_block_list=list(step.skip_layers) or None))
+    model.topological_sort()  # the converter appends the casts of float inputs last; onnx.checker needs them first
+    onnx.save(model.model, out)
 
 
 QUANTIZERS = {"dynamic_int8": _dynamic_int8, "static_int8": _static_int8, "weight_only_int4": _weight_only_int4,
@@ -103,6 +105,11 @@ def quantize(model: bytes, step: QuantizeStep, calibration: Sequence[Feeds]) -> 
         return out.read_bytes()
 
 
+def _weights(model: bytes) -> list[tuple[str, int]]:
+    """Each initializer's name and element type: what a quantizer would have changed."""
+    return [(t.name, t.data_type) for t in onnx.load_model_from_string(model).graph.initializer]
+
+
 def apply_onnx_recipe(model: bytes, recipe: Recipe, calibration: Sequence[Feeds]) -> Compressed:
     """Validate ``recipe`` for an ONNX source and run it on ``model``; ``Compressed.model`` is the ONNX bytes."""
     validate(recipe, family="onnx")
@@ -112,7 +119,11 @@ def apply_onnx_recipe(model: bytes, recipe: Recipe, calibration: Sequence[Feeds]
             model = optimize(model, step.level)
             notes.append(f"step {number}: graph optimized ({step.level})")
         else:
+            before = model
             model = quantize(model, step, calibration)
+            if _weights(model) == _weights(before):
+                notes.append(f"step {number}: {step.scheme} found nothing to quantize (e.g. int4 takes MatMul "
+                             "weights; Conv and Gemm stay float)")
             batches = min(len(calibration), step.calibration_batches or DEFAULT_CALIBRATION_BATCHES)
             calibrated = f", calibrated on {batches} batches" if step.scheme == "static_int8" else ""
             notes.append(f"step {number}: quantized {step.scheme}{calibrated}")
