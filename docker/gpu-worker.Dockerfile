@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # The Celery worker for GPU node pools: the CUDA build of PyTorch (PyPI's Linux wheels bundle the CUDA runtime as
-# nvidia-* wheels; the node's driver comes in through the NVIDIA container toolkit), Margin on top.
+# nvidia-* wheels; the node's driver comes in through the NVIDIA container toolkit), Margin on top, with
+# onnxruntime-gpu in place of onnxruntime (the same module: ONNX compression measures fp16 variants on CUDA).
 # `docker build -f docker/gpu-worker.Dockerfile -t margin-gpu-worker .` (`make images`).
 
 FROM python:3.11-slim-bookworm AS builder
@@ -18,7 +19,9 @@ RUN pip install grpcio-tools==1.81.1 \
       protos/margin/v1/*.proto \
  && touch services/margin/v1/__init__.py \
  && pip uninstall -y grpcio-tools \
- && pip install .
+ && pip install . \
+ && pip uninstall -y onnxruntime \
+ && pip install "onnxruntime-gpu>=1.20,<2"
 COPY tests/data/sentences.txt /opt/venv/share/margin/sentences.txt
 
 FROM python:3.11-slim-bookworm

@@ -210,7 +210,7 @@ def front_table(job: compression_pb2.CompressionJob, served: Served | None = Non
     floor = f", floor {job.auto.floor.metric} ≥ {job.auto.floor.minimum:g}" if _has_floor(job) else ""
     table = Table(title=f"Variants of {_ref(job.source)} ({objective_name(job)}{floor})", box=box.SIMPLE_HEAVY,
                   show_edge=False, pad_edge=False, collapse_padding=True,
-                  caption=f"{WORKER_LABEL}: measured by the compression worker on the TorchScript artifact"
+                  caption=f"{WORKER_LABEL}: measured by the compression worker on the registered artifact"
                           + (f"; {SERVED_LABEL}: what the version's deployment costs as served" if with_served
                              else ""))
     for header, justify in columns:

@@ -8,7 +8,8 @@
   :data:`MAX_EVAL_ROWS`) by the metric the floor names (:mod:`margin.compression.quality`), against the source's
   outputs on the same rows, computed once by the same runtime.
 - Latency is ONNX Runtime on one intra-op thread (as the TorchScript tasks use one torch thread), on the first
-  held-out row and on the first 32 (repeated when fewer are held out).
+  held-out row and on the first 32 (repeated when fewer are held out); on a GPU device class, quality and latency
+  run on ONNX Runtime's CUDA provider when the worker's onnxruntime has it (:func:`providers`).
 - Parameters are the source's weights (ONNX Runtime's quantizers store weights in fewer bits; they remove none).
 """
 from __future__ import annotations
@@ -33,15 +34,25 @@ BATCH = 32  # calibration batches, evaluation batches and the second latency bat
 LATENCY_THREADS = 1
 
 
-def session(model: bytes, threads: int):
-    """An ONNX Runtime CPU session of ``model`` on ``threads`` intra-op threads."""
+def providers(device_class: str) -> list[str]:
+    """ONNX Runtime's providers for a device class: CUDA first on a GPU class when this onnxruntime has it (the GPU
+    worker's image installs onnxruntime-gpu), else the CPU."""
+    import onnxruntime as ort
+
+    if device_class != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session(model: bytes, threads: int, device_class: str = "cpu"):
+    """An ONNX Runtime session of ``model`` on ``threads`` intra-op threads, on the device class's provider."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=providers(device_class))
 
 
 def load_arrays(path: Path, signature: Signature) -> tuple[Feeds, np.ndarray | None]:
@@ -78,9 +89,9 @@ class OnnxTask:
     train_rows = 0  # quantize and optimize steps only: nothing is trained
     latency_repeats, latency_warmup = 30, 5
 
-    def __init__(self, arch: dict, dataset: Path, quality_metric: str):
+    def __init__(self, arch: dict, dataset: Path, quality_metric: str, device_class: str = "cpu"):
         self._signature = Signature.from_dict(arch["signature"])
-        self.quality_metric = quality_metric
+        self.quality_metric, self.device_class = quality_metric, device_class
         feeds, labels = load_arrays(dataset, self._signature)
         rows = len(next(iter(feeds.values())))
         train, val = holdout(rows, validation_fraction=0.2, seed=0)
@@ -108,7 +119,7 @@ class OnnxTask:
         return model
 
     def served(self, blob: bytes):
-        return session(blob, config.torch_threads())
+        return session(blob, config.torch_threads(), self.device_class)
 
     def quality(self, served) -> Quality:
         if self.reference is None:
@@ -117,7 +128,7 @@ class OnnxTask:
         return score(self.quality_metric, outputs, self.reference, self.labels)
 
     def measure(self, served, blob: bytes) -> Measurement:
-        timed = session(blob, LATENCY_THREADS)
+        timed = session(blob, LATENCY_THREADS, self.device_class)
         b1, b32 = (time_calls(lambda feeds=feeds: timed.run(None, feeds), self.latency_repeats, self.latency_warmup)
                    for feeds in self.latency_batches)
         return Measurement.of(len(blob), self.source_parameters, 0.0, b1, b32, batch=BATCH, threads=LATENCY_THREADS)

@@ -181,7 +181,8 @@ class EncoderTask(TorchScriptServed):
         return {"cosine": quality.mean, "cosine_min": quality.minimum}
 
 
-def task_for(arch: dict, eval_dataset: str | dict, quality_metric: str, dataset: Path | None = None) -> Task:
+def task_for(arch: dict, eval_dataset: str | dict, quality_metric: str, dataset: Path | None = None,
+             device_class: str = "cpu") -> Task:
     """The task for the source's family; ``eval_dataset`` is a built-in dataset's name or a registry dataset's
     reference (then downloaded to ``dataset``)."""
     family = arch.get("family")
@@ -191,5 +192,5 @@ def task_for(arch: dict, eval_dataset: str | dict, quality_metric: str, dataset:
     if family in CLASSIFIER_FAMILIES:
         return ClassifierTask(arch, builtin, dataset)
     if family == "onnx" and dataset is not None:
-        return OnnxTask(arch, dataset, quality_metric)
+        return OnnxTask(arch, dataset, quality_metric, device_class)
     raise InvalidArgument(f"cannot compress a {family!r} model; known: {[*CLASSIFIER_FAMILIES, minilm.FAMILY, 'onnx']}")

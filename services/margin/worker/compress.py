@@ -77,7 +77,7 @@ class Compressor:
                 self.registry.download_to(common_pb2.VersionRef(model=dataset["model"], number=dataset["number"]),
                                           path)
                 beat()
-            self.task = task_for(self.arch, dataset, self.spec["quality_metric"], path)
+            self.task = task_for(self.arch, dataset, self.spec["quality_metric"], path, self.spec["device_class"])
             beat()
             source = Path(tmp) / "source"
             self.registry.download_to(common_pb2.VersionRef(model=self.source["model"],
