@@ -6,6 +6,7 @@ import io
 import time
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from google.protobuf import json_format
@@ -251,3 +252,39 @@ def test_a_budget_below_the_estimate_is_refused_and_one_that_runs_out_stops_the_
     assert 0 < final.cost.total.micros <= estimate.cost.low.micros and "budget" in final.outcome
     assert len(job_variants(stack, job.id)) < 6
     assert sum(r.micros for r in stack.ledger(job.id)) == final.cost.total.micros
+
+
+def test_a_classifier_is_scored_on_the_teams_own_dataset(stack):
+    """A built-in MLP scored on an uploaded ``.npz`` (here the last 600 digits, relabelled nowhere: its own rows),
+    not the built-in dataset: the worker splits it as a training job would and reports accuracy on its held-out
+    rows; a dataset whose features do not fit the model is refused at submit."""
+    x, y = load_builtin("sklearn:digits")
+    x, y = x[-600:], y[-600:]
+    client = stack.cluster.client()
+    client.ensure_model("team-digits")
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    data = client.upload_bytes(buffer.getvalue(), registry_pb2.UploadMetadata(
+        model="team-digits", format=registry_pb2.ARTIFACT_FORMAT_DATASET_NPZ))
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x[:, :32], y=y)
+    narrow = client.upload_bytes(buffer.getvalue(), registry_pb2.UploadMetadata(
+        model="team-digits", format=registry_pb2.ARTIFACT_FORMAT_DATASET_NPZ))
+    stub, md = stack.compression_stub()
+
+    def submit(version: registry_pb2.ModelVersion) -> compression_pb2.CompressionJob:
+        return stub.SubmitCompression(compression_pb2.SubmitCompressionRequest(
+            source=SOURCE, recipe=recipe("int8", {"quantize": {"scheme": "dynamic_int8", "per_channel": True}}),
+            eval_dataset=common_pb2.DatasetRef(registry=common_pb2.VersionRef(model=version.model,
+                                                                              number=version.number))), metadata=md)
+
+    with pytest.raises(grpc.RpcError) as err:
+        submit(narrow)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "64" in err.value.details()
+    final = finished(stack, submit(data).id)
+    assert State.Name(final.state) == "JOB_STATE_SUCCEEDED", final.outcome
+    held = split(x, y, validation_fraction=0.2, seed=0)
+    served = torch.jit.load(io.BytesIO(download(stack, final.variants[0].version)))
+    with torch.inference_mode():
+        accuracy = (served(torch.from_numpy(held.x_val)).argmax(1).numpy() == held.y_val).mean()
+    assert len(held.y_val) == 120 and final.variants[0].quality == pytest.approx(accuracy, abs=1e-9)
