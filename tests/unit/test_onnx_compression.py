@@ -17,6 +17,7 @@ from margin.common.errors import InvalidArgument
 from margin.common.tensors import Signature
 from margin.compression import quality
 from margin.compression.core import ONNX_GPU_SEARCH_SPACE, ONNX_SEARCH_SPACE
+from margin.compression.estimate import history_key
 from margin.compression.onnx_apply import apply_onnx_recipe
 from margin.compression.onnx_task import OnnxTask
 from margin.compression.recipe import OptimizeStep, QuantizeStep, Recipe, validate
@@ -207,3 +208,10 @@ def test_a_scheme_that_finds_nothing_to_quantize_says_so(source):
     torch.onnx.export(module, (torch.zeros(1, 4),), buffer, input_names=["x"], output_names=["y"], dynamo=False)
     made = apply_onnx_recipe(buffer.getvalue(), recipe({"quantize": {"scheme": "weight_only_int4"}}), [])
     assert any("found nothing to quantize" in note for note in made.notes), made.notes
+
+
+def test_onnx_runs_are_estimated_from_runs_of_sources_of_a_similar_size():
+    assert history_key({"family": "onnx", "size_bytes": 300_000}) == "onnx:1MiB"
+    assert history_key({"family": "onnx", "size_bytes": 90_000_000}) == "onnx:128MiB"
+    assert history_key({"family": "onnx", "size_bytes": 64 << 20}) == "onnx:64MiB"
+    assert history_key({"family": "mlp", "hidden": [32]}) == "mlp"

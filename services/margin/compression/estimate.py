@@ -11,6 +11,7 @@ submit), and its variants (quantize steps only) never train.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -40,6 +41,15 @@ def source_parameters(arch: dict) -> int:
     if arch["family"] == ONNX_FAMILY:
         return int(arch.get("size_bytes", 0)) // 4
     return sizes.parameter_count(arch)
+
+
+def history_key(arch: dict) -> str:
+    """Which runs' history estimates this source: its family's; an ONNX source's, per power-of-two size in MiB (the
+    time to quantize and time a variant grows with the model, and ONNX sources are any size)."""
+    if arch["family"] != ONNX_FAMILY:
+        return arch["family"]
+    mib = max(1.0, int(arch.get("size_bytes", 0)) / (1 << 20))
+    return f"{ONNX_FAMILY}:{1 << math.ceil(math.log2(mib))}MiB"
 
 
 def variant_work(recipe: dict, train_rows: int, params: int) -> float:
@@ -74,7 +84,8 @@ class CompressionEstimator:
         train_rows = max(1, round(rows * TRAIN_SHARE))
         work = sum(variant_work(c, train_rows, params) for c in candidates)
         n = len(candidates)
-        history = self._store.throughput_history(arch["family"], device_class, HISTORY_PRECISION, 1)
+        key = history_key(arch)
+        history = self._store.throughput_history(key, device_class, HISTORY_PRECISION, 1)
         rates = [r for r, _ in history if r > 0]
         if history:
             fixed = [f for _, f in history]
@@ -82,14 +93,14 @@ class CompressionEstimator:
             seconds = n * statistics.median(fixed) + work / rate
             low = (n * min(fixed) + work / (max(rates) if rates else rate)) * HISTORY_MARGIN[0]
             high = (n * max(fixed) + work / (min(rates) if rates else rate)) * HISTORY_MARGIN[1]
-            basis = (f"history: {len(history)} run(s) of {arch['family']} on {device_class}, median "
+            basis = (f"history: {len(history)} run(s) of {key} on {device_class}, median "
                      f"{statistics.median(fixed):.2f}s per variant"
                      + (f" + {rate:.3g} sample-params/s of fine-tuning" if rates else ""))
         else:
             per_variant = FIRST_GUESS_SECONDS_BY_FAMILY.get(arch["family"], FIRST_GUESS_SECONDS_PER_VARIANT)
             seconds = n * per_variant + work / FIRST_GUESS_WORK_PER_S
             low, high = seconds * FIRST_GUESS_RANGE[0], seconds * FIRST_GUESS_RANGE[1]
-            basis = (f"first guess (no history for {arch['family']} on {device_class}): "
+            basis = (f"first guess (no history for {key} on {device_class}): "
                      f"{per_variant:.0f}s per variant + fine-tuning at "
                      f"{FIRST_GUESS_WORK_PER_S:.0e} sample-params/s, range ×{FIRST_GUESS_RANGE[0]}–"
                      f"×{FIRST_GUESS_RANGE[1]}")

@@ -29,7 +29,7 @@ from margin.common import config, protoconv
 from margin.common.costs import RunCost, cost_per_million_micros, format_money, run_cost
 from margin.common.jobs import BUDGET_EXCEEDED, CANCELLED, RUNNING, SUCCEEDED, Refusal
 from margin.compression import quality
-from margin.compression.estimate import CompressionEstimator, source_parameters, variant_work
+from margin.compression.estimate import CompressionEstimator, history_key, source_parameters, variant_work
 from margin.compression.recipe import Recipe
 from margin.compression.tasks import Quality, Task, task_for
 from margin.sdk.channel import Connection
@@ -160,7 +160,7 @@ class Compressor:
     def record_history(self, ctx: WorkerContext) -> None:
         """What this run's variants took, for the next estimates (see :mod:`margin.compression.estimate`)."""
         CompressionEstimator(ctx.store, ctx.catalog).record(
-            self.arch["family"], self.spec["device_class"], list(zip(self.variant_seconds, self.variant_work,
+            history_key(self.arch), self.spec["device_class"], list(zip(self.variant_seconds, self.variant_work,
                                                                      strict=True)), self.fixed_seconds)
 
     def attach_baseline(self, baseline: dict) -> None:
