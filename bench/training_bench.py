@@ -109,6 +109,7 @@ class Stack:
         self.registry = start(standalone_service_spec("registry", "margin.registry", workdir, admin_key),
                               workdir, self.started, 60)
         common = {"MARGIN_REDIS_URL": redis_url, "MARGIN_REGISTRY_ADDR": self.registry.spec.address,
+                  "MARGIN_BUDGET_ADDR": self.budget.spec.address,  # admission reads the tenant's budget there
                   "MARGIN_JOB_LEASE_SECONDS": str(lease_seconds), "MARGIN_MAX_WORLD_SIZE": "2"}
         self.training = start(standalone_service_spec("training", "margin.training", workdir, admin_key, **common),
                               workdir, self.started, 60)

@@ -99,10 +99,10 @@ def training_stack(home: Path, max_world_size: int = 2, lease_seconds: float = 1
     stack = None
     try:
         with running_cluster(db, home / "artifacts", max_upload) as cluster:
-            training = start_service(training_builder(redis_url, cluster.registry.server.address, max_world_size,
-                                                      lease_seconds),
+            registry, budget = cluster.registry.server.address, cluster.budget.server.address
+            training = start_service(training_builder(redis_url, registry, budget, max_world_size, lease_seconds),
                                      database_url=db, admin_key=cluster.admin_key, auth_cache_seconds=0)
-            compression = start_service(compression_builder(redis_url, cluster.registry.server.address, lease_seconds),
+            compression = start_service(compression_builder(redis_url, registry, budget, lease_seconds),
                                         database_url=db, admin_key=cluster.admin_key, auth_cache_seconds=0)
             services = str(Path(__file__).resolve().parents[2] / "services")
             env = {"MARGIN_HOME": str(home), "DATABASE_URL": db, "MARGIN_REDIS_URL": redis_url,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from margin.common.costs import format_money
 from margin.common.dispatch import Dispatcher
-from margin.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from margin.common.errors import InvalidArgument, MarginError, ResourceExhausted, Unavailable
 from margin.common.jobevents import JobEvents
 from margin.common.jobs import TERMINAL, Job, JobStore, NewJob
 
@@ -45,9 +45,9 @@ def check_request(budget_micros: int, idempotency_key: str) -> None:
 
 class JobControl:
     def __init__(self, kind: str, store: JobStore, events: JobEvents, dispatcher: Dispatcher,
-                 tenant_remaining: Callable[[int, str], int | None] | None = None):
-        """``tenant_remaining(tenant_id, category)``: what the tenant's budget still allows this job kind this
-        period (None: the tenant has no budget)."""
+                 tenant_remaining: Callable[[str, str], int | None] | None = None):
+        """``tenant_remaining(tenant, category)``: what the tenant's (by name) budget still allows this job kind
+        this period (None: the tenant has no budget), as the budget service says (it raises when it cannot)."""
         self.kind, self.store, self.events, self.dispatcher = kind, store, events, dispatcher
         self.tenant_remaining = tenant_remaining
         self._requeued: dict[str, float] = {}
@@ -65,7 +65,7 @@ class JobControl:
         if budget_micros and e["low_micros"] > budget_micros:
             raise ResourceExhausted(f"{estimate} exceeds the job budget {format_money(budget_micros)} even at its "
                                     "low end")
-        left = self.tenant_remaining(caller.tenant_id, self.kind) if self.tenant_remaining else None
+        left = self.tenant_left(caller)
         if left is not None:
             if e["low_micros"] > left:
                 raise ResourceExhausted(f"{estimate} exceeds what is left of {caller.tenant}'s budget for "
@@ -86,6 +86,18 @@ class JobControl:
         log.info("queued %s job %s for %s on %s (estimate %s)", self.kind, job.id, caller.tenant,
                  admission.device_class, format_money(e["expected_micros"]))
         return job
+
+    def tenant_left(self, caller: Caller) -> int | None:
+        """What the caller's tenant budget still allows this kind of job (None: no budget). When the budget
+        service cannot say, the job is refused UNAVAILABLE: admitting it unchecked could overrun the budget."""
+        if self.tenant_remaining is None:
+            return None
+        try:
+            return self.tenant_remaining(caller.tenant, self.kind)
+        except MarginError as err:
+            log.warning("cannot read what is left of %s's budget for %s: %s", caller.tenant, self.kind, err)
+            raise Unavailable(f"cannot read what is left of {caller.tenant}'s budget for {self.kind} ({err}); the "
+                              "job was not queued: retry later") from None
 
     def get(self, tenant_id: int, job_id: str) -> Job:
         return self.store.get(tenant_id, job_id, self.kind)

@@ -5,7 +5,7 @@ from google.protobuf import json_format
 
 from margin.common import protoconv
 from margin.common.jobs import Job
-from margin.training.convert import STATE_TO_PROTO
+from margin.common.jobstates import STATE_TO_PROTO
 from margin.v1 import common_pb2, compression_pb2
 
 OBJECTIVES = {compression_pb2.OBJECTIVE_UNSPECIFIED: "min_cost_per_million",

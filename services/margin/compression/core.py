@@ -14,9 +14,9 @@ what the dataset can give, each recipe against the source, and the device class.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from margin.budget.store import BudgetStore
 from margin.common import manifest
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
@@ -116,8 +116,8 @@ class CompressionRequest:
 
 class CompressionCore:
     def __init__(self, store: JobStore, events: JobEvents, dispatcher: Dispatcher, registry: RegistrySource,
-                 catalog: PriceCatalog):
-        self.jobs = JobControl(KIND, store, events, dispatcher, tenant_remaining=BudgetStore(store.sessions).remaining)
+                 catalog: PriceCatalog, tenant_remaining: Callable[[str, str], int | None]):
+        self.jobs = JobControl(KIND, store, events, dispatcher, tenant_remaining=tenant_remaining)
         self.registry, self.catalog = registry, catalog
         self.estimator = CompressionEstimator(store, catalog)
 

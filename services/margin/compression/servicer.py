@@ -5,9 +5,9 @@ from margin.common import auth, protoconv
 from margin.common.errors import InvalidArgument
 from margin.common.jobcontrol import Caller
 from margin.common.jobs import Job
+from margin.common.jobstates import STATE_FROM_PROTO
 from margin.compression import convert
 from margin.compression.core import CompressionCore, CompressionRequest
-from margin.training.convert import STATE_FROM_PROTO
 from margin.v1 import common_pb2, compression_pb2, compression_pb2_grpc
 
 

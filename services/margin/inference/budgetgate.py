@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from margin.common.costs import format_money
 from margin.common.errors import MarginError, ResourceExhausted
-from margin.sdk.budgets import BudgetsClient
+from margin.sdk.budgets import BudgetsClient, remaining_for
 from margin.v1 import budget_pb2
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def serving_budget(report: budget_pb2.SpendReport) -> ServingBudget:
     total = report.budget.total.micros
     serving = next((line.amount.micros for line in report.by_category if line.key == "serving"), 0)
     limit = next((c.limit.micros for c in report.budget.category_limits if c.category == SERVING), None)
-    left = report.remaining.micros if limit is None else min(report.remaining.micros, limit - serving)
+    left = remaining_for(report, "serving")
     policy = POLICIES.get(report.budget.exhausted_policy, "reject")
     return ServingBudget(left <= 0, policy, serving if limit is not None else report.spent.micros,
                          limit if limit is not None else total, left)

@@ -5,7 +5,8 @@ from datetime import datetime
 
 from margin.common import protoconv
 from margin.common.errors import InvalidArgument
-from margin.common.jobs import STATES, Job
+from margin.common.jobs import Job
+from margin.common.jobstates import STATE_TO_PROTO
 from margin.modelzoo.spec import BaseRef, TrainSpec
 from margin.training.estimate import Estimate
 from margin.v1 import common_pb2, training_pb2
@@ -14,8 +15,6 @@ PRECISION_FROM_PROTO = {training_pb2.PRECISION_UNSPECIFIED: "fp32", training_pb2
                         training_pb2.PRECISION_BF16: "bf16", training_pb2.PRECISION_FP16: "fp16"}
 PRECISION_TO_PROTO = {"fp32": training_pb2.PRECISION_FP32, "bf16": training_pb2.PRECISION_BF16,
                       "fp16": training_pb2.PRECISION_FP16}
-STATE_TO_PROTO = {name: common_pb2.JobState.Value(f"JOB_STATE_{name}") for name in STATES}
-STATE_FROM_PROTO = {v: k for k, v in STATE_TO_PROTO.items()}
 
 
 def _ref(msg: common_pb2.VersionRef, what: str) -> BaseRef:

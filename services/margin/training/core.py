@@ -3,9 +3,9 @@ reading, cancelling and watching are the shared :class:`~margin.common.jobcontro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
-from margin.budget.store import BudgetStore
 from margin.common import manifest
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
@@ -40,9 +40,9 @@ def dataset_rows(spec: TrainSpec, data: VersionInfo) -> int:
 
 class TrainingCore:
     def __init__(self, store: JobStore, events: JobEvents, dispatcher: Dispatcher, registry: RegistrySource,
-                 catalog: PriceCatalog, max_world_size: int):
+                 catalog: PriceCatalog, max_world_size: int, tenant_remaining: Callable[[str, str], int | None]):
         self.jobs = JobControl(KIND, store, events, dispatcher,  # get, list, cancel, watch, requeue
-                               tenant_remaining=BudgetStore(store.sessions).remaining)
+                               tenant_remaining=tenant_remaining)
         self.registry, self.catalog = registry, catalog
         self.estimator = Estimator(store, catalog)
         self.max_world_size = max_world_size

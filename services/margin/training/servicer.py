@@ -5,6 +5,7 @@ from margin.common import auth
 from margin.common.errors import InvalidArgument
 from margin.common.jobcontrol import Caller
 from margin.common.jobs import Job
+from margin.common.jobstates import STATE_FROM_PROTO
 from margin.training import convert
 from margin.training.core import TrainingCore
 from margin.v1 import common_pb2, training_pb2, training_pb2_grpc
@@ -39,9 +40,9 @@ class TrainingServicer(training_pb2_grpc.TrainingJobsServicer):
         return self._job(self.core.jobs.get(auth.current_tenant_id(), request.id))
 
     def ListJobs(self, request, context):
-        if request.state not in convert.STATE_FROM_PROTO and request.state != common_pb2.JOB_STATE_UNSPECIFIED:
+        if request.state not in STATE_FROM_PROTO and request.state != common_pb2.JOB_STATE_UNSPECIFIED:
             raise InvalidArgument(f"state {request.state} is not a job state")
-        jobs, token = self.core.jobs.list(auth.current_tenant_id(), convert.STATE_FROM_PROTO.get(request.state),
+        jobs, token = self.core.jobs.list(auth.current_tenant_id(), STATE_FROM_PROTO.get(request.state),
                                      request.page_size, request.page_token)
         return training_pb2.ListJobsResponse(jobs=[self._job(j) for j in jobs], next_page_token=token)
 
