@@ -39,11 +39,24 @@ Parts (``--part``; ``all`` runs every part there is):
   - goal, per model, in one variant: R ≥ 2 and an accuracy drop ≤ 0.5 points; the report says which variants meet
     it and whether the chosen one does. The stack is always stopped at the end (``--keep`` keeps its temp dir).
 
+- ``byom``: bring your own model, on the whole local cluster (``margin up`` in a temp ``MARGIN_HOME``; see
+  ``bench/byom_bench.py``). MiniLM-L6's ``SentenceEncoder`` is exported to ONNX and uploaded as a team's model
+  (``minilm-onnx``, no signature: the registry derives it) with a ``dataset-npz`` of the held-out sentences
+  (padded to the longest); AutoCompress (floor cosine ≥ 0.99) runs ONNX Runtime's dynamic int8 (per-channel and
+  per-tensor), optimize + static int8 QDQ and int4 weight-only recipes. Here, on one thread, interleaved: fp32
+  TorchScript, the built-in TorchScript int8 (``emb-int8+int8-dynamic``), fp32 ONNX and every ONNX variant from the
+  registry — R, mean/min cosine over all held-out sentences, p50 at batch 1 and 32 — next to the worker's own
+  figures. Goal, one ONNX variant: R ≥ 3.5, cosine ≥ 0.99 mean / 0.98 min, ≥ 2× faster than fp32 TorchScript at
+  batch 32. Headline: the fp32 ONNX source and the job's chosen variant are deployed, driven with the same
+  requests (batches of 8 sentences, alternated), and the ledger's allocated serving cost per million embeddings
+  of each is compared (goal: ≥ 3× cheaper), next to the worker's bare cost per million.
+
 Results are merged into ``--out``: the parts run replace theirs (each part carries its own machine, date and
 settings), the others are kept as they were.
 
     PYTHONPATH=services python bench/compression_bench.py --part minilm
     PYTHONPATH=services python bench/compression_bench.py --part digits
+    PYTHONPATH=services python bench/compression_bench.py --part byom
 """
 from __future__ import annotations
 
@@ -94,6 +107,31 @@ def time_calls(fn: Callable[[], object], warmup: int, iters: int, rounds: int) -
             p99s.append(percentile(samples, 99))
     return {"p50_ms": statistics.median(p50s), "p99_ms": statistics.median(p99s),
             "rounds_p50_ms": p50s, "rounds_p99_ms": p99s}
+
+
+def interleaved_latency(calls: list[Callable], batches: dict[int, tuple], args: argparse.Namespace) -> list[dict]:
+    """Latency of each of ``calls`` (each called as ``call(*inputs)``) on each of ``batches`` (batch size → inputs).
+    Every round times each call in turn, so slow spells of the VM hit them all alike: ``args.warmup`` calls of each
+    on each batch first, then ``args.rounds`` rounds of ``args.iters`` calls at batch 1 (a quarter, at least 5, at
+    larger batches). Per call, ``{"batch<n>": {p50_ms, p99_ms, rounds_p50_ms, rounds_p99_ms}}``: the median over
+    rounds of each round's p50 and p99."""
+    iters = {batch: args.iters if batch == 1 else max(args.iters // 4, 5) for batch in batches}
+    lat = {batch: [[] for _ in calls] for batch in batches}
+    with torch.no_grad():
+        for call in calls:
+            for _ in range(args.warmup):
+                for inputs in batches.values():
+                    call(*inputs)
+        for _ in range(args.rounds):
+            for batch, inputs in batches.items():
+                for i, call in enumerate(calls):
+                    lat[batch][i].append(time_calls(lambda c=call, x=inputs: c(*x), 1, iters[batch], 1))
+    return [{f"batch{batch}": {"p50_ms": statistics.median(r["p50_ms"] for r in lat[batch][i]),
+                               "p99_ms": statistics.median(r["p99_ms"] for r in lat[batch][i]),
+                               "rounds_p50_ms": [r["p50_ms"] for r in lat[batch][i]],
+                               "rounds_p99_ms": [r["p99_ms"] for r in lat[batch][i]]}
+             for batch in batches}
+            for i in range(len(calls))]
 
 
 def stored_params(module: nn.Module) -> int:
@@ -194,25 +232,8 @@ def run_minilm(args: argparse.Namespace, console: Console) -> dict:
         served_forms.append(served)
         console.print(f"  {name}: {size:,} bytes, mean cos {cos.mean():.4f}, min {cos.min():.4f}")
 
-    # Latency: every round times each variant in turn, so slow spells of the VM hit them all alike.
-    lat = {1: [[] for _ in rows], 32: [[] for _ in rows]}
-    iters = {1: args.iters, 32: max(args.iters // 4, 5)}
-    with torch.no_grad():
-        for served in served_forms:
-            for _ in range(args.warmup):
-                served(*one)
-                served(*b32)
-        for _ in range(args.rounds):
-            for batch, inputs in ((1, one), (32, b32)):
-                for i, served in enumerate(served_forms):
-                    lat[batch][i].append(time_calls(lambda s=served, x=inputs: s(*x), 1, iters[batch], 1))
-    for i, row in enumerate(rows):
-        for batch in (1, 32):
-            rounds = lat[batch][i]
-            row[f"batch{batch}"] = {"p50_ms": statistics.median(r["p50_ms"] for r in rounds),
-                                    "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
-                                    "rounds_p50_ms": [r["p50_ms"] for r in rounds],
-                                    "rounds_p99_ms": [r["p99_ms"] for r in rounds]}
+    for row, latency in zip(rows, interleaved_latency(served_forms, {1: one, 32: b32}, args), strict=True):
+        row.update(latency)
 
     fp32 = rows[0]
     for row in rows:
@@ -273,7 +294,7 @@ def start_digits_stack(workdir: Path, admin_key: str, lease_seconds: float, star
     budget = start(standalone_service_spec("budget", "margin.budget", workdir, admin_key), logs, started, 60)
     registry = start(standalone_service_spec("registry", "margin.registry", workdir, admin_key), logs, started, 60)
     common = {"MARGIN_REDIS_URL": f"redis://{redis.spec.address}/0", "MARGIN_REGISTRY_ADDR": registry.spec.address,
-              "MARGIN_JOB_LEASE_SECONDS": str(lease_seconds)}
+              "MARGIN_BUDGET_ADDR": budget.spec.address, "MARGIN_JOB_LEASE_SECONDS": str(lease_seconds)}
     training = start(standalone_service_spec("training", "margin.training", workdir, admin_key, **common),
                      logs, started, 60)
     compression = start(standalone_service_spec("compression", "margin.compression", workdir, admin_key, **common),
@@ -478,7 +499,15 @@ def run_digits(args: argparse.Namespace, console: Console) -> dict:
     }
 
 
-PARTS: dict[str, Callable[[argparse.Namespace, Console], dict]] = {"minilm": run_minilm, "digits": run_digits}
+def run_byom(args: argparse.Namespace, console: Console) -> dict:
+    """The ``byom`` part (bench/byom_bench.py, imported here: it imports this module's helpers)."""
+    from byom_bench import run_byom as run_part
+
+    return run_part(args, console)
+
+
+PARTS: dict[str, Callable[[argparse.Namespace, Console], dict]] = {"minilm": run_minilm, "digits": run_digits,
+                                                                  "byom": run_byom}
 
 
 def machine() -> dict:
@@ -492,6 +521,13 @@ def part_settings(part: str, args: argparse.Namespace) -> dict:
     if part == "minilm":
         return {"warmup": args.warmup, "iters_batch1": args.iters, "iters_batch32": max(args.iters // 4, 5),
                 "rounds": args.rounds}
+    if part == "byom":
+        return {"warmup": args.warmup, "iters_batch1": args.iters, "iters_batch32": max(args.iters // 4, 5),
+                "rounds": args.rounds, "threads_here": 1, "job_timeout_s": args.job_timeout,
+                "serve_requests_per_deployment": args.byom_requests, "serve_concurrency": args.byom_concurrency,
+                "serve_alternations": args.byom_alternations,
+                "latency_worker": "margin.compression.onnx_task: ONNX Runtime, 1 intra-op thread, 5 warm-up + 30 "
+                                  "timed calls at batch 1 and at batch 32"}
     return {"lease_seconds": args.lease_seconds, "job_timeout_s": args.job_timeout,
             "latency": "the compression worker's own measurement (margin.compression.measure: 1 torch thread, "
                        "5 warm-up + 30 timed calls at batch 1 and at batch 32)"}
@@ -561,6 +597,10 @@ def report(result: dict, console: Console) -> None:
     digits = result.get("digits") if "digits" in ran else None
     for m in (digits or {}).get("models", {}).values():
         report_digits_model(m, digits, console)
+    if "byom" in ran and result.get("byom"):
+        from byom_bench import report_byom
+
+        report_byom(result["byom"], console)
 
 
 def short(n: float) -> str:
@@ -629,8 +669,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40, help="calls per round at batch 1 (a quarter at batch 32)")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds; each times every variant in turn")
     parser.add_argument("--lease-seconds", type=float, default=30.0, help="digits: the jobs' lease")
-    parser.add_argument("--job-timeout", type=float, default=900.0, help="digits: seconds to wait for each job")
-    parser.add_argument("--keep", action="store_true", help="digits: keep the stack's temp dir (logs, database)")
+    parser.add_argument("--job-timeout", type=float, default=900.0, help="digits, byom: seconds to wait for each job")
+    parser.add_argument("--keep", action="store_true", help="digits, byom: keep the stack's temp dir (logs, "
+                                                            "database)")
+    parser.add_argument("--byom-requests", type=int, default=400,
+                        help="byom: requests (of 8 sentences) served to each deployment")
+    parser.add_argument("--byom-concurrency", type=int, default=4, help="byom: requests in flight")
+    parser.add_argument("--byom-alternations", type=int, default=8,
+                        help="byom: chunks the requests are sent in, the two deployments taking turns")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/compression.json",
                         help="results JSON; the parts run replace theirs, the others are kept")
     args = parser.parse_args()
