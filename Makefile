@@ -124,7 +124,7 @@ bench-gateway: setup ## Tiny MLP + MiniLM-L6: direct Triton vs bare proxy vs KSe
 bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2; writes bench/results/training.json
 	$(PY) bench/training_bench.py
 
-bench-compression: setup ## Quantized MiniLM-L6 on CPU; AutoCompress on the digits CNN and MLP (goal: ≥2× smaller, ≤0.5 pt drop); writes bench/results/compression.json
+bench-compression: setup ## Quantized MiniLM-L6 on CPU; AutoCompress on the digits CNN and MLP; MiniLM-L6 brought as ONNX (served cost from the ledger); writes bench/results/compression.json
 	$(PY) bench/compression_bench.py --part all
 
 bench-autoscaler: setup ## Replay 4 traffic traces through simulated replicas (capacity from gateway.json): static peak vs HPA vs Margin's controller; writes bench/results/autoscaler.json and .png
