@@ -24,7 +24,7 @@ from margin.common.errors import InvalidArgument
 from margin.common.jobcontrol import Admission, Caller, JobControl, check_request
 from margin.common.jobevents import JobEvents
 from margin.common.jobs import Job, JobStore
-from margin.common.tensors import Signature, TensorSpec
+from margin.common.tensors import Signature
 from margin.compression import minilm, quality
 from margin.compression import recipe as recipes
 from margin.compression.estimate import CompressionEstimator, source_parameters
@@ -216,8 +216,7 @@ class CompressionCore:
             if metric == "accuracy":
                 manifest.check_labels(v.signature, what=what)
         else:
-            features = sizes.sizes(arch).input_features
-            manifest.check_inputs(v.signature, Signature((TensorSpec("x", "FP32", (-1, features)),)), what=what)
+            manifest.check_features(v.signature, sizes.sizes(arch).input_features, what=what)
             manifest.check_labels(v.signature, what=what)
         rows = manifest.rows(v.signature)
         if rows < 2:
