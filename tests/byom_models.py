@@ -12,10 +12,18 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+# Warnings torch.onnx.export(dynamo=False) raises on every export (the TorchScript-based exporter, which needs no
+# onnxscript): test modules that export put these in their pytestmark.
+ONNX_EXPORT_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
+]
 VOCAB = 1000
 SEQ_LEN = 32
 TEXT_CLASSES = 4

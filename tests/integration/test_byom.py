@@ -26,6 +26,7 @@ from margin.v1 import common_pb2, compression_pb2, inference_pb2, inference_pb2_
 from typer.testing import CliRunner
 
 from tests.byom_models import (
+    ONNX_EXPORT_WARNINGS,
     dataset_npz,
     export_onnx,
     image_data,
@@ -33,16 +34,11 @@ from tests.byom_models import (
     trained_resnet_cnn,
     trained_text_classifier,
 )
-from tests.integration.inference_stack import Gateway, gateway_on
+from tests.integration.inference_stack import Gateway, code_of, gateway_on
 from tests.integration.training_stack import TrainingStack, training_stack, wait_for
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
-]
+pytestmark = [pytest.mark.slow, *ONNX_EXPORT_WARNINGS,
+              pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")]
 State = common_pb2.JobState
 FLOOR = 0.99
 ENDED = {State.Value(n) for n in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_BUDGET_EXCEEDED",
@@ -190,21 +186,15 @@ def test_auto_compress_of_a_teams_onnx_model_reports_what_its_files_show_and_the
     np.testing.assert_allclose(answered, expected, rtol=1e-5, atol=1e-5)
 
 
-def code(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code(), err.value.details()
-
-
 def test_random_bytes_as_onnx_and_a_signature_the_graph_contradicts_are_refused_at_upload(byom, text):
     client = byom.registry()
     versions = len(byom.jobs.versions(text.model))
     upload_as = registry_pb2.UploadMetadata(model=text.model, format=registry_pb2.ARTIFACT_FORMAT_ONNX)
-    status, message = code(lambda: client.upload_bytes(np.random.default_rng(0).bytes(5000), upload_as))
+    status, message = code_of(lambda: client.upload_bytes(np.random.default_rng(0).bytes(5000), upload_as))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "ONNX" in message
     wrong = Signature((TensorSpec("input_ids", "FP32", (-1, 32)),), (TensorSpec("logits", "FP32", (-1, 4)),))
     upload_as.signature.CopyFrom(signature_to_proto(wrong))
-    status, message = code(lambda: client.upload_bytes(text.onnx, upload_as))
+    status, message = code_of(lambda: client.upload_bytes(text.onnx, upload_as))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "input_ids" in message and "INT64" in message
     assert len(byom.jobs.versions(text.model)) == versions
 
@@ -233,7 +223,7 @@ def test_a_dataset_the_model_cannot_use_or_a_floor_it_cannot_give_is_refused_at_
     for request, fragment in cases:
         for call in (stub.AutoCompress, lambda r, metadata: stub.EstimateCompression(
                 compression_pb2.EstimateCompressionRequest(auto=r), metadata=metadata)):
-            status, message = code(lambda c=call, r=request: c(r, metadata=md))
+            status, message = code_of(lambda c=call, r=request: c(r, metadata=md))
             assert status == grpc.StatusCode.INVALID_ARGUMENT and fragment in message, message
     assert jobs_of(byom) == before
 
@@ -242,14 +232,14 @@ def test_what_onnx_compression_cannot_do_is_refused_saying_what_to_do_instead(by
     stub, md = byom.jobs.compression_stub()
     fp16 = compression_pb2.Recipe(name="half", steps=[compression_pb2.CompressionStep(
         quantize=compression_pb2.QuantizeStep(scheme="fp16"))])
-    status, message = code(lambda: stub.AutoCompress(auto(text, candidates=[fp16]), metadata=md))
+    status, message = code_of(lambda: stub.AutoCompress(auto(text, candidates=[fp16]), metadata=md))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "GPU device classes" in message
-    status, message = code(lambda: stub.AutoCompress(
+    status, message = code_of(lambda: stub.AutoCompress(
         compression_pb2.AutoCompressRequest(source=common_pb2.VersionRef(model=text.model, number=text.number),
                                             floor=common_pb2.QualityFloor(metric="agreement", minimum=0.9)),
         metadata=md))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "scored on your own data" in message
-    status, message = code(lambda: stub.AutoCompress(auto(text, "perplexity", 0.1), metadata=md))
+    status, message = code_of(lambda: stub.AutoCompress(auto(text, "perplexity", 0.1), metadata=md))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "quality_metric" in message
     scripted = torch.jit.script(torch.nn.Linear(4, 2))
     client = byom.registry()
@@ -261,7 +251,7 @@ def test_what_onnx_compression_cannot_do_is_refused_saying_what_to_do_instead(by
             Signature((TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 2)),))))).number
     request = auto(text)
     request.source.CopyFrom(common_pb2.VersionRef(model="team-scripted", number=number))
-    status, message = code(lambda: stub.AutoCompress(request, metadata=md))
+    status, message = code_of(lambda: stub.AutoCompress(request, metadata=md))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "torch.onnx.export" in message
 
 
@@ -299,3 +289,18 @@ def test_the_readmes_bring_your_own_model_commands_work_as_written(byom, tmp_pat
     chosen = byom.registry().stub.GetModel(registry_pb2.GetModelRequest(name="my-classifier"),
                                            metadata=byom.registry().metadata).aliases["cheapest"]
     assert chosen > 1  # a variant, registered under the source
+
+
+def test_another_tenants_dataset_is_not_found_and_nothing_is_queued(byom, text):
+    """A tenant naming another tenant's dataset version as its evaluation data gets NOT_FOUND, as for any other of
+    its objects, even with a model of its own that the dataset would fit."""
+    client = byom.registry("other")
+    client.ensure_model("their-text")
+    own = client.upload_bytes(text.onnx, registry_pb2.UploadMetadata(model="their-text",
+                                                                       format=registry_pb2.ARTIFACT_FORMAT_ONNX))
+    stub, md = byom.jobs.compression_stub("other")
+    request = auto(text)
+    request.source.CopyFrom(common_pb2.VersionRef(model="their-text", number=own.number))
+    status, message = code_of(lambda: stub.AutoCompress(request, metadata=md))
+    assert status == grpc.StatusCode.NOT_FOUND and text.dataset.model in message, message
+    assert not stub.ListCompressionJobs(compression_pb2.ListCompressionJobsRequest(), metadata=md).jobs

@@ -17,6 +17,7 @@ from margin.common.protoconv import signature_to_proto
 from margin.common.tensors import Signature, TensorSpec
 from margin.v1 import common_pb2, inference_pb2, registry_pb2
 
+from tests.byom_models import ONNX_EXPORT_WARNINGS
 from tests.integration.inference_stack import (
     SLOW_BATCHING,
     TOKENS_SIGNATURE,
@@ -34,13 +35,7 @@ from tests.integration.inference_stack import (
     upload_torchscript,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
-    # torch.onnx.export(dynamo=False): the TorchScript-based exporter, which exports these models without onnxscript
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
-]
+pytestmark = [pytest.mark.slow, *ONNX_EXPORT_WARNINGS]
 
 MLP_SIGNATURE = Signature((TensorSpec("x", "FP32", (-1, 16)),), (TensorSpec("scores", "FP32", (-1, 5)),))
 ORT_TOLERANCE = 1e-6    # the same graph and runtime: equal up to float rounding of another batch size

@@ -25,10 +25,9 @@ from margin.registry.onnx_format import check_onnx
 from margin.v1 import compression_pb2
 from margin.worker.compress import choose
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
-]
+from tests.byom_models import ONNX_EXPORT_WARNINGS
+
+pytestmark = ONNX_EXPORT_WARNINGS
 
 
 class TokenClassifier(torch.nn.Module):
