@@ -31,8 +31,11 @@ APT_INSTALL := $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninte
 apt-python-venv:
 	$(APT_INSTALL) python3-venv >/dev/null
 
-system-deps: ## Install redis-server with apt-get if it is missing
+# bwrap (bubblewrap) and setpriv (util-linux): the workers' sandbox for tenants' model packages.
+system-deps: ## Install redis-server, bubblewrap (bwrap) and setpriv with apt-get if they are missing
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; $(APT_INSTALL) redis-server >/dev/null; }
+	@command -v bwrap >/dev/null || { echo "installing bubblewrap"; $(APT_INSTALL) bubblewrap >/dev/null; }
+	@command -v setpriv >/dev/null || { echo "installing util-linux (setpriv)"; $(APT_INSTALL) util-linux >/dev/null; }
 
 proto: $(GEN)/__init__.py ## Generate margin.v1 Python code and type stubs from protos/
 

@@ -28,6 +28,12 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
     MARGIN_HOME=/tmp/margin MARGIN_HELD_OUT_SENTENCES=/opt/venv/share/margin/sentences.txt \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# bubblewrap (bwrap) and setpriv (util-linux, essential in Debian) for the worker: a tenant's model package runs in
+# a bwrap sandbox (services/margin/worker/sandbox.py); the build fails here if either is missing.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends bubblewrap \
+ && rm -rf /var/lib/apt/lists/* \
+ && bwrap --version && setpriv --version
 RUN groupadd --gid 1000 margin && useradd --uid 1000 --gid 1000 --no-create-home --shell /usr/sbin/nologin margin
 COPY --from=builder /opt/venv /opt/venv
 USER 1000

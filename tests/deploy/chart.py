@@ -123,3 +123,9 @@ def env_of(deployment: dict[str, Any], container: str | None = None) -> dict[str
     containers = deployment["spec"]["template"]["spec"]["containers"]
     c = containers[0] if container is None else next(c for c in containers if c["name"] == container)
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def matches(selector: dict[str, Any], labels: dict[str, Any]) -> bool:
+    """Whether a label selector (matchLabels only; matchExpressions count as no match) selects these labels."""
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and not selector.get(
+        "matchExpressions")

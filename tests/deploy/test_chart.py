@@ -17,6 +17,7 @@ from chart import (
     env_of,
     expected_max_replicas,
     helm_template,
+    matches,
     merged_values,
     named,
     objects,
@@ -181,8 +182,9 @@ def test_pods_are_hardened_and_probed() -> None:
     assert len(workloads) >= 10
     for w in workloads:
         pod = w["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        if w["metadata"]["labels"].get("margin.dev/role") != "worker":  # workers: root + sandbox caps, see
+            assert pod["securityContext"]["runAsNonRoot"] is True  # test_sandbox_chart.py
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for c in pod["containers"]:
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
@@ -256,7 +258,7 @@ def test_only_the_gateway_controls_triton() -> None:
     for triton in tritons:
         name = triton["metadata"]["name"]
         policy = named(objs, "NetworkPolicy", name)["spec"]
-        assert _matches(policy["podSelector"], triton["spec"]["template"]["metadata"]["labels"])
+        assert matches(policy["podSelector"], triton["spec"]["template"]["metadata"]["labels"])
         container = triton["spec"]["template"]["spec"]["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         admitted = _admitted(policy)
@@ -264,12 +266,12 @@ def test_only_the_gateway_controls_triton() -> None:
         for port in (ports["grpc"], ports["http"]):
             peers = admitted[port]
             assert len(peers) == 1 and "namespaceSelector" not in peers[0], (name, port)
-            assert _matches(peers[0]["podSelector"], gateway_labels) and not _matches(peers[0]["podSelector"],
+            assert matches(peers[0]["podSelector"], gateway_labels) and not matches(peers[0]["podSelector"],
                                                                                      budget_labels)
         metrics = admitted[ports["metrics"]]
-        assert any("podSelector" in p and _matches(p["podSelector"], budget_labels) for p in metrics)
+        assert any("podSelector" in p and matches(p["podSelector"], budget_labels) for p in metrics)
         budget_or_monitoring = [set(p) == {"namespaceSelector"}  # the monitoring namespace
-                                or (set(p) == {"podSelector"} and _matches(p["podSelector"], budget_labels))
+                                or (set(p) == {"podSelector"} and matches(p["podSelector"], budget_labels))
                                 for p in metrics]
         assert all(budget_or_monitoring), metrics
         assert set(restricted_flags("$(MARGIN_TRITON_CONTROL_KEY)")) <= set(container["args"]), name
@@ -298,26 +300,23 @@ def test_an_existing_triton_control_secret_and_the_webhook_allow_list_are_render
     assert env_of(named(default, "Deployment", "margin-budget"))["MARGIN_WEBHOOK_ALLOW"] == ""
 
 
-def _matches(selector: dict, labels: dict) -> bool:
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and not selector.get(
-        "matchExpressions")
-
-
 def test_the_gateway_and_every_worker_reach_the_budget_services_grpc_port() -> None:
     # ReportFleet: the inference gateway and each worker report the replicas they see to the budget service
     objs = render(CHART / "ci" / "gpu-pools-values.yaml")
     policy = named(objs, "NetworkPolicy", "margin-budget")["spec"]
     budget = named(objs, "Deployment", "margin-budget")
-    assert _matches(policy["podSelector"], budget["spec"]["template"]["metadata"]["labels"])
-    assert policy["policyTypes"] == ["Ingress"]  # no egress policy anywhere stops the callers
-    assert not [p for p in of_kind(objs, "NetworkPolicy") if "Egress" in p["spec"]["policyTypes"]]
+    assert matches(policy["podSelector"], budget["spec"]["template"]["metadata"]["labels"])
+    assert policy["policyTypes"] == ["Ingress"]
     grpc_rules = [rule for rule in policy["ingress"] if {"port": 50051, "protocol": "TCP"} in rule["ports"]]
     callers = [w for w in of_kind(objs, "Deployment") if w["metadata"]["name"] == "margin-inference"
                or w["metadata"]["labels"].get("margin.dev/role") == "worker"]
+    # only the workers' egress is limited, and it admits the budget service (test_sandbox_chart.py)
+    egress = {p["metadata"]["name"] for p in of_kind(objs, "NetworkPolicy") if "Egress" in p["spec"]["policyTypes"]}
+    assert egress == {w["metadata"]["name"] for w in callers if w["metadata"]["name"] != "margin-inference"}
     assert len(callers) == 1 + len(merged_values(CHART / "ci" / "gpu-pools-values.yaml")["workers"]["pools"])
     for caller in callers:
         labels = caller["spec"]["template"]["metadata"]["labels"]
-        assert any(_matches(peer["podSelector"], labels) and "namespaceSelector" not in peer
+        assert any(matches(peer["podSelector"], labels) and "namespaceSelector" not in peer
                    for rule in grpc_rules for peer in rule["from"]), caller["metadata"]["name"]
         env = env_of(caller)
         assert env["MARGIN_BUDGET_ADDR"] == "margin-budget:50051"

@@ -28,6 +28,27 @@ same interval). */}}
     secretKeyRef: {name: {{ include "margin.adminSecret" . }}, key: {{ .Values.adminKey.key }}}
 {{- end -}}
 
+{{/* The tenant code sandbox's settings (values `sandbox`): worker pods only. MARGIN_SANDBOX_DIR is the mount of the
+sandboxes' scratch emptyDir (margin.sandboxVolume). */}}
+{{- define "margin.sandboxEnv" -}}
+- {name: MARGIN_SANDBOX_MEMORY_MB, value: {{ .Values.sandbox.memoryMB | int64 | quote }}}
+- {name: MARGIN_SANDBOX_PROCESSES, value: {{ .Values.sandbox.processes | int64 | quote }}}
+- {name: MARGIN_SANDBOX_FILE_MB, value: {{ .Values.sandbox.fileMB | int64 | quote }}}
+- {name: MARGIN_SANDBOX_MAX_SECONDS, value: {{ .Values.sandbox.maxSeconds | int64 | quote }}}
+- {name: MARGIN_SANDBOX_SILENCE_SECONDS, value: {{ .Values.sandbox.silenceSeconds | int64 | quote }}}
+- {name: MARGIN_SANDBOX_UID_BASE, value: {{ .Values.sandbox.uidBase | int64 | quote }}}
+- {name: MARGIN_SANDBOX_DIR, value: {{ include "margin.sandboxDir" . }}}
+{{- end -}}
+
+{{- define "margin.sandboxDir" -}}/var/lib/margin/sandbox{{- end -}}
+
+{{/* The sandboxes' private directories: node-local scratch, never the shared artifacts volume. */}}
+{{- define "margin.sandboxVolume" -}}
+- name: sandbox
+  emptyDir:
+    sizeLimit: {{ .Values.sandbox.scratchSize }}
+{{- end -}}
+
 {{- define "margin.commonMounts" -}}
 - {name: tmp, mountPath: /tmp}
 - {name: config, mountPath: /etc/margin, readOnly: true}

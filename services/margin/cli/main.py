@@ -1,7 +1,9 @@
 """``margin``: the command line for the local cluster, the registry and tenant administration."""
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from margin.cli.jobs import jobs_app, train_app
 from margin.cli.reports import prices_app, report_app
 from margin.cli.shared import KeyOpt, RegistryOpt, console, grpc_errors, parse_ref
 from margin.cluster import local
-from margin.common import config, protoconv
+from margin.common import config, modelpackage, protoconv
 from margin.common.errors import NotFound
 from margin.registry.convert import FORMAT_TO_PROTO
 from margin.sdk import RegistryClient
@@ -169,6 +171,45 @@ def models_import_minilm(model: str = typer.Option("minilm", "--model", help="th
     with console.status(f"uploading MiniLM-L6 to {model}…"):
         version = register_minilm(registry(registry_addr, api_key), model)
     console.print(render.versions_table(model, [version]))
+
+
+@models_app.command("upload-package")
+@grpc_errors
+def models_upload_package(
+    path: Path = typer.Argument(..., exists=True, help="model.py, a .zip of .py files, or a folder of them (zipped "
+                                                        "here); the entry module is model.py"),
+    model: str = typer.Option(..., "--model", help="the model to add the version to"),
+    description: str = "",
+    create: bool = typer.Option(False, "--create", help="create the model first if it does not exist"),
+    registry_addr: str = RegistryOpt, api_key: str = KeyOpt,
+) -> None:
+    """Upload your PyTorch model code as a model-package version: model.py defines build_model(**config) (and may
+    define loss, metrics, example_inputs). The registry only parses it; it runs in a sandbox when you train it with
+    `margin train submit --package`."""
+    meta = registry_pb2.UploadMetadata(model=model, format=FORMAT_TO_PROTO[modelpackage.FORMAT],
+                                       description=description)
+    client = registry(registry_addr, api_key)
+    _model_for_upload(client, model, create)
+    version = client.upload_bytes(package_bytes(path), meta)
+    console.print(render.versions_table(model, [version]))
+    defines = protoconv.from_struct(version.architecture).get("defines", [])
+    console.print(f"{model} v{version.number} defines: {', '.join(defines)}")
+
+
+def package_bytes(path: Path) -> bytes:
+    """What ``upload-package`` sends for ``path``: a .py or .zip file as it is, or a folder zipped in memory (every
+    .py file under it by its relative name, __pycache__ skipped)."""
+    if path.is_dir():
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(path.rglob("*.py")):
+                name = file.relative_to(path)
+                if "__pycache__" not in name.parts and file.is_file():
+                    archive.writestr(name.as_posix(), file.read_bytes())
+        return buffer.getvalue()
+    if path.suffix not in (".py", ".zip"):
+        raise typer.BadParameter(f"{path} is not a .py file, a .zip or a folder", param_hint="PATH")
+    return path.read_bytes()
 
 
 # -- versions ----------------------------------------------------------------------------------------------

@@ -194,6 +194,33 @@ TRITON_CONTROL_KEY = Setting("MARGIN_TRITON_CONTROL_KEY", None,
                              "gateway sends none (a Triton started without the restriction). The local cluster "
                              "generates one each time it starts; the chart keeps one in a Secret.")
 
+MAX_PACKAGE_BYTES = Setting("MARGIN_MAX_PACKAGE_BYTES", str(1 << 20),
+                            "Largest model package (one .py file, or a .zip of .py files, counted uncompressed) "
+                            "the registry accepts.")
+SANDBOX = Setting("MARGIN_SANDBOX", "bubblewrap",
+                  "How a worker runs a tenant's model package: 'bubblewrap' (bwrap: its own mount, PID, IPC, UTS "
+                  "and network namespaces, a cleared environment, rlimits). There is no unsandboxed mode.")
+SANDBOX_MEMORY_MB = Setting("MARGIN_SANDBOX_MEMORY_MB", "6144",
+                            "Address space each process of a sandboxed package job may map (RLIMIT_AS), in MiB.")
+SANDBOX_PROCESSES = Setting("MARGIN_SANDBOX_PROCESSES", "512",
+                            "Processes and threads a sandboxed package job may run at once (RLIMIT_NPROC, "
+                            "counted for the sandbox's own user id).")
+SANDBOX_FILE_MB = Setting("MARGIN_SANDBOX_FILE_MB", "2048",
+                          "Largest file a sandboxed package job may write in its private directory "
+                          "(RLIMIT_FSIZE), in MiB.")
+SANDBOX_MAX_SECONDS = Setting("MARGIN_SANDBOX_MAX_SECONDS", "21600",
+                              "Wall-clock cap on one attempt of a package job (a job's own max_seconds may only "
+                              "lower it); past it the sandbox is killed and the job FAILS.")
+SANDBOX_SILENCE_SECONDS = Setting("MARGIN_SANDBOX_SILENCE_SECONDS", "600",
+                                  "Longest a package's code may run without returning to Margin's loop (one "
+                                  "build_model, one step, one export) before the sandbox is killed.")
+SANDBOX_DIR = Setting("MARGIN_SANDBOX_DIR", None,
+                      "Where a worker makes each sandboxed package job's private directories (default: "
+                      "$MARGIN_HOME/sandbox); removed when the attempt ends.")
+SANDBOX_UID_BASE = Setting("MARGIN_SANDBOX_UID_BASE", "200000",
+                           "A worker running as root runs each sandbox under its own user id from this base "
+                           "(one per job, so process limits and file permissions separate jobs).")
+
 ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, GRPC_WORKERS, METRICS_PORT,
                 GRACE_SECONDS, LOG_LEVEL, LOG_FORMAT, ADMIN_KEY, MAX_UPLOAD_BYTES, AUTH_CACHE_SECONDS,
                 PRICE_CATALOG, REDIS_URL, TRITON_URL, REGISTRY_ADDR, MODEL_REPOSITORY, TRITON_INSTANCE_KIND,
@@ -204,7 +231,9 @@ ALL_SETTINGS = [MARGIN_HOME, DATABASE_URL, ARTIFACT_DIR, GRPC_HOST, GRPC_PORT, G
                 AUTOSCALER_INTERVAL_SECONDS, TRITON_URLS, AUTOSCALER_TARGETS, BUDGETS_FILE, BUDGET_ADDR,
                 FLEET_INTERVAL_SECONDS, IDLE_POLICY, BURN_WINDOW_SECONDS, TRITON_DEVICE_CLASS,
                 SCALE_TO_ZERO_AFTER_SECONDS, COLD_START_TIMEOUT_SECONDS, LEDGER_ID_KEY, WEBHOOK_ALLOW,
-                TRITON_CONTROL_KEY, RELOAD_CONCURRENCY, COALESCE_IN_FLIGHT]
+                TRITON_CONTROL_KEY, RELOAD_CONCURRENCY, COALESCE_IN_FLIGHT, MAX_PACKAGE_BYTES, SANDBOX,
+                SANDBOX_MEMORY_MB, SANDBOX_PROCESSES, SANDBOX_FILE_MB, SANDBOX_MAX_SECONDS,
+                SANDBOX_SILENCE_SECONDS, SANDBOX_UID_BASE, SANDBOX_DIR]
 
 
 def margin_home() -> Path:
@@ -223,6 +252,11 @@ def artifact_dir() -> Path:
 def checkpoint_dir() -> Path:
     raw = CHECKPOINT_DIR.raw()
     return Path(raw).expanduser() if raw else margin_home() / "checkpoints"
+
+
+def sandbox_dir() -> Path:
+    raw = SANDBOX_DIR.raw()
+    return Path(raw).expanduser() if raw else margin_home() / "sandbox"
 
 
 def torch_threads() -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from margin.common import manifest
+from margin.common import manifest, modelpackage
 from margin.common.costs import PriceCatalog
 from margin.common.dispatch import Dispatcher
 from margin.common.errors import InvalidArgument
@@ -126,6 +126,8 @@ class CompressionCore:
         what = f"{v.model} v{v.number}"
         if v.format == "onnx":
             arch = self._onnx_source(v)
+        elif v.format == modelpackage.FORMAT:
+            raise modelpackage.package_refusal(what)
         elif v.format == "torchscript":
             raise InvalidArgument(f"{what} is TorchScript, which Margin serves but does not compress: to compress a "
                                   f"model Margin did not build, {ONNX_EXPORT_HINT}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from margin.common import costs
+from margin.common import costs, modelpackage
 from margin.common.errors import FailedPrecondition, InvalidArgument, MarginError, NotFound
 from margin.common.names import validate_name
 from margin.common.paging import decode_token, encode_token, page_size
@@ -141,8 +141,11 @@ def check_servable(version: VersionInfo, options: TritonOptions) -> None:
     """Raise :class:`FailedPrecondition` before anything is saved when ``version`` cannot be deployed with
     ``options``: a format the backend does not serve, no signature (Triton needs every tensor's name, dtype and
     shape), or a signature without a batch dimension while batching is asked for. The signature refusals say first
-    how to register one, since that is what a newcomer's upload most often lacks."""
+    how to register one, since that is what a newcomer's upload most often lacks. A model package is refused with
+    :class:`InvalidArgument`: it is code, and what serves is the version a training job makes of it."""
     label = f"{version.model} v{version.number}"
+    if version.format == modelpackage.FORMAT:
+        raise modelpackage.package_refusal(label)
     servable = [fmt for fmt, backend in BACKENDS if backend == options.backend]
     if version.format not in servable:
         raise FailedPrecondition(f"{label} is {version.format}; deploy a {' or '.join(servable)} version "

@@ -6,6 +6,8 @@ the worker re-reads the same dict, so what ran is exactly what was accepted and 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +48,9 @@ class TrainSpec:
     world_size: int = 1
     device_class: str = "cpu"
     extra: dict = field(default_factory=dict)
+    package: BaseRef | None = None           # a tenant's model package, instead of a built-in family
+    config: dict = field(default_factory=dict)  # its build_model(**config)
+    max_seconds: int = 0                     # wall-clock cap on an attempt of a package job (0: the operator's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +58,7 @@ class TrainSpec:
     @classmethod
     def from_dict(cls, data: dict) -> TrainSpec:
         data = dict(data)
-        for key in ("base", "dataset_version"):
+        for key in ("base", "dataset_version", "package"):
             if data.get(key):
                 data[key] = BaseRef(**data[key])
         data["freeze_layers"] = tuple(data.get("freeze_layers") or ())
@@ -66,6 +71,15 @@ class TrainSpec:
     @property
     def on_gpu(self) -> bool:
         return self.device_class != "cpu"
+
+    @property
+    def history_family(self) -> str:
+        """The key of this run's throughput history: the family, or for a package its version and config (the
+        same code with another config is another model)."""
+        if not self.package:
+            return self.family
+        key = json.dumps([self.package.model, self.package.number, self.config], sort_keys=True)
+        return "pkg:" + hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def complete_architecture(spec: TrainSpec) -> TrainSpec:
@@ -87,8 +101,18 @@ def validate(spec: TrainSpec, *, max_world_size: int, device_classes: list[str],
     """Everything that can be checked without the data; returns the spec with its architecture completed.
     ``limits``: the architecture's size limits (default: the configured ones)."""
     validate_name(spec.model, "spec.model")
-    if spec.family not in FAMILIES:
-        raise InvalidArgument(f"unknown model family {spec.family!r}; known: {sorted(FAMILIES)}")
+    if spec.package:
+        if spec.family:
+            raise InvalidArgument("name a built-in family or a model package (spec.package), not both")
+    elif spec.family not in FAMILIES:
+        raise InvalidArgument(f"unknown model family {spec.family!r}; known: {sorted(FAMILIES)}; or train your own "
+                              "code: upload it with `margin models upload-package` and name it in spec.package")
+    elif spec.config:
+        raise InvalidArgument("spec.config is the keyword arguments of a package's build_model; a built-in family "
+                              "takes spec.architecture")
+    if not 0 <= spec.max_seconds <= 30 * 86_400:
+        raise InvalidArgument(f"spec.max_seconds must be between 0 (the operator's limit) and 2592000, "
+                              f"got {spec.max_seconds}")
     if bool(spec.dataset) == bool(spec.dataset_version):
         raise InvalidArgument("spec.dataset: name a built-in dataset or a registry dataset version (one of them)")
     if spec.dataset and spec.dataset not in BUILTIN_SHAPES:
@@ -112,17 +136,40 @@ def validate(spec: TrainSpec, *, max_world_size: int, device_classes: list[str],
     if not 1 <= spec.world_size <= max_world_size:
         raise InvalidArgument(f"spec.world_size must be between 1 and the configured maximum {max_world_size}, "
                               f"got {spec.world_size}")
+    if spec.package:
+        return validate_package(spec)
     spec = complete_architecture(spec)
     sizes.check(spec.model_spec(), limits)
-    names = parameter_names(spec.model_spec())
-    for prefix in spec.freeze_layers:
+    check_freeze(spec.freeze_layers, parameter_names(spec.model_spec()))
+    return spec
+
+
+def check_freeze(prefixes: tuple[str, ...], names: list[str]) -> None:
+    """Every prefix must match a parameter, and at least one parameter must stay trainable."""
+    for prefix in prefixes:
         if not any(n.startswith(prefix) for n in names):
             raise InvalidArgument(f"freeze_layers: {prefix!r} matches no parameter; parameters are {names}")
-    if spec.freeze_layers and all(any(n.startswith(p) for p in spec.freeze_layers) for n in names):
+    if prefixes and all(any(n.startswith(p) for p in prefixes) for n in names):
         raise InvalidArgument("freeze_layers freezes every parameter: nothing would be trained")
+
+
+def validate_package(spec: TrainSpec) -> TrainSpec:
+    """A package job: its data must be a registry dataset, and its config plain JSON keyword arguments. The model's
+    sizes are the package's business (it runs only in the worker's sandbox, under the sandbox's limits); layers to
+    freeze are checked by the training service against a base version's recorded parameter names, or else by the
+    sandbox before the first step."""
+    if spec.dataset:
+        raise InvalidArgument("a package job trains on a registry dataset (spec.dataset.registry: a dataset-npz "
+                              "version), not a built-in one")
+    if spec.architecture:
+        raise InvalidArgument("a package job takes spec.config (build_model's keyword arguments), not "
+                              "spec.architecture")
+    if len(json.dumps(spec.config)) > 64 * 1024:
+        raise InvalidArgument("spec.config is larger than 64 KiB")
     return spec
 
 
 def parameter_count(spec: TrainSpec) -> int:
-    """Trainable parameters of the spec's model, from its sizes (nothing is built)."""
-    return sizes.parameter_count(spec.model_spec())
+    """Trainable parameters of the spec's model, from its sizes (nothing is built); 1 for a package, whose size
+    is not known before its code runs: its estimates count work in samples."""
+    return 1 if spec.package else sizes.parameter_count(spec.model_spec())

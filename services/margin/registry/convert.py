@@ -11,6 +11,7 @@ FORMAT_TO_PROTO = {
     "safetensors": registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,
     "onnx": registry_pb2.ARTIFACT_FORMAT_ONNX,
     "dataset-npz": registry_pb2.ARTIFACT_FORMAT_DATASET_NPZ,
+    "model-package": registry_pb2.ARTIFACT_FORMAT_MODEL_PACKAGE,
 }
 FORMAT_FROM_PROTO = {v: k for k, v in FORMAT_TO_PROTO.items()}
 

@@ -7,12 +7,13 @@ import math
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from margin.common import config, modelpackage
 from margin.common.errors import AlreadyExists, InvalidArgument, NotFound
 from margin.common.names import validate_alias, validate_labels, validate_name
 from margin.common.paging import decode_token, encode_token, page_size
@@ -27,7 +28,7 @@ from margin.registry.domain import (
     VersionRecord,
     VersionSelector,
 )
-from margin.registry.formats import check_format
+from margin.registry.formats import describe_upload
 from margin.registry.tables import AliasRow, LabelRow, ModelRow, VersionRow
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,18 @@ MAX_CHAIN = 1000
 class RegistryLimits:
     max_upload_bytes: int = 4 << 30
     max_description: int = 1000
+    max_package_bytes: int = field(default_factory=config.MAX_PACKAGE_BYTES.get_int)
+
+    def max_bytes(self, fmt: str) -> int:
+        """The largest upload of format ``fmt``: a model package (code) has its own, far smaller, cap."""
+        if fmt == modelpackage.FORMAT:
+            return min(self.max_package_bytes, self.max_upload_bytes)
+        return self.max_upload_bytes
+
+    def describe_max_bytes(self, fmt: str) -> str:
+        """:meth:`max_bytes` for a refusal, naming the package cap's setting when that is the one."""
+        cap = " (a model package's cap, MARGIN_MAX_PACKAGE_BYTES)" if fmt == modelpackage.FORMAT else ""
+        return f"{self.max_bytes(fmt)} bytes{cap}"
 
 
 class RegistryCore:
@@ -97,9 +110,9 @@ class RegistryCore:
             raise InvalidArgument("sha256 must be the artifact's 64-character lowercase hex digest")
         if request.size_bytes < 0:
             raise InvalidArgument("size_bytes must be >= 0")
-        if request.size_bytes > self.limits.max_upload_bytes:
+        if request.size_bytes > self.limits.max_bytes(request.format):
             raise InvalidArgument(f"declared size {request.size_bytes} bytes exceeds the upload limit of "
-                                  f"{self.limits.max_upload_bytes} bytes")
+                                  f"{self.limits.describe_max_bytes(request.format)}")
         if request.format == "safetensors" and not request.architecture:
             raise InvalidArgument("a safetensors version needs an architecture spec")
         for key, value in request.metrics.items():
@@ -306,9 +319,9 @@ class Upload:
         self._done = False
 
     def write(self, chunk: bytes) -> None:
-        limit = self._core.limits.max_upload_bytes
-        if self.pending.size + len(chunk) > limit:
-            raise InvalidArgument(f"upload exceeds the limit of {limit} bytes")
+        limits, fmt = self._core.limits, self.request.format
+        if self.pending.size + len(chunk) > limits.max_bytes(fmt):
+            raise InvalidArgument(f"upload exceeds the limit of {limits.describe_max_bytes(fmt)}")
         declared = self.request.size_bytes
         if declared and self.pending.size + len(chunk) > declared:
             raise InvalidArgument(f"upload is longer than the declared size_bytes={declared}")
@@ -324,8 +337,10 @@ class Upload:
             raise InvalidArgument(f"sha256 mismatch: declared {self.request.sha256}, received bytes hash to "
                                   f"{self.pending.sha256}; nothing was stored")
         self.pending.close()
-        signature = check_format(self.pending.path, self.request.format, self.request.signature)
-        self.request = dataclasses.replace(self.request, signature=signature)  # an ONNX graph's, when undeclared
+        described = describe_upload(self.pending.path, self.request.format, self.request.signature,
+                                    self.request.architecture, self._core.limits.max_package_bytes)
+        # e.g. an ONNX graph's signature when undeclared, a model package's architecture from its code
+        self.request = dataclasses.replace(self.request, **described._asdict())
         record = self._core._commit_upload(self)
         self._done = True
         return record

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from margin.common.tensors import Signature
 
-FORMATS = ("torchscript", "safetensors", "onnx", "dataset-npz")
+FORMATS = ("torchscript", "safetensors", "onnx", "dataset-npz", "model-package")
 SERVABLE_FORMATS = ("torchscript", "onnx")
 
 

@@ -16,7 +16,8 @@ from margin.v1 import common_pb2, registry_pb2
 
 FORMATS = {registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "torchscript", registry_pb2.ARTIFACT_FORMAT_ONNX: "onnx",
            registry_pb2.ARTIFACT_FORMAT_SAFETENSORS: "safetensors",
-           registry_pb2.ARTIFACT_FORMAT_DATASET_NPZ: "dataset-npz"}
+           registry_pb2.ARTIFACT_FORMAT_DATASET_NPZ: "dataset-npz",
+           registry_pb2.ARTIFACT_FORMAT_MODEL_PACKAGE: "model-package"}
 _ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
            grpc.StatusCode.UNAVAILABLE: Unavailable}
 

@@ -38,7 +38,9 @@ def spec_from_proto(msg: training_pb2.TrainingSpec) -> TrainSpec:
         learning_rate=msg.learning_rate or 1e-3, optimizer=msg.optimizer or "adam",
         validation_fraction=msg.validation_fraction or 0.2, seed=msg.seed,
         precision=PRECISION_FROM_PROTO[msg.precision], world_size=msg.world_size or 1,
-        device_class=msg.device_class or "cpu")
+        device_class=msg.device_class or "cpu",
+        package=_ref(msg.package, "spec.package") if msg.HasField("package") else None,
+        config=protoconv.from_struct(msg.config, "spec.config"), max_seconds=msg.max_seconds)
 
 
 def spec_to_proto(spec: TrainSpec) -> training_pb2.TrainingSpec:
@@ -47,16 +49,20 @@ def spec_to_proto(spec: TrainSpec) -> training_pb2.TrainingSpec:
         freeze_layers=spec.freeze_layers, epochs=spec.epochs, batch_size=spec.batch_size,
         learning_rate=spec.learning_rate, optimizer=spec.optimizer, validation_fraction=spec.validation_fraction,
         seed=spec.seed, precision=PRECISION_TO_PROTO[spec.precision], world_size=spec.world_size,
-        device_class=spec.device_class)
+        device_class=spec.device_class, config=protoconv.struct(spec.config), max_seconds=spec.max_seconds)
+    if spec.package:
+        msg.package.CopyFrom(_ref_to_proto(spec.package))
     if spec.base:
-        msg.base_version.CopyFrom(common_pb2.VersionRef(model=spec.base.model, number=spec.base.number,
-                                                        alias=spec.base.alias))
+        msg.base_version.CopyFrom(_ref_to_proto(spec.base))
     if spec.dataset:
         msg.dataset.builtin = spec.dataset
     elif spec.dataset_version:
-        ref = spec.dataset_version
-        msg.dataset.registry.CopyFrom(common_pb2.VersionRef(model=ref.model, number=ref.number, alias=ref.alias))
+        msg.dataset.registry.CopyFrom(_ref_to_proto(spec.dataset_version))
     return msg
+
+
+def _ref_to_proto(ref: BaseRef) -> common_pb2.VersionRef:
+    return common_pb2.VersionRef(model=ref.model, number=ref.number, alias=ref.alias)
 
 
 def estimate_to_proto(e: dict, currency: str) -> training_pb2.CostEstimate:
@@ -95,6 +101,8 @@ def job_to_proto(job: Job, currency: str) -> training_pb2.TrainingJob:
         attempt_costs=[protoconv.cost(a.as_cost(job.device_class), currency) for a in job.attempt_costs])
     if job.result:
         msg.result_version.CopyFrom(common_pb2.VersionRef(model=job.result["model"], number=job.result["number"]))
+        msg.exported_versions.extend(common_pb2.VersionRef(model=job.result["model"], number=number)
+                                     for number in job.result.get("exported", []))
     if job.checkpoint:
         msg.checkpoint.CopyFrom(training_pb2.JobCheckpoint(
             key=job.checkpoint["key"], epoch=job.checkpoint["epoch"], step=job.checkpoint["step"],

@@ -49,20 +49,18 @@ class TrainingCore:
 
     # -- specs ------------------------------------------------------------------------------------
     def resolve(self, caller: Caller, spec: TrainSpec) -> tuple[TrainSpec, int]:
-        """Validate ``spec`` and pin what it names in the registry (base and dataset versions, as the caller
+        """Validate ``spec`` and pin what it names in the registry (package, base and dataset versions, as the caller
         sees them: another tenant's version is NOT_FOUND). Returns the spec and the dataset's row count. A registry
         dataset with a manifest is checked against the architecture here, before anything is queued or billed."""
+        package = None
+        if spec.package:
+            package = self._package(caller, spec.package)
+            spec = replace(spec, package=BaseRef(package.model, package.number))
+        base_parameters = None
         if spec.base:
-            base = self.registry.version(caller.api_key, spec.base.model, spec.base.number, spec.base.alias)
-            if base.format != "safetensors" or not base.architecture.get("family"):
-                raise InvalidArgument(f"base version {base.model} v{base.number} is {base.format}; fine-tuning "
-                                      "needs a safetensors version with an architecture")
-            family = base.architecture["family"]
-            if spec.family and spec.family != family:
-                raise InvalidArgument(f"spec.family {spec.family!r} differs from the base version's {family!r}")
-            arch = {k: v for k, v in base.architecture.items() if k != "family"}
-            arch.update({k: v for k, v in spec.architecture.items() if k == "num_classes"})
-            spec = replace(spec, family=family, architecture=arch, base=BaseRef(base.model, base.number))
+            spec, base_parameters = self._base(caller, spec)
+        if spec.package and package is None:
+            package = self._package(caller, spec.package)
         data = None
         if spec.dataset_version:
             ref = spec.dataset_version
@@ -71,9 +69,55 @@ class TrainingCore:
                 raise InvalidArgument(f"dataset {data.model} v{data.number} is {data.format}, not dataset-npz")
             spec = replace(spec, dataset_version=BaseRef(data.model, data.number))
         spec = specs.validate(spec, max_world_size=self.max_world_size, device_classes=self.catalog.device_classes)
+        if base_parameters:
+            specs.check_freeze(spec.freeze_layers, base_parameters)
+        if package is not None:
+            what = f"dataset {data.model} v{data.number}"
+            needs_labels = "loss" not in package.architecture.get("defines", [])
+            manifest.check_package_data(data.signature, needs_labels=needs_labels, what=what)
+            return spec, manifest.rows(data.signature)
         if data is None:
             return spec, BUILTIN_SHAPES[spec.dataset].rows
         return spec, dataset_rows(spec, data)
+
+    def _package(self, caller: Caller, ref: BaseRef) -> VersionInfo:
+        version = self.registry.version(caller.api_key, ref.model, ref.number, ref.alias)
+        if version.format != "model-package":
+            raise InvalidArgument(f"spec.package: {version.model} v{version.number} is {version.format}, not a "
+                                  "model package (upload code with `margin models upload-package`)")
+        return version
+
+    def _base(self, caller: Caller, spec: TrainSpec) -> tuple[TrainSpec, list[str] | None]:
+        """Pin the base version to fine-tune from. A version trained from a package fine-tunes with that package
+        (the job may name a later version of it) and, unless the job says otherwise, the same config; returns the
+        spec and the base's parameter names (for a package: as recorded when it was trained)."""
+        base = self.registry.version(caller.api_key, spec.base.model, spec.base.number, spec.base.alias)
+        pinned = BaseRef(base.model, base.number)
+        trained_from = base.architecture.get("package") if base.format == "safetensors" else None
+        if isinstance(trained_from, dict):
+            if spec.family:
+                raise InvalidArgument(f"base version {base.model} v{base.number} was trained from package "
+                                      f"{trained_from.get('model')!r}; fine-tune it with that package, not a family")
+            if spec.package and spec.package.model != trained_from.get("model"):
+                raise InvalidArgument(f"base version {base.model} v{base.number} was trained from package "
+                                      f"{trained_from.get('model')!r}, not {spec.package.model!r}")
+            package = spec.package or BaseRef(str(trained_from.get("model")), int(trained_from.get("number") or 0))
+            config = spec.config or dict(base.architecture.get("config") or {})
+            names = [str(n) for n in base.architecture.get("parameters") or []]
+            return replace(spec, package=package, config=config, base=pinned), names or None
+        if base.format != "safetensors" or not base.architecture.get("family"):
+            raise InvalidArgument(f"base version {base.model} v{base.number} is {base.format}; fine-tuning "
+                                  "needs a safetensors version trained by Margin (a built-in family, or a model "
+                                  "package)")
+        if spec.package:
+            raise InvalidArgument(f"base version {base.model} v{base.number} is a built-in "
+                                  f"{base.architecture['family']!r}; it cannot be fine-tuned with a package")
+        family = base.architecture["family"]
+        if spec.family and spec.family != family:
+            raise InvalidArgument(f"spec.family {spec.family!r} differs from the base version's {family!r}")
+        arch = {k: v for k, v in base.architecture.items() if k != "family"}
+        arch.update({k: v for k, v in spec.architecture.items() if k == "num_classes"})
+        return replace(spec, family=family, architecture=arch, base=pinned), None
 
     def estimate(self, caller: Caller, spec: TrainSpec) -> tuple[TrainSpec, Estimate]:
         spec, rows = self.resolve(caller, spec)

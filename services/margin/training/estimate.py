@@ -23,6 +23,12 @@ FIRST_GUESS_OVERHEAD_S = 3.0
 FIRST_GUESS_RANGE = (0.25, 4.0)
 HISTORY_MARGIN = (0.8, 1.25)
 DDP_FIRST_GUESS_EFFICIENCY = 0.8
+# A package's size is unknown until its code runs, so its work is counted in samples: first guesses in samples/s
+# (a ResNet-style CNN on 3x32x32 images on the 2-core CPU VM; GPUs assumed 20x), with a wider range. After one run
+# of the same package version and config, its measured throughput is the basis.
+FIRST_GUESS_PACKAGE_SAMPLES_PER_S = {"cpu": 300.0}
+FIRST_GUESS_GPU_PACKAGE_SAMPLES_PER_S = 6000.0
+FIRST_GUESS_PACKAGE_RANGE = (0.1, 10.0)
 
 
 @dataclass(frozen=True)
@@ -52,27 +58,34 @@ class Estimator:
     def estimate(self, spec: TrainSpec, rows: int) -> Estimate:
         train_rows = max(1, round(rows * (1 - spec.validation_fraction)))
         work = train_rows * spec.epochs * parameter_count(spec)
-        history = self._store.throughput_history(spec.family, spec.device_class, spec.precision, spec.world_size)
+        history = self._store.throughput_history(spec.history_family, spec.device_class, spec.precision,
+                                                 spec.world_size)
+        what = f"package {spec.package.model} v{spec.package.number}" if spec.package else spec.family
         if history:
             rates = [rate for rate, _ in history]
             overhead = statistics.median(o for _, o in history)
             seconds = work / statistics.median(rates) + overhead
             low = work / max(rates) * HISTORY_MARGIN[0] + overhead
             high = work / min(rates) * HISTORY_MARGIN[1] + overhead
-            basis = (f"history: {len(history)} run(s) of {spec.family} on {spec.device_class} "
+            unit = "samples/s" if spec.package else "sample-params/s"
+            basis = (f"history: {len(history)} run(s) of {what} on {spec.device_class} "
                      f"({spec.precision}, world size {spec.world_size}), median "
-                     f"{statistics.median(rates):.3g} sample-params/s")
+                     f"{statistics.median(rates):.3g} {unit}")
         else:
-            rate = FIRST_GUESS_WORK_PER_S.get(spec.device_class, FIRST_GUESS_GPU_WORK_PER_S)
+            if spec.package:
+                rate = FIRST_GUESS_PACKAGE_SAMPLES_PER_S.get(spec.device_class, FIRST_GUESS_GPU_PACKAGE_SAMPLES_PER_S)
+                spread, unit = FIRST_GUESS_PACKAGE_RANGE, "samples/s"
+            else:
+                rate = FIRST_GUESS_WORK_PER_S.get(spec.device_class, FIRST_GUESS_GPU_WORK_PER_S)
+                spread, unit = FIRST_GUESS_RANGE, "sample-params/s"
             if spec.world_size > 1:
                 rate *= spec.world_size * DDP_FIRST_GUESS_EFFICIENCY
             compute = work / rate
             seconds = compute + FIRST_GUESS_OVERHEAD_S
-            low = compute * FIRST_GUESS_RANGE[0] + FIRST_GUESS_OVERHEAD_S * FIRST_GUESS_RANGE[0]
-            high = compute * FIRST_GUESS_RANGE[1] + FIRST_GUESS_OVERHEAD_S * FIRST_GUESS_RANGE[1]
-            basis = (f"first guess (no history for {spec.family} on {spec.device_class}): {rate:.3g} "
-                     f"sample-params/s + {FIRST_GUESS_OVERHEAD_S:.0f}s start-up, range ×{FIRST_GUESS_RANGE[0]}"
-                     f"–×{FIRST_GUESS_RANGE[1]}")
+            low = compute * spread[0] + FIRST_GUESS_OVERHEAD_S * spread[0]
+            high = compute * spread[1] + FIRST_GUESS_OVERHEAD_S * spread[1]
+            basis = (f"first guess (no history for {what} on {spec.device_class}): {rate:.3g} {unit} + "
+                     f"{FIRST_GUESS_OVERHEAD_S:.0f}s start-up, range ×{spread[0]}–×{spread[1]}")
 
         def cost(s: float) -> RunCost:
             return run_cost(self._catalog, spec.device_class, s / 3600.0, devices=spec.world_size)

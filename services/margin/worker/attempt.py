@@ -96,7 +96,7 @@ class Attempt(JobRun):
         return self.budget_decision()
 
     def end_of_epoch(self, pos: Position, metrics: dict[str, float], trainer: Trainer) -> Decision:
-        record = self.ctx.checkpoints.save(self.job_id, trainer.state(pos))
+        record = trainer.save_checkpoint(self.ctx.checkpoints, self.job_id, pos)
         self.checkpoint_seconds = record["seconds"]
         steps_left = (self.spec.epochs - pos.epoch) * trainer.batches_per_epoch
         if self.beat(pos, steps_left, metrics=metrics, checkpoint=record):
@@ -105,7 +105,7 @@ class Attempt(JobRun):
         return self.budget_decision()
 
     def stopped(self, decision: Decision, pos: Position, trainer: Trainer) -> None:
-        record = self.ctx.checkpoints.save(self.job_id, trainer.state(pos))
+        record = trainer.save_checkpoint(self.ctx.checkpoints, self.job_id, pos)
         state = CANCELLED if decision.code == CANCEL else BUDGET_EXCEEDED
         reason = decision.message
         if state == CANCELLED:
@@ -118,15 +118,19 @@ class Attempt(JobRun):
         efficiency = self.efficiency(trainer, train_seconds)
         all_metrics = {**metrics, "distributed_efficiency": efficiency["eta"],
                        "scaling_efficiency": efficiency["scaling"], "epochs": float(self.spec.epochs)}
-        cost = self.cost_dict()
-        version = publish.register(self.registry, self.job_id, self.spec, trainer.model, all_metrics, cost,
-                                   self.ctx.catalog.currency)
+        message, result = self.register(trainer, all_metrics, self.cost_dict())
         self.record_throughput(trainer, train_seconds)
         pos = Position(self.spec.epochs, 0, trainer.batches_per_epoch * self.spec.epochs)
         self.ctx.store.heartbeat(self.lease, self.ctx.lease_seconds, device_seconds=self.device_seconds(),
                                  efficiency=efficiency)
-        self.finish(SUCCEEDED, pos, f"registered {version.model} v{version.number}", metrics=all_metrics,
-                    result={"model": version.model, "number": version.number})
+        self.finish(SUCCEEDED, pos, message, metrics=all_metrics, result=result)
+
+    def register(self, trainer: Trainer, metrics: dict[str, float], cost: dict) -> tuple[str, dict]:
+        """Register the trained model; returns the job's final message and its result record."""
+        version = publish.register(self.registry, self.job_id, self.spec, trainer.model, metrics, cost,
+                                   self.ctx.catalog.currency)
+        result = {"model": version.model, "number": version.number}
+        return f"registered {version.model} v{version.number}", result
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, state: str, pos: Position | None, message: str, **fields) -> None:
@@ -147,11 +151,15 @@ class Attempt(JobRun):
                 "t_distributed_s": trainer.step_seconds, "single_samples_per_s": self.single_samples_per_s,
                 "train_loop_s": train_seconds}
 
+    def work_per_sample(self, trainer: Trainer) -> int:
+        """The estimator's unit of work per training sample (:mod:`margin.training.estimate`): the model's
+        parameters for a built-in family, 1 for a package (whose size the service cannot know before it runs)."""
+        return 1 if self.spec.package else trainer.parameter_count()
+
     def record_throughput(self, trainer: Trainer, train_seconds: float) -> None:
         if self.lease.fence != 1 or train_seconds <= 0 or trainer.samples_trained == 0:
             return  # only clean first attempts that trained feed the estimator
-        params = sum(p.numel() for p in trainer.model.parameters())
-        work = trainer.samples_trained * self.world * params / train_seconds
+        work = trainer.samples_trained * self.world * self.work_per_sample(trainer) / train_seconds
         overhead = max(0.0, time.time() - self.started - train_seconds)
-        self.ctx.store.record_throughput(self.spec.family, self.spec.device_class, self.spec.precision, self.world,
-                                         work, overhead)
+        self.ctx.store.record_throughput(self.spec.history_family, self.spec.device_class, self.spec.precision,
+                                         self.world, work, overhead)

@@ -2,10 +2,13 @@
 
 Checkpoints are written by Margin's own workers (never uploaded by a user) and read back with
 ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers — no arbitrary unpickling.
+A model package's checkpoint is written inside its sandbox: the worker only copies it (:meth:`save_file`) and
+hands it back to the job's next sandbox; no worker process ever loads it.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +33,20 @@ class CheckpointStore:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return {"key": path.name, "epoch": state["epoch"], "batch": state["batch"], "step": state["step"],
+                "bytes": path.stat().st_size, "seconds": time.perf_counter() - start}
+
+    def save_file(self, job_id: str, source, pos: dict) -> dict:
+        """Store the file object ``source`` (a sandboxed package's checkpoint, which the worker copies but never
+        loads: only the next sandbox of the same job does) as the job's checkpoint at position ``pos``."""
+        start = time.perf_counter()
+        path = self.path(job_id)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        return {"key": path.name, "epoch": pos["epoch"], "batch": pos["batch"], "step": pos["step"],
                 "bytes": path.stat().st_size, "seconds": time.perf_counter() - start}
 
     def load(self, job_id: str) -> dict | None:

@@ -66,6 +66,11 @@ def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> int:
     return frozen
 
 
-def tensors(data: Split, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
-                 for a in (data.x_train, data.y_train, data.x_val, data.y_val))
+def tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def tensors(data: Split, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The (training, validation) arrays by name, as a :class:`~margin.worker.loop.Trainer` takes them."""
+    return ({"x": tensor(data.x_train, device), "y": tensor(data.y_train, device)},
+            {"x": tensor(data.x_val, device), "y": tensor(data.y_val, device)})

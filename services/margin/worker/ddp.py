@@ -28,7 +28,7 @@ from margin.modelzoo.spec import TrainSpec
 from margin.worker import context
 from margin.worker.attempt import Attempt
 from margin.worker.context import WorkerContext
-from margin.worker.loop import NoHooks
+from margin.worker.loop import NoHooks, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ CALIBRATION_MAX_STEPS = 500
 
 def single_process_throughput(spec: TrainSpec, ctx: WorkerContext, lease: Lease) -> float:
     """Training-step throughput (samples/s) of the same model, data and batch size in one process with every
-    thread the job may use: 3 warm-up steps, then at least 20 steps and half a second."""
+    thread the job may use."""
     from margin.worker.runner import build_trainer, registry_for
 
     torch.set_num_threads(config.torch_threads())
@@ -48,8 +48,14 @@ def single_process_throughput(spec: TrainSpec, ctx: WorkerContext, lease: Lease)
         trainer = build_trainer(spec, registry)
     finally:
         registry.close()
-    order = torch.randperm(len(trainer.x))
-    batches = [order[i:i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
+    return step_throughput(trainer)
+
+
+def step_throughput(trainer: Trainer) -> float:
+    """Samples/s of ``trainer``'s training steps: 3 warm-up steps, then at least 20 steps and half a second."""
+    batch_size = trainer.spec.batch_size
+    order = torch.randperm(trainer.rows)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in batches[:3]:
         trainer.step(idx)
     trainer.step_seconds, trainer.samples_trained, i = 0.0, 0, 0
@@ -72,7 +78,7 @@ def launch(ctx: WorkerContext, lease: Lease, spec: TrainSpec, started: float) ->
         out = open(f"{logs}.rank{rank}.log", "ab")
         procs.append((subprocess.Popen([sys.executable, "-m", "margin.worker.ddp"], env=env, stdout=out,
                                        stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal), out))
-    failed = _wait_all([p for p, _ in procs])
+    failed = wait_all([p for p, _ in procs])
     for _, out in procs:
         out.close()
     if failed is not None:
@@ -80,7 +86,7 @@ def launch(ctx: WorkerContext, lease: Lease, spec: TrainSpec, started: float) ->
         raise RuntimeError(f"DDP rank {failed} failed:\n" + "\n".join(tail))
 
 
-def _wait_all(procs: list[subprocess.Popen]) -> int | None:
+def wait_all(procs: list[subprocess.Popen]) -> int | None:
     """Wait for every rank; when one fails, stop the rest. Returns the first failed rank, or None."""
     while True:
         codes = [p.poll() for p in procs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,12 +78,48 @@ def autocast(spec: TrainSpec, device: torch.device):
     return contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a step optimizes and an evaluation reports. ``inputs``: the batch's arrays passed to the model,
+    positionally in this order; ``loss(outputs, batch)`` (default: cross-entropy against ``batch["y"]``);
+    ``metrics(outputs, batch)`` adds to the validation metrics (default: accuracy against ``batch["y"]``)."""
+    inputs: tuple[str, ...] = ("x",)
+    loss: Callable | None = None
+    metrics: Callable | None = None
+
+    def forward(self, net: nn.Module, batch: dict[str, torch.Tensor]):
+        return net(*(batch[name] for name in self.inputs))
+
+    def loss_of(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss is not None:
+            return self.loss(outputs, batch)
+        return nn.functional.cross_entropy(outputs.float(), batch["y"])
+
+    def metrics_of(self, outputs, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Accuracy against integer labels ``y`` when the outputs are (rows, classes) scores, and the package's own
+        metrics (prefixed ``val_``)."""
+        found: dict[str, float] = {}
+        labels = batch.get("y")
+        if (isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and labels is not None
+                and not labels.is_floating_point() and labels.dim() == 1):
+            found["val_accuracy"] = (outputs.float().argmax(1) == labels).float().mean().item()
+        if self.metrics is not None:
+            found.update({f"val_{k}": float(v) for k, v in self.metrics(outputs, batch).items()})
+        return found
+
+
+CLASSIFIER = Objective()
+
+
 class Trainer:
-    def __init__(self, spec: TrainSpec, model: nn.Module, data: tuple[torch.Tensor, ...], device: torch.device,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, spec: TrainSpec, model: nn.Module, data: tuple[dict, dict], device: torch.device,
+                 rank: int = 0, world_size: int = 1, objective: Objective = CLASSIFIER):
+        """``data``: the (training, validation) arrays by name, as tensors on ``device``."""
         self.spec, self.device, self.rank, self.world_size = spec, device, rank, world_size
+        self.objective = objective
         self.model = model.to(device)
-        self.x, self.y, self.x_val, self.y_val = data
+        self.train_data, self.val_data = data
+        self.rows = len(next(iter(self.train_data.values())))
         self.net = nn.parallel.DistributedDataParallel(self.model) if world_size > 1 else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         if spec.optimizer == "sgd":
@@ -90,11 +127,18 @@ class Trainer:
         else:
             self.optimizer = torch.optim.Adam(params, lr=spec.learning_rate)
         self.scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
-        per_rank = len(self.x) // world_size  # every rank takes the same number of steps
+        per_rank = self.rows // world_size  # every rank takes the same number of steps
         self.per_rank = per_rank
         self.batches_per_epoch = max(1, math.ceil(per_rank / spec.batch_size))
         self.samples_trained = 0
         self.step_seconds = 0.0  # time in training steps only (forward, backward, gradient all-reduce, update)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def save_checkpoint(self, store, job_id: str, pos: Position) -> dict:
+        """Write this trainer's state at ``pos`` to the job's checkpoint in ``store``; returns its record."""
+        return store.save(job_id, self.state(pos))
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state(self, pos: Position) -> dict:
@@ -116,14 +160,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         with torch.no_grad(), autocast(self.spec, self.device):
-            logits = self.model(self.x_val).float()
-        loss = nn.functional.cross_entropy(logits, self.y_val).item()
-        accuracy = (logits.argmax(1) == self.y_val).float().mean().item()
-        return {"val_loss": loss, "val_accuracy": accuracy}
+            outputs = self.objective.forward(self.model, self.val_data)
+            loss = self.objective.loss_of(outputs, self.val_data).item()
+        return {"val_loss": loss, **self.objective.metrics_of(outputs, self.val_data)}
 
     def _order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.x), generator=generator)
+        order = torch.randperm(self.rows, generator=generator)
         return order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].to(self.device)
 
     def _agree(self, decision: Decision) -> Decision:
@@ -138,9 +181,10 @@ class Trainer:
         """One optimizer step on the samples ``idx``; returns the loss."""
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        batch = {name: values[idx] for name, values in self.train_data.items()}
         with autocast(self.spec, self.device):
-            logits = self.net(self.x[idx])
-        loss = nn.functional.cross_entropy(logits.float(), self.y[idx])
+            outputs = self.objective.forward(self.net, batch)
+        loss = self.objective.loss_of(outputs, batch)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -97,6 +97,12 @@ def run_job(job_id: str, task_id: str, ctx: WorkerContext) -> str:
         return lease.reason
     spec = TrainSpec.from_dict(lease.job.spec)
     registry = registry_for(ctx, lease)
+    if spec.package:
+        from margin.worker import package_job
+
+        attempt = package_job.PackageAttempt(ctx, lease, spec, registry, started)
+        attempt.publish(attempt.event("RUNNING", None, message=f"attempt {lease.fence} on {owner} (sandboxed)"))
+        return guarded(job_id, lambda: package_job.run(ctx, lease, spec, registry, attempt), attempt.fail, registry)
     attempt = Attempt(ctx, lease, spec, registry, started)
     attempt.publish(attempt.event("RUNNING", None, message=f"attempt {lease.fence} on {owner}"))
     def train() -> str:
