@@ -78,16 +78,12 @@ def check_features(manifest: Signature, features: int, *, what: str) -> None:
 
 
 def check_package_data(manifest: Signature, *, needs_labels: bool, what: str) -> None:
-    """Raise InvalidArgument unless the dataset ``what`` can feed a model package: numeric inputs (every array but
-    ``y``, given to the model positionally in file order) and, when the package brings no ``loss`` of its own (the
-    default is cross-entropy), integer labels ``y``."""
+    """Raise InvalidArgument unless the dataset ``what`` can feed a model package: inputs (every array but ``y``,
+    given to the model positionally in file order; the registry admits only numeric and boolean arrays) and, when
+    the package brings no ``loss`` of its own (the default is cross-entropy), integer labels ``y``."""
     _require_manifest(manifest, what)
     if not manifest.inputs:
         raise InvalidArgument(f"{what} has no input arrays (every array but `{LABELS}` is an input)")
-    for spec in arrays(manifest):
-        if spec.dtype not in NUMERIC_DTYPES and spec.dtype != "BOOL":
-            raise InvalidArgument(f"{what}: array {spec.name!r} is {spec.dtype}; a model package is fed numeric "
-                                  "arrays")
     if needs_labels:
         check_labels(manifest, what=f"{what} (the package defines no loss(outputs, batch), so it is trained with "
                                     f"cross-entropy against integer labels `{LABELS}`)")

@@ -206,14 +206,18 @@ class Exporter:
 
 
 # -- ranks ----------------------------------------------------------------------------------------
-def prepare(plan: dict, rank: int = 0, world_size: int = 1) -> tuple[Trainer, Exporter, Position]:
-    """Import the package, build and (when fine-tuning) load the model, and make its trainer."""
+def prepare(plan: dict, rank: int = 0, world_size: int = 1,
+            phase=lambda name: None) -> tuple[Trainer, Exporter, Position]:
+    """Import the package, build and (when fine-tuning) load the model, and make its trainer; ``phase(name)``
+    tells the worker what is running (its messages name it)."""
     spec = TrainSpec.from_dict(plan["spec"])
     torch.manual_seed(spec.seed)
+    phase(f"importing {plan['entry']}")
     module = import_package(plan["entry"])
     arrays = load_arrays(INPUTS / "data.npz")
     inputs = [n for n in arrays if n != LABELS]
     train, val = split_arrays(arrays, spec.validation_fraction, spec.seed)
+    phase("build_model")
     model = build(module, spec.config)
     if (INPUTS / "base.safetensors").exists():
         load_base(model)
@@ -240,9 +244,12 @@ def check_outputs(trainer: Trainer) -> None:
                            + (f" of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
 
 
+def announcer(channel: Channel):
+    return lambda name: channel.send({"op": "phase", "phase": name})
+
+
 def run_single(plan: dict, channel: Channel) -> None:
-    channel.send({"op": "phase", "phase": "build_model"})
-    trainer, exporter, pos = prepare(plan)
+    trainer, exporter, pos = prepare(plan, phase=announcer(channel))
     check_outputs(trainer)
     channel.send({"op": "ready", "batches_per_epoch": trainer.batches_per_epoch,
                   "parameters": trainer.parameter_count(), "single_samples_per_s": plan.get("single_samples_per_s")})
@@ -254,8 +261,7 @@ def run_distributed(plan: dict, channel: Channel) -> None:
     from margin.cluster.processes import free_port, set_parent_death_signal
     from margin.worker.ddp import step_throughput, wait_all
 
-    channel.send({"op": "phase", "phase": "build_model"})
-    trainer, _, _ = prepare(plan)
+    trainer, _, _ = prepare(plan, phase=announcer(channel))
     check_outputs(trainer)
     plan = {**plan, "single_samples_per_s": step_throughput(trainer)}
     del trainer
