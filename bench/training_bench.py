@@ -22,8 +22,18 @@ and on a small machine they would only take CPU from the workers.
 3. **DDP.** The same job (mlp [256, 256] on digits, 20 epochs, batch 64) with world_size 1 and 2 (gloo on
    CPU), in A-B-B-A order. Reports wall times, the job's stored distributed_efficiency (η) and
    scaling_efficiency, η = T1/T2 from the two runs' training-loop times and from their wall times, and cost.
+4. **A team's own code (the sandbox's overhead).** The same CNN twice, on digits uploaded once as a registry
+   dataset-npz: as the built-in ``cnn`` family, and as a model package whose ``build_model`` returns that built-in
+   model (so it trains in the bubblewrap sandbox, its loop's hooks answered by the worker over a pipe). Same spec
+   otherwise (epochs, batch, lr, seed, world_size 1, fp32), in alternating order after a warm-up job of each.
+   Per job, from what the worker records: job start → first training step (``start_time`` → the attempt's
+   before-training WatchJob event), the training loop per step (loop start → the last epoch's end event, over
+   the steps) and the part of it inside the step (``efficiency.t_distributed_s``), last epoch's end → end, wall
+   time, ``training_throughput.overhead_seconds``, cost; medians per kind and package / built-in ratios.
 
-The default order is idle, DDP, burst, so the DDP runs have one worker to themselves.
+The default order is idle, DDP, package, burst, so the DDP and package runs have one worker to themselves. Run
+with some ``--phases`` only, the results file keeps the other phases' sections from its previous run (their date
+and settings under ``carried_over``).
 
     PYTHONPATH=services python bench/training_bench.py
 """
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -54,8 +65,11 @@ from google.protobuf import json_format
 from harness import cpu_model, cpu_seconds, machine_busy, process_tree, run_and_write, start, tenant_key
 from margin.cluster.processes import ManagedProcess, redis_spec, standalone_service_spec, worker_spec
 from margin.common import protoconv
+from margin.modelzoo.architectures import build_model
+from margin.modelzoo.datasets import load_builtin
 from margin.sdk.channel import connect
 from margin.sdk.pages import all_pages
+from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 from rich.console import Console
 from rich.table import Table
@@ -506,12 +520,179 @@ def ddp_phase(client: Client, stack: Stack, args: argparse.Namespace, console: C
             "cost_ratio_2_over_1": two["cost_micros"] / max(one["cost_micros"], 1)}
 
 
+# -- 4. a team's own code: the sandbox's overhead ----------------------------------------------------
+PACKAGE_ARCH = {"image_size": 8, "channels": [16, 32], "num_classes": 10}
+PACKAGE_SOURCE = b'''"""Margin's built-in CNN brought as a model package: the same model, trained in the sandbox."""
+from margin.modelzoo.architectures import build_model as margin_build
+
+
+def build_model(**config):
+    return margin_build({"family": "cnn", **config})
+'''
+KINDS = ("builtin", "package")
+PACKAGE_MEASURES = ("start_overhead_s", "loop_step_ms", "compute_step_ms", "around_step_ms", "end_overhead_s",
+                    "wall_s", "throughput_overhead_s", "cost_micros", "val_accuracy")
+
+
+def upload_package_inputs(client: Client) -> tuple[common_pb2.VersionRef, common_pb2.VersionRef]:
+    """(dataset, package): sklearn's digits as a registry dataset-npz (``x`` FP32[n, 64], ``y`` INT64[n]), so both
+    jobs read the same bytes from the registry, and the package above."""
+    registry = RegistryClient(client.registry_conn)
+    x, y = load_builtin("sklearn:digits")
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    refs = []
+    for model, fmt, data in (("bench-digits", registry_pb2.ARTIFACT_FORMAT_DATASET_NPZ, buffer.getvalue()),
+                             ("bench-cnn-code", registry_pb2.ARTIFACT_FORMAT_MODEL_PACKAGE, PACKAGE_SOURCE)):
+        registry.ensure_model(model)
+        version = registry.upload_bytes(data, registry_pb2.UploadMetadata(model=model, format=fmt))
+        refs.append(common_pb2.VersionRef(model=version.model, number=version.number))
+    return refs[0], refs[1]
+
+
+def same_model_specs(dataset: common_pb2.VersionRef, package: common_pb2.VersionRef,
+                     epochs: int) -> dict[str, training_pb2.TrainingSpec]:
+    """The built-in CNN and the package that builds it; everything else equal (data, epochs, batch, lr, seed,
+    optimizer, world size 1, fp32)."""
+    common = {"dataset": common_pb2.DatasetRef(registry=dataset), "epochs": epochs, "batch_size": 64,
+              "learning_rate": 0.01, "seed": 0, "world_size": 1, "precision": training_pb2.PRECISION_FP32}
+    return {"builtin": training_pb2.TrainingSpec(model="bench-cnn-builtin", family="cnn",
+                                                 architecture=protoconv.struct(PACKAGE_ARCH), **common),
+            "package": training_pb2.TrainingSpec(model="bench-cnn-package", package=package,
+                                                 config=protoconv.struct(PACKAGE_ARCH), **common)}
+
+
+def watched_job(client: Client, spec: training_pb2.TrainingSpec) -> tuple[training_pb2.TrainingJob, list]:
+    """Submit ``spec``, follow its WatchJob stream to the end; returns the final job and every event seen."""
+    job = client.jobs.SubmitJob(training_pb2.SubmitJobRequest(spec=spec), metadata=client.md, timeout=30)
+    events = []
+    for event in client.jobs.WatchJob(training_pb2.WatchJobRequest(id=job.id), metadata=client.md, timeout=600):
+        events.append(event)
+        if event.state in TERMINAL:
+            break
+    return wait_terminal(client, job.id, 60), events
+
+
+def loop_marks(events: list[training_pb2.JobEvent], epochs: int) -> tuple[float, float]:
+    """(loop start, loop end) of a job's training loop, in POSIX seconds stamped by the worker on its WatchJob
+    events. Start: the last RUNNING event at step 0 before the first event past it, i.e. the heartbeat the
+    attempt sends from ``before_training`` once data and model are ready and the first step is next (a sandbox's
+    earlier heartbeats while it starts are also at step 0, and come before it). End: the RUNNING event of the
+    last epoch's end, sent after its evaluation and checkpoint."""
+    running = [e for e in events if e.state == common_pb2.JOB_STATE_RUNNING]
+    first_step = next((i for i, e in enumerate(running) if e.step > 0), len(running))
+    at_zero = [e for e in running[:first_step] if e.step == 0]
+    last_epoch = [e for e in running if e.epoch == epochs]
+    if not at_zero or not last_epoch:
+        raise RuntimeError(f"the job's events lack the loop's start or its last epoch's end: "
+                           f"{[(state_name(e.state), e.epoch, e.step) for e in events]}")
+    return seconds(at_zero[-1].time), seconds(last_epoch[-1].time)
+
+
+def newest_throughput_overhead(stack: Stack, builtin: bool) -> float:
+    """``overhead_seconds`` of the newest training_throughput row (the worker's own account of a job's time outside
+    its training loop, which it writes just before the job ends): jobs here run one at a time, so it is the job's
+    that just ended. Its family (``cnn``, or ``pkg:…`` for a package) is checked."""
+    family, overhead = stack.sql("SELECT family, overhead_seconds FROM training_throughput "
+                                 "ORDER BY id DESC LIMIT 1")[0]
+    if (family == "cnn") != builtin:
+        raise RuntimeError(f"the newest throughput row is for {family!r}, not this job")
+    return float(overhead)
+
+
+def same_model_run(client: Client, stack: Stack, kind: str, spec: training_pb2.TrainingSpec) -> dict:
+    """One job, timed from its record: start (RUNNING) → loop start → last epoch's end → end, step times, cost."""
+    probe = CpuProbe(stack.started)
+    before = probe.snap()
+    job, events = watched_job(client, spec)
+    cpu = CpuProbe.delta(before, probe.snap())
+    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"{kind} job {job.id} ended {state_name(job.state)}: {job.message}")
+    loop_start, loop_end = loop_marks(events, spec.epochs)
+    start, end = seconds(job.start_time), seconds(job.end_time)
+    loop_step_ms = (loop_end - loop_start) / job.step * 1000
+    compute_step_ms = train_seconds(stack, [job.id])[job.id] / job.step * 1000
+    return {"kind": kind, "id": job.id, "attempts": job.attempts, "steps": job.step, "events": len(events),
+            "start_overhead_s": loop_start - start, "loop_s": loop_end - loop_start, "loop_step_ms": loop_step_ms,
+            "compute_step_ms": compute_step_ms, "around_step_ms": loop_step_ms - compute_step_ms,
+            "end_overhead_s": end - loop_end, "wall_s": end - start,
+            "throughput_overhead_s": newest_throughput_overhead(stack, kind == "builtin"),
+            "cost_micros": job.cost.total.micros, "currency": job.cost.total.currency,
+            "val_accuracy": job.metrics["val_accuracy"], "val_loss": job.metrics["val_loss"],
+            "outside_cores": cpu["outside_cores"], "message": job.message}
+
+
+def alternating(repeats: int) -> list[str]:
+    """builtin, package, package, builtin, ...: pairs in alternating order, so drift affects both kinds alike."""
+    return [kind for i in range(repeats) for kind in (KINDS if i % 2 == 0 else KINDS[::-1])]
+
+
+def package_phase(client: Client, stack: Stack, args: argparse.Namespace, console: Console) -> dict:
+    """The same CNN trained as the built-in family and as a package that builds it, on one worker."""
+    dataset, package = upload_package_inputs(client)
+    specs = same_model_specs(dataset, package, args.package_epochs)
+    warmup = [same_model_run(client, stack, kind, specs[kind]) for _ in range(args.package_warmup) for kind in KINDS]
+    runs = []
+    for kind in alternating(args.package_repeats):
+        runs.append(run := same_model_run(client, stack, kind, specs[kind]))
+        console.print(f"  package: {kind}: start → loop {run['start_overhead_s']:.2f} s, loop "
+                      f"{run['loop_step_ms']:.2f} ms/step (steps {run['compute_step_ms']:.2f}), end "
+                      f"{run['end_overhead_s']:.2f} s, wall {run['wall_s']:.2f} s, {run['cost_micros']} micros")
+    medians = {kind: {key: statistics.median(r[key] for r in runs if r["kind"] == kind) for key in PACKAGE_MEASURES}
+               for kind in KINDS}
+    parameters = sum(p.numel() for p in build_model({"family": "cnn", **PACKAGE_ARCH}).parameters())
+    return {"spec": f"cnn {PACKAGE_ARCH['channels']} ({parameters} parameters), {args.package_epochs} epochs, "
+                    f"batch 64, lr 0.01, seed 0, fp32, world_size 1, digits as a registry dataset-npz",
+            "package_source": PACKAGE_SOURCE.decode(), "parameters": parameters,
+            "order": alternating(args.package_repeats), "warmup_runs": warmup, "runs": runs, "median": medians,
+            "ratio_package_over_builtin": {key: medians["package"][key] / medians["builtin"][key]
+                                           for key in PACKAGE_MEASURES if medians["builtin"][key]},
+            "currency": runs[0]["currency"],
+            "same_val_loss_in_every_run": len({round(r["val_loss"], 6) for r in runs}) == 1}
+
+
 # -- report ----------------------------------------------------------------------------------------
 def money(micros: float, currency: str = "USD") -> str:
     return f"{micros / 1e6:.6f} {currency}"
 
 
+PACKAGE_ROWS = (  # (label, key, format, where the figure comes from)
+    ("job start → first training step [s]", "start_overhead_s", "{:.2f}",
+     "start_time → the before-training event (WatchJob)"),
+    ("training loop per step [ms]", "loop_step_ms", "{:.2f}", "loop start → last epoch's end event, / steps"),
+    ("  of which in the step [ms]", "compute_step_ms", "{:.2f}", "efficiency.t_distributed_s / steps"),
+    ("  around the step [ms]", "around_step_ms", "{:.2f}", "the two above: hooks, pipe, eval, checkpoints"),
+    ("last epoch's end → job end [s]", "end_overhead_s", "{:.2f}", "evaluation, export, registration"),
+    ("whole job [s]", "wall_s", "{:.2f}", "start_time → end_time"),
+    ("outside the loop, worker's record [s]", "throughput_overhead_s", "{:.2f}",
+     "training_throughput.overhead_seconds"),
+    ("cost [micros]", "cost_micros", "{:.0f}", "job cost.total"),
+    ("val accuracy", "val_accuracy", "{:.3f}", "job metrics"))
+
+
+def report_package(part: dict, console: Console) -> None:
+    """The built-in vs package table: medians per kind and their ratio."""
+    runs = len(part["runs"]) // 2
+    t = Table(title=f"Same model as a built-in family and as a package (sandbox): {part['spec']}; medians of {runs} "
+                    f"runs each, alternating",
+              caption="loop start = the attempt's before-training heartbeat (data and model ready); loop end = the "
+                      "last epoch's end heartbeat (after its evaluation and checkpoint); both stamped by the worker")
+    for col, justify in (("measure", "left"), ("built-in", "right"), ("package", "right"),
+                         ("package / built-in", "right"), ("from", "left")):
+        t.add_column(col, justify=justify)
+    builtin, package, ratio = part["median"]["builtin"], part["median"]["package"], part["ratio_package_over_builtin"]
+    for label, key, fmt, source in PACKAGE_ROWS:
+        t.add_row(label, fmt.format(builtin[key]), fmt.format(package[key]),
+                  f"{ratio[key]:.2f}×" if key in ratio else "-", source)
+    console.print(t)
+    console.print(f"  order {' '.join(part['order'])} after {len(part['warmup_runs'])} warm-up jobs (left out); "
+                  f"same val_loss in every run: {part['same_val_loss_in_every_run']}; outside load per run (cores): "
+                  + ", ".join(f"{r['outside_cores']:.2f}" for r in part["runs"]))
+
+
 def report(result: dict, console: Console) -> None:
+    for name, earlier in result.get("carried_over", {}).items():
+        console.print(f"[dim]{name}: not run now; kept from the run of {earlier['date']}[/]")
     idle = result.get("idle")
     if idle:
         t = Table(title=f"Idle worker: submit → RUNNING, {idle['jobs']} jobs one at a time ({idle['spec']})",
@@ -584,6 +765,8 @@ def report(result: dict, console: Console) -> None:
         two = ddp["by_world_size"]["2"]
         console.print(f"  world 2: the worker is busy {two['end_to_worker_free_s']:.2f} s after the job's end_time "
                       f"(rank processes exiting; not billed)")
+    if result.get("package"):
+        report_package(result["package"], console)
     for goal in result["goals"]:
         mark = "[green]met[/]" if goal["met"] else "[red]missed[/]"
         console.print(f"{mark}  {goal['name']}: {goal['goal']} - measured {goal['value']}")
@@ -623,10 +806,9 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         stack.add_worker()
         console.print(f"stack up in {time.monotonic() - t0:.1f} s (redis, budget, registry, training, 1 worker)")
         client = Client(stack, tenant_key(stack.budget, admin_key, "training bench"))
-        phases: dict[str, Callable] = {"idle": idle_phase, "burst": burst_phase, "ddp": ddp_phase}
         for name in args.phases:
             console.print(f"[bold]{name}[/]")
-            result[name] = phases[name](client, stack, args, console)
+            result[name] = PHASES[name](client, stack, args, console)
             stack.check_alive()
     except Exception:
         if stack:
@@ -652,19 +834,42 @@ def run(args: argparse.Namespace, console: Console) -> dict:
                      "settle_s": args.settle, "burst_jobs": args.burst_jobs, "burst_threads": args.burst_threads,
                      "burst_workers": args.burst_workers, "burst_hidden": args.burst_hidden,
                      "ddp_epochs": args.ddp_epochs, "ddp_repeats": args.ddp_repeats,
+                     "package_epochs": args.package_epochs, "package_repeats": args.package_repeats,
+                     "package_warmup": args.package_warmup,
                      "lease_seconds": args.lease_seconds,
                      "stack": "redis-server + margin.budget + margin.registry + margin.training (real processes, "
                               "one SQLite database) + Celery workers (worker_spec: --concurrency 1 each)"},
+        **carried_over(args.out, args.phases),
         **result,
     }
     out["goals"] = goals(out)
     return out
 
 
+PHASES: dict[str, Callable] = {"idle": idle_phase, "burst": burst_phase, "ddp": ddp_phase, "package": package_phase}
+
+
+def carried_over(path: Path, phases: list[str]) -> dict:
+    """The sections of the phases this run leaves out, kept from the results file it replaces, with the date and
+    settings of the run that measured each (``carried_over``): running one part does not erase the others."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    earlier = previous.get("carried_over", {})
+    kept = {name: previous[name] for name in PHASES if name not in phases and name in previous}
+    if not kept:
+        return {}
+    return {**kept, "carried_over": {name: earlier.get(name) or {"date": previous.get("date"),
+                                                                 "settings": previous.get("settings")}
+                                     for name in kept}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phases", nargs="+", choices=("idle", "burst", "ddp"), default=["idle", "ddp", "burst"],
-                        help="run in this order (DDP before the burst: it then runs with one worker)")
+    parser.add_argument("--phases", nargs="+", choices=("idle", "burst", "ddp", "package"),
+                        default=["idle", "ddp", "package", "burst"],
+                        help="run in this order (DDP and package before the burst: they then run with one worker); "
+                             "the sections of phases left out are kept from the existing --out file")
     parser.add_argument("--idle-jobs", type=int, default=30)
     parser.add_argument("--idle-warmup", type=int, default=2, help="jobs run first and left out of the figures")
     parser.add_argument("--settle", type=float, default=0.25,
@@ -678,11 +883,16 @@ def main() -> None:
     parser.add_argument("--burst-timeout", type=float, default=1800)
     parser.add_argument("--ddp-epochs", type=int, default=20)
     parser.add_argument("--ddp-repeats", type=int, default=2, help="A-B-B-A rounds (each: 2 runs per world size)")
+    parser.add_argument("--package-epochs", type=int, default=10, help="epochs of each built-in and package job")
+    parser.add_argument("--package-repeats", type=int, default=3, help="jobs of each kind, in alternating pairs")
+    parser.add_argument("--package-warmup", type=int, default=1,
+                        help="jobs of each kind run first and left out of the figures")
     parser.add_argument("--lease-seconds", type=float, default=30.0)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/training.json"))
     args = parser.parse_args()
-    if min(args.idle_jobs, args.burst_jobs, args.burst_threads, *args.burst_workers, args.ddp_epochs) < 1:
+    if min(args.idle_jobs, args.burst_jobs, args.burst_threads, *args.burst_workers, args.ddp_epochs,
+           args.package_epochs, args.package_repeats) < 1:
         parser.error("counts must be >= 1")
 
     run_and_write(run, report, args)

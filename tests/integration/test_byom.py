@@ -23,7 +23,7 @@ from margin.common.protoconv import signature_from_proto, signature_to_proto
 from margin.common.tensors import Signature, TensorSpec
 from margin.modelzoo.datasets import holdout
 from margin.v1 import common_pb2, compression_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from tests.byom_models import (
     ONNX_EXPORT_WARNINGS,
@@ -258,33 +258,56 @@ def test_what_onnx_compression_cannot_do_is_refused_saying_what_to_do_instead(by
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
+def readme_block(heading: str) -> str:
+    """The first ```bash block after ``heading`` in the README, as written."""
+    section = README.read_text(encoding="utf-8").split(heading, 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def margin_commands(lines: str) -> list[list[str]]:
+    """The arguments of each ``.venv/bin/margin`` command in ``lines``, as a shell splits them (comments dropped)."""
+    return [shlex.split(line, comments=True)[1:] for line in lines.splitlines() if line.startswith(".venv/bin/margin ")]
+
+
 def readme_walkthrough() -> tuple[str, list[list[str]]]:
     """The README's "Bring your own model" block: the Python it runs to export a model and a dataset, and the
     arguments of each ``margin`` command after it, as written."""
-    section = README.read_text(encoding="utf-8").split("### Bring your own model", 1)[1]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
-    script, commands = block.split("<<'EOF'", 1)[1].split("\nEOF\n", 1)
-    return script, [shlex.split(line, comments=True)[1:] for line in commands.splitlines()
-                    if line.startswith(".venv/bin/margin ")]
+    script, commands = readme_block("### Bring your own model").split("<<'EOF'", 1)[1].split("\nEOF\n", 1)
+    return script, margin_commands(commands)
+
+
+def service_options(jobs: TrainingStack, gateway: Gateway) -> dict[str, list[str]]:
+    """The service addresses a README command takes, by its command (``compress auto``) or else its group."""
+    registry = ["--registry", jobs.cluster.registry.server.address]
+    compression = ["--compression", jobs.compression.server.address]
+    served = ["--inference", gateway.inference.server.address]
+    training = ["--training", jobs.training.server.address]
+    return {"versions": registry, "models": registry, "train": training, "jobs": training, "compress": compression,
+            "compress auto": [*compression, *registry], "deploy": served, "predict": served}
+
+
+def run_margin(args: list[str], options: dict[str, list[str]], api_key: str) -> Result:
+    """``margin *args`` in-process, as the README writes it, with the addresses of ``options`` and the tenant's key;
+    asserts it exits 0 with nothing but SystemExit escaping."""
+    from margin.cli.main import app
+
+    where = options.get(shlex.join(args[:2]), options[args[0]])
+    result = CliRunner().invoke(app, [*args, *where, "--api-key", api_key])
+    shown = f"margin {shlex.join(args)} -> exit {result.exit_code}\n{result.output}"
+    assert result.exit_code == 0, shown
+    assert result.exception is None or isinstance(result.exception, SystemExit), shown
+    return result
 
 
 def test_the_readmes_bring_your_own_model_commands_work_as_written(byom, tmp_path, monkeypatch):
-    from margin.cli.main import app
-
     script, commands = readme_walkthrough()
     assert [c[:2] for c in commands] == [["versions", "upload"], ["versions", "upload"], ["compress", "auto"],
                                          ["deploy", "my-classifier@cheapest"], ["predict", "my-classifier@cheapest"]]
     subprocess.run([sys.executable, "-"], input=script, text=True, check=True, cwd=tmp_path, timeout=300)
     monkeypatch.chdir(tmp_path)
-    registry = ["--registry", byom.jobs.cluster.registry.server.address]
-    gateway = ["--inference", byom.gateway.inference.server.address]
-    options = {"versions": registry, "compress": ["--compression", byom.jobs.compression.server.address, *registry],
-               "deploy": gateway, "predict": gateway}
+    options = service_options(byom.jobs, byom.gateway)
     for args in commands:
-        result = CliRunner().invoke(app, [*args, *options[args[0]], "--api-key", byom.jobs.cluster.keys["acme"]])
-        shown = f"margin {shlex.join(args)} -> exit {result.exit_code}\n{result.output}"
-        assert result.exit_code == 0, shown
-        assert result.exception is None or isinstance(result.exception, SystemExit), shown
+        result = run_margin(args, options, byom.jobs.cluster.keys["acme"])
     assert "logits" in result.output
     chosen = byom.registry().stub.GetModel(registry_pb2.GetModelRequest(name="my-classifier"),
                                            metadata=byom.registry().metadata).aliases["cheapest"]

@@ -51,11 +51,17 @@ def training(address: str | None, key: str | None) -> tuple[training_pb2_grpc.Tr
 # -- the spec, from options shared by `train estimate` and `train submit` -------------------------------------
 SPEC_OPTIONS: list[tuple[str, object, object]] = [
     ("model", str, typer.Option(..., "--model", help="registry model the trained version is registered into")),
-    ("family", str, typer.Option("mlp", "--family", help="model family: mlp | cnn")),
+    ("family", str | None, typer.Option(None, "--family", help="model family: mlp | cnn (default mlp; a --base "
+                                                               "version's own; none with --package)")),
     ("arch", str | None, typer.Option(None, "--arch", help='architecture JSON, e.g. \'{"channels": [16, 32]}\'; '
                                                           "sizes a built-in dataset fixes are filled in")),
-    ("dataset", str, typer.Option("sklearn:digits", "--dataset",
-                                  help="built-in dataset, or MODEL:NUMBER / MODEL@ALIAS of a dataset-npz version")),
+    ("package", str | None, typer.Option(None, "--package", help="train your own PyTorch code: a model-package "
+                                         "version, MODEL:NUMBER or MODEL@ALIAS (margin models upload-package)")),
+    ("config", str | None, typer.Option(None, "--config", help='the package\'s build_model keyword arguments as a '
+                                        'JSON object, e.g. \'{"width": 16}\' (default: none, or a --base '
+                                        "version's)")),
+    ("dataset", str | None, typer.Option(None, "--dataset", help="built-in dataset (default sklearn:digits), or "
+                                         "MODEL:NUMBER / MODEL@ALIAS of a dataset-npz version (--package needs one)")),
     ("base", str | None, typer.Option(None, "--base", help="fine-tune from MODEL:NUMBER or MODEL@ALIAS")),
     ("freeze", list[str], typer.Option([], "--freeze", help="parameter-name prefix kept frozen; may repeat")),
     ("epochs", int, typer.Option(10, "--epochs")),
@@ -66,27 +72,53 @@ SPEC_OPTIONS: list[tuple[str, object, object]] = [
     ("precision", str, typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 needs a GPU)")),
     ("world_size", int, typer.Option(1, "--world-size", help="DDP processes")),
     ("device_class", str, typer.Option("cpu", "--device-class", help="price-catalog device class and worker queue")),
+    ("max_seconds", int, typer.Option(0, "--max-seconds", min=0, show_default=False,
+                                      help="wall-clock cap on one attempt of a package job (default: the operator's "
+                                           "sandbox limit)")),
 ]
 
 
-def build_spec(model: str, family: str, arch: str | None, dataset: str, base: str | None, freeze: list[str],
-               epochs: int, batch_size: int, lr: float, optimizer: str, seed: int, precision: str, world_size: int,
-               device_class: str) -> training_pb2.TrainingSpec:
+def json_object(text: str | None, option: str) -> dict:
+    """``--arch`` / ``--config``: a JSON object (none given: empty); a usage error naming the option otherwise."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise typer.BadParameter(f"not JSON: {err}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint=option)
+    return value
+
+
+def model_source(family: str | None, package: str | None, base: str | None, dataset: str | None) -> tuple[str, str]:
+    """The family and dataset to send. With ``--package`` no family is sent (the service refuses both) and the data
+    must be a registry dataset; with ``--base`` alone the service takes the family, or the package and config, from
+    the base version; only a plain job defaults to ``mlp``. A dataset not given is ``sklearn:digits``."""
+    if package and family:
+        raise typer.BadParameter("train a built-in family or your own package, not both", param_hint="--family")
+    if package and not (dataset and _REGISTRY_DATASET.match(dataset)):
+        raise typer.BadParameter(f"a package trains on a registry dataset: MODEL:NUMBER or MODEL@ALIAS of a "
+                                 f"dataset-npz version{f', not the built-in {dataset!r}' if dataset else ''}",
+                                 param_hint="--dataset")
+    return family or ("" if package or base else "mlp"), dataset or "sklearn:digits"
+
+
+def build_spec(model: str, family: str | None, arch: str | None, package: str | None, config: str | None,
+               dataset: str | None, base: str | None, freeze: list[str], epochs: int, batch_size: int, lr: float,
+               optimizer: str, seed: int, precision: str, world_size: int, device_class: str,
+               max_seconds: int) -> training_pb2.TrainingSpec:
     """A TrainingSpec from the command-line options. Only what the CLI must parse is checked here; the
     training service validates the rest (and answers INVALID_ARGUMENT)."""
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"{precision!r}: use one of {', '.join(PRECISIONS)}", param_hint="--precision")
-    try:
-        architecture = json.loads(arch) if arch else {}
-    except json.JSONDecodeError as err:
-        raise typer.BadParameter(f"not JSON: {err}", param_hint="--arch") from None
-    if not isinstance(architecture, dict):
-        raise typer.BadParameter("must be a JSON object", param_hint="--arch")
+    family, dataset = model_source(family, package, base, dataset)
     spec = training_pb2.TrainingSpec(model=model, family=family, freeze_layers=freeze, epochs=epochs,
                                      batch_size=batch_size, learning_rate=lr, optimizer=optimizer, seed=seed,
                                      precision=PRECISIONS[precision], world_size=world_size,
-                                     device_class=device_class)
-    spec.architecture.update(architecture)
+                                     device_class=device_class, max_seconds=max_seconds)
+    spec.architecture.update(json_object(arch, "--arch"))
+    spec.config.update(json_object(config, "--config"))
+    if package:
+        spec.package.CopyFrom(parse_ref(package))
     if _REGISTRY_DATASET.match(dataset):
         spec.dataset.registry.CopyFrom(parse_ref(dataset))
     else:
@@ -168,7 +200,7 @@ def watch(stub: training_pb2_grpc.TrainingJobsStub, metadata: tuple, job_id: str
 
 def report(job: training_pb2.TrainingJob, out: Console | None = None) -> bool:
     """Print how a finished job ended: state, message, validation accuracy, cost against the estimate (and per
-    attempt when it was resumed), the registered version. Returns whether it SUCCEEDED."""
+    attempt when it was resumed), the registered version and its servable exports. Returns whether it SUCCEEDED."""
     out = out or console
     ok = job.state == common_pb2.JOB_STATE_SUCCEEDED
     out.print(f"[{'green' if ok else 'red'}]{render.job_state(job.state)}[/]: {job.message or '—'}")
@@ -184,7 +216,7 @@ def report(job: training_pb2.TrainingJob, out: Console | None = None) -> bool:
         for i, c in enumerate(job.attempt_costs, 1):
             out.print(f"  attempt {i}: {render.money(c.total)} ({c.device_hours:.6f} device-hours)")
     if job.HasField("result_version"):
-        out.print(f"registered version [bold]{job.result_version.model}:{job.result_version.number}[/]")
+        out.print(f"registered version [bold]{render.result(job)}[/]")
     return ok
 
 

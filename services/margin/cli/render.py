@@ -1,10 +1,13 @@
 """Rich tables for registry objects and training jobs: what the CLI and the demo print."""
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
+from rich.markup import escape
 from rich.table import Table
 
+from margin.common import protoconv
 from margin.common.costs import format_money
 from margin.registry.convert import FORMAT_FROM_PROTO
 from margin.v1 import common_pb2, inference_pb2, registry_pb2, training_pb2
@@ -166,6 +169,19 @@ def estimate_table(e: training_pb2.CostEstimate, title: str = "Cost estimate") -
     return table
 
 
+def made_from(spec: training_pb2.TrainingSpec) -> str:
+    """What a job trains: its built-in family, or ``package resnet-code:1`` for a team's own code."""
+    return f"package {_ref(spec.package)}" if spec.HasField("package") else spec.family
+
+
+def result(job: training_pb2.TrainingJob, sep: str = "; ") -> str:
+    """The version a job registered, then its servable exports (a package job's TorchScript and ONNX), or ``—``."""
+    if not job.HasField("result_version"):
+        return "—"
+    exports = ", ".join(_ref(v) for v in job.exported_versions)
+    return _ref(job.result_version) + (f"{sep}servable: {exports}" if exports else "")
+
+
 def _epochs(job: training_pb2.TrainingJob) -> str:
     return f"{job.epoch}/{job.total_epochs or job.spec.epochs}"
 
@@ -176,8 +192,8 @@ def jobs_table(jobs: list[training_pb2.TrainingJob]) -> Table:
                          ("cost", "right"), ("created", "left"), ("result", "left")):
         table.add_column(col, justify=justify)
     for j in jobs:
-        table.add_row(j.id, job_state(j.state), f"{j.spec.model} ({j.spec.family})", _epochs(j), money(j.cost.total),
-                      _when(j.create_time), _ref(j.result_version) if j.HasField("result_version") else "—")
+        table.add_row(j.id, job_state(j.state), f"{j.spec.model} ({made_from(j.spec)})", _epochs(j),
+                      money(j.cost.total), _when(j.create_time), result(j, "\n"))
     return table
 
 
@@ -193,7 +209,7 @@ def job_table(job: training_pb2.TrainingJob) -> Table:
     table.add_column(style="bold")
     table.add_column()
     rows = [("state", job_state(job.state) + (f" — {job.message}" if job.message else "")),
-            ("model", f"{s.model} ({s.family}"
+            ("model", f"{s.model} ({made_from(s)}"
                       + (f", fine-tuned from {_ref(s.base_version)})" if s.HasField("base_version") else ")")),
             ("dataset", _dataset(s)),
             ("training", f"{s.epochs} epochs, batch {s.batch_size}, lr {s.learning_rate:g}, {s.optimizer}, "
@@ -218,7 +234,10 @@ def job_table(job: training_pb2.TrainingJob) -> Table:
                                    f"scaling {job.scaling_efficiency:.2f} (world size {s.world_size})"))
     if job.metrics:
         rows.append(("metrics", _metrics(job.metrics)))
-    rows.append(("result", _ref(job.result_version) if job.HasField("result_version") else "—"))
+    if s.HasField("package"):
+        rows.append(("package", f"config {escape(json.dumps(protoconv.from_struct(s.config)))}, time limit "
+                                + (f"{s.max_seconds} s" if s.max_seconds else "the operator's")))
+    rows.append(("result", result(job)))
     for name, value in rows:
         table.add_row(name, value)
     return table

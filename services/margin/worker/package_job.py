@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 TIME_LIMIT = 3  # a decision code of the bridge's own: stop at the job's time limit (the job FAILS, with a checkpoint)
 FROM_TORCH = {numpy: margin for margin, numpy in DTYPES.items()}
 LIMIT_HINTS = (("MemoryError", "memory"), ("can't allocate memory", "memory"), ("Cannot allocate memory", "memory"),
-               ("Resource temporarily unavailable", "processes"), ("File too large", "file size"))
+               ("Resource temporarily unavailable", "processes"), ("File too large", "file size"),
+               ("SIGXFSZ", "file size"), ("SIGXCPU", "CPU time"))
 
 
 class SandboxFailure(RuntimeError):
@@ -353,7 +354,8 @@ def run(ctx: WorkerContext, lease: Lease, spec: TrainSpec, registry: Connection,
     """One attempt at a package job; a failure of the package's run ends the job FAILED with what it hit."""
     name = f"{lease.job.id}.a{lease.fence}"
     dirs = SandboxDirs.create(config.sandbox_dir(), name)
-    limits = Limits.from_config(config.torch_threads())
+    max_seconds = min(spec.max_seconds or float("inf"), config.SANDBOX_MAX_SECONDS.get_float())
+    limits = Limits.from_config(config.torch_threads(), max_seconds)
     sandbox = Sandbox(dirs, limits, name, gpu=spec.on_gpu)
     (theirs_read, ours_write), (ours_read, theirs_write) = os.pipe(), os.pipe()
     channel = Channel(ours_read, ours_write)
@@ -365,7 +367,6 @@ def run(ctx: WorkerContext, lease: Lease, spec: TrainSpec, registry: Connection,
         finally:
             os.close(theirs_read)
             os.close(theirs_write)
-        max_seconds = min(spec.max_seconds or float("inf"), config.SANDBOX_MAX_SECONDS.get_float())
         Bridge(attempt, sandbox, channel, RemoteTrainer(dirs), max_seconds,
                config.SANDBOX_SILENCE_SECONDS.get_float(), log_path).run()
         return "ran"

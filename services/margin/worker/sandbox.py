@@ -19,7 +19,8 @@ What the code inside gets, and nothing more:
   root uses an unprivileged user namespace instead (``--unshare-user``) and counts its process limit on top of
   the processes its user already runs.
 * **Limits** (rlimits, inherited by every process inside): address space (RLIMIT_AS, per process), processes and
-  threads (RLIMIT_NPROC), file size (RLIMIT_FSIZE), open files, no core dumps. Wall-clock, silence and budget
+  threads (RLIMIT_NPROC), file size (RLIMIT_FSIZE), CPU time (RLIMIT_CPU), open files, no core dumps; the threads
+  torch and OpenMP use (the worker's share of cores). Wall-clock, silence and budget
   limits are the worker's (:mod:`margin.worker.package_job`), which kills the sandbox: ``--die-with-parent`` and
   the PID namespace take every process inside down with it.
 
@@ -55,16 +56,20 @@ class Limits:
     processes: int
     file_mb: int
     threads: int
+    cpu_seconds: int = 0   # CPU time per process (RLIMIT_CPU); 0: none beyond the worker's wall-clock limit
     open_files: int = 1024
 
     @classmethod
-    def from_config(cls, threads: int) -> Limits:
+    def from_config(cls, threads: int, wall_seconds: float) -> Limits:
+        """The configured limits; CPU time is capped at every core busy for the attempt's wall-clock limit (a
+        backstop: the worker stops the sandbox at that limit itself)."""
+        cpu = int(min(wall_seconds, 30 * 86_400) * (os.cpu_count() or 1)) + 60
         return cls(config.SANDBOX_MEMORY_MB.get_int(), config.SANDBOX_PROCESSES.get_int(),
-                   config.SANDBOX_FILE_MB.get_int(), threads)
+                   config.SANDBOX_FILE_MB.get_int(), threads, cpu)
 
     def describe(self) -> str:
         return (f"{self.memory_mb} MiB of address space per process, {self.processes} processes/threads, "
-                f"{self.file_mb} MiB per file")
+                f"{self.file_mb} MiB per file" + (f", {self.cpu_seconds} CPU seconds" if self.cpu_seconds else ""))
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,8 @@ class Sandbox:
                              (resource.RLIMIT_NPROC, processes),
                              (resource.RLIMIT_FSIZE, self.limits.file_mb * mib),
                              (resource.RLIMIT_NOFILE, self.limits.open_files),
-                             (resource.RLIMIT_CORE, 0)):
+                             (resource.RLIMIT_CORE, 0),
+                             *(((resource.RLIMIT_CPU, self.limits.cpu_seconds),) if self.limits.cpu_seconds else ())):
             resource.setrlimit(which, (value, value))
 
     def start(self, argv: list[str], log: Path, pass_fds: tuple[int, ...]) -> subprocess.Popen:
