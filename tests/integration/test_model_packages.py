@@ -9,7 +9,9 @@ on CPU; cancel and a budget that runs out end as they do for built-in jobs.
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +207,37 @@ def test_ddp_world_size_2_in_bf16_runs_in_the_sandbox(packages):
     assert job.distributed_efficiency > 0 and job.scaling_efficiency == pytest.approx(job.distributed_efficiency / 2)
     assert job.spec.world_size == 2 and job.spec.precision == training_pb2.PRECISION_BF16
     assert job.metrics["val_accuracy"] > 0.2  # two bf16 epochs learn something (chance: 0.1)
+
+
+def sandboxed_processes() -> list[int]:
+    """Processes running the sandbox's runtime (inside any sandbox on this machine)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"margin.worker.package_runtime" in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigkill_of_the_worker_takes_its_sandbox_down_and_the_next_attempt_resumes_from_the_checkpoint(packages):
+    p = packages
+    stub, md = p.jobs.stub()
+    job = submit(p, package_spec(p, "resnet-resumed", epochs=5))
+    wait_for(lambda: stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md).checkpoint.epoch >= 2, 180, 0.2)
+    (child,) = p.jobs.worker_children(p.jobs.workers[0])
+    assert sandboxed_processes()
+    os.kill(child, signal.SIGKILL)  # the pool process running the attempt: its sandbox must die with it
+    killed_at = stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md)
+    done = ended(p, job.id)
+    assert done.state == State.JOB_STATE_SUCCEEDED, done.message
+    assert done.attempts == 2 and done.cost.total.micros == sum(a.total.micros for a in done.attempt_costs)
+    assert done.cost.total.micros == sum(row.micros for row in p.jobs.ledger(job.id))
+    events = list(stub.WatchJob(training_pb2.WatchJobRequest(id=job.id), metadata=md))
+    resumed = [e.step for e in events if e.attempt == 2 and e.step > 0]
+    assert resumed and min(resumed) > killed_at.checkpoint.step > 0
+    assert wait_for(lambda: not sandboxed_processes(), 30)  # no sandbox outlived its attempt
 
 
 def test_cancel_ends_a_package_job_cancelled_with_a_checkpoint(packages):
