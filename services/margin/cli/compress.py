@@ -6,7 +6,6 @@ use and what the demo reuses. :mod:`margin.cli.main` adds ``compress_app`` to th
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -24,7 +23,7 @@ from rich.table import Table
 from margin.cli import render, shared
 from margin.cli.context import connection
 from margin.cli.jobs import STATES, TERMINAL, budget_micros, state_filter
-from margin.cli.shared import KeyOpt, RegistryOpt, grpc_errors, parse_ref
+from margin.cli.shared import KeyOpt, RegistryOpt, grpc_errors, load_json, parse_ref
 from margin.common.costs import format_money
 from margin.v1 import (
     common_pb2,
@@ -62,19 +61,6 @@ def compression(address: str | None, key: str | None) -> tuple[compression_pb2_g
 
 
 # -- parsing options ---------------------------------------------------------------------------------------------
-def load_json(text: str, option: str) -> object:
-    """JSON given inline, or read from a file named as ``@FILE``; a usage error naming the option otherwise."""
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except OSError as err:
-            raise typer.BadParameter(f"cannot read {text[1:]!r}: {err.strerror or err}", param_hint=option) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise typer.BadParameter(f"not JSON: {err}", param_hint=option) from None
-
-
 def to_recipe(data: object, option: str) -> compression_pb2.Recipe:
     """A Recipe from its proto-JSON shape (``{"name": ..., "steps": [{"quantize": {...}}]}``). Only the shape is
     checked here; the compression service validates amounts, schemes and order (and answers INVALID_ARGUMENT)."""

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from collections.abc import Callable
 from functools import wraps
@@ -18,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from margin.cli import render
 from margin.cli.context import connection
-from margin.cli.shared import KeyOpt, console, grpc_errors, parse_ref
+from margin.cli.shared import KeyOpt, console, grpc_errors, load_json, parse_ref
 from margin.common.costs import format_money, to_micros
 from margin.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -79,11 +78,9 @@ SPEC_OPTIONS: list[tuple[str, object, object]] = [
 
 
 def json_object(text: str | None, option: str) -> dict:
-    """``--arch`` / ``--config``: a JSON object (none given: empty); a usage error naming the option otherwise."""
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as err:
-        raise typer.BadParameter(f"not JSON: {err}", param_hint=option) from None
+    """``--arch`` / ``--config``: a JSON object, inline or ``@FILE`` (none given: empty); a usage error naming the
+    option otherwise."""
+    value = load_json(text, option) if text else {}
     if not isinstance(value, dict):
         raise typer.BadParameter("must be a JSON object", param_hint=option)
     return value

@@ -1,9 +1,11 @@
 """What every ``margin`` command group shares: the console, common options, error printing, version refs."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 from functools import wraps
+from pathlib import Path
 
 import grpc
 import typer
@@ -43,3 +45,16 @@ def parse_ref(text: str) -> common_pb2.VersionRef:
     if not match:
         raise typer.BadParameter(f"{text!r}: use MODEL, MODEL:NUMBER or MODEL@ALIAS")
     return common_pb2.VersionRef(model=match["model"], number=int(match["number"] or 0), alias=match["alias"] or "")
+
+
+def load_json(text: str, option: str) -> object:
+    """JSON given inline, or read from a file named as ``@FILE``; a usage error naming the option otherwise."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as err:
+            raise typer.BadParameter(f"cannot read {text[1:]!r}: {err.strerror or err}", param_hint=option) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise typer.BadParameter(f"not JSON: {err}", param_hint=option) from None
