@@ -138,3 +138,43 @@ def test_the_runtime_names_where_in_the_package_an_error_happened():
     assert describe(info.value) == "KeyError: 'missing' (at model.py line 2, in build_model)"
     assert json.dumps(describe(RuntimeError("x" * 5000)))  # bounded, JSON-able
     assert len(describe(RuntimeError("x" * 5000))) == 1500
+
+
+NON_ROOT_LAUNCH = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {services!r})
+from margin.worker.sandbox import Limits, Sandbox, SandboxDirs
+dirs = SandboxDirs.create(Path({root!r}), "job-x.a1")
+sandbox = Sandbox(dirs, Limits(512, 64, 16, 1), "job-x.a1")
+assert not sandbox.as_root
+probe = ("import os, resource, socket\\n"
+         "print(os.getuid(), sorted(k for k in os.environ if k.startswith('MARGIN')), os.path.exists('/etc/passwd'))\\n"
+         "try:\\n    socket.create_connection(('1.1.1.1', 443), timeout=2)\\nexcept OSError as err:\\n    print(err)\\n"
+         "print(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20)")
+sandbox.start(["/usr/bin/python3.11", "-c", probe], dirs.root / "log", pass_fds=())
+print(sandbox.process.wait(), open(dirs.root / "log").read())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("bwrap", "setpriv"))
+                    or not os.path.exists("/usr/bin/python3.11"),
+                    reason="needs root (to become another user), bwrap, setpriv and the system python3.11")
+def test_a_worker_that_is_not_root_sandboxes_with_an_unprivileged_user_namespace():
+    """The non-root path, run for real: the launcher as uid 65534 (the system Python, which needs nothing but
+    Margin's own code for this) starts a sandbox in which the probe has no network, no /etc/passwd, no MARGIN_*
+    variables and the address-space limit."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as home:  # pytest's tmp_path is root's alone
+        os.chmod(home, 0o777)
+        script = NON_ROOT_LAUNCH.format(services=str(code_root()), root=home)
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "/usr/bin/python3.11", "-c", script],
+                              env={"PATH": "/usr/bin:/bin", "HOME": home, "MARGIN_HOME": home,
+                                   "MARGIN_ADMIN_KEY": "secret"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    code, uid, rest = done.stdout.split(" ", 2)
+    assert (code, uid) == ("0", "65534") and "[] False" in rest, done.stdout
+    assert "Network is unreachable" in rest and rest.strip().endswith("512"), done.stdout
