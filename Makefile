@@ -124,7 +124,7 @@ bench-gateway: setup ## Tiny MLP + MiniLM-L6: direct Triton vs bare proxy vs KSe
 	$(PY) bench/gateway_bench.py --profile bench/results/gateway_profile.txt
 	$(PY) bench/gateway_floor.py
 
-bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2; writes bench/results/training.json
+bench-training: setup ## Training jobs: idle submit→RUNNING, a 200-job burst, DDP 1 vs 2, the same CNN built-in vs as a package (sandbox overhead); writes bench/results/training.json
 	$(PY) bench/training_bench.py
 
 bench-compression: setup ## Quantized MiniLM-L6 on CPU; AutoCompress on the digits CNN and MLP; MiniLM-L6 brought as ONNX (served cost from the ledger); writes bench/results/compression.json

@@ -50,6 +50,8 @@ import secrets
 import shutil
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -64,13 +66,14 @@ import torch
 from google.protobuf import json_format
 from harness import cpu_model, cpu_seconds, machine_busy, process_tree, run_and_write, start, tenant_key
 from margin.cluster.processes import ManagedProcess, redis_spec, standalone_service_spec, worker_spec
-from margin.common import protoconv
+from margin.common import config, protoconv
 from margin.modelzoo.architectures import build_model
 from margin.modelzoo.datasets import load_builtin
 from margin.sdk.channel import connect
 from margin.sdk.pages import all_pages
 from margin.sdk.registry import RegistryClient
 from margin.v1 import common_pb2, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
+from margin.worker.sandbox import Limits, Sandbox, SandboxDirs, code_root
 from rich.console import Console
 from rich.table import Table
 
@@ -600,8 +603,20 @@ def newest_throughput_overhead(stack: Stack, builtin: bool) -> float:
     return float(overhead)
 
 
+def machine_load(window_s: float) -> float:
+    """Busy cores of the whole machine over the next ``window_s`` seconds. Taken between jobs, while the stack
+    idles, it is the load from outside the benchmark. (Per job, :class:`CpuProbe` cannot split it: the worker
+    kills a finished sandbox, whose processes then leave its process tree unreaped, so their CPU would read as
+    load from outside.)"""
+    busy, _ = machine_busy()
+    t0 = time.monotonic()
+    time.sleep(window_s)
+    return (machine_busy()[0] - busy) / (time.monotonic() - t0)
+
+
 def same_model_run(client: Client, stack: Stack, kind: str, spec: training_pb2.TrainingSpec) -> dict:
     """One job, timed from its record: start (RUNNING) → loop start → last epoch's end → end, step times, cost."""
+    outside = machine_load(0.5)
     probe = CpuProbe(stack.started)
     before = probe.snap()
     job, events = watched_job(client, spec)
@@ -619,7 +634,58 @@ def same_model_run(client: Client, stack: Stack, kind: str, spec: training_pb2.T
             "throughput_overhead_s": newest_throughput_overhead(stack, kind == "builtin"),
             "cost_micros": job.cost.total.micros, "currency": job.cost.total.currency,
             "val_accuracy": job.metrics["val_accuracy"], "val_loss": job.metrics["val_loss"],
-            "outside_cores": cpu["outside_cores"], "message": job.message}
+            "outside_cores_before": outside, "machine_busy_cores": cpu["machine_busy_cores"], "message": job.message}
+
+
+SANDBOX_COMMANDS = (  # what a package job's sandbox start is made of, each command timed alone in the sandbox
+    ("bwrap + setpriv + /bin/true", ["/bin/true"]),
+    ("a fresh Python (-c pass)", [sys.executable, "-c", "pass"]),
+    ("Python importing torch", [sys.executable, "-c", "import torch"]),
+    ("Python importing Margin's package runtime", [sys.executable, "-c", "import margin.worker.package_runtime"]),
+    ("… and making a first optimizer (torch.optim imports torch._dynamo)",
+     [sys.executable, "-c", "import margin.worker.package_runtime, torch; "
+                            "torch.optim.Adam(torch.nn.Linear(1, 1).parameters())"]))
+
+
+def sandboxed_seconds(workdir: Path, limits: Limits, argv: list[str]) -> float:
+    """Seconds from starting ``argv`` in Margin's own sandbox (:class:`~margin.worker.sandbox.Sandbox`: a job's
+    namespaces, read-only binds, user, environment and limits) to its exit."""
+    dirs = SandboxDirs.create(workdir / "sandbox-probe", "probe")
+    try:
+        t0 = time.perf_counter()
+        code = Sandbox(dirs, limits, "probe").start(argv, dirs.root / "log", ()).wait()
+        elapsed = time.perf_counter() - t0
+        if code:
+            raise RuntimeError(f"{argv} exited {code} in the sandbox: {(dirs.root / 'log').read_text()}")
+        return elapsed
+    finally:
+        dirs.remove()
+
+
+def plain_seconds(limits: Limits, argv: list[str]) -> float:
+    """Seconds to run ``argv`` as a plain child process, with the sandbox's PYTHONPATH and thread counts."""
+    threads = str(limits.threads)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(code_root()),
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    t0 = time.perf_counter()
+    subprocess.run(argv, env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def sandbox_start_seconds(workdir: Path, repeats: int) -> dict:
+    """Median seconds of each command above in the sandbox and outside it, alternating: how much of a package
+    job's start is bwrap, how much a fresh Python and its imports, before the job's own inputs and model."""
+    limits = Limits.from_config(config.torch_threads(), config.SANDBOX_MAX_SECONDS.get_float())  # as a job's
+    outside = machine_load(0.5)
+    out, every = {}, {}
+    for label, argv in SANDBOX_COMMANDS:
+        times: dict[str, list[float]] = {"sandbox": [], "plain": []}
+        for _ in range(repeats):
+            times["sandbox"].append(sandboxed_seconds(workdir, limits, argv))
+            times["plain"].append(plain_seconds(limits, argv))
+        out[label] = {where: statistics.median(values) for where, values in times.items()}
+        every[label] = times
+    return {"repeats": repeats, "seconds": out, "every_run": every, "outside_cores_before": outside}
 
 
 def alternating(repeats: int) -> list[str]:
@@ -640,6 +706,7 @@ def package_phase(client: Client, stack: Stack, args: argparse.Namespace, consol
                       f"{run['end_overhead_s']:.2f} s, wall {run['wall_s']:.2f} s, {run['cost_micros']} micros")
     medians = {kind: {key: statistics.median(r[key] for r in runs if r["kind"] == kind) for key in PACKAGE_MEASURES}
                for kind in KINDS}
+    starts = sandbox_start_seconds(stack.workdir, 3)
     parameters = sum(p.numel() for p in build_model({"family": "cnn", **PACKAGE_ARCH}).parameters())
     return {"spec": f"cnn {PACKAGE_ARCH['channels']} ({parameters} parameters), {args.package_epochs} epochs, "
                     f"batch 64, lr 0.01, seed 0, fp32, world_size 1, digits as a registry dataset-npz",
@@ -647,7 +714,7 @@ def package_phase(client: Client, stack: Stack, args: argparse.Namespace, consol
             "order": alternating(args.package_repeats), "warmup_runs": warmup, "runs": runs, "median": medians,
             "ratio_package_over_builtin": {key: medians["package"][key] / medians["builtin"][key]
                                            for key in PACKAGE_MEASURES if medians["builtin"][key]},
-            "currency": runs[0]["currency"],
+            "currency": runs[0]["currency"], "sandbox_start_s": starts,
             "same_val_loss_in_every_run": len({round(r["val_loss"], 6) for r in runs}) == 1}
 
 
@@ -686,8 +753,13 @@ def report_package(part: dict, console: Console) -> None:
                   f"{ratio[key]:.2f}×" if key in ratio else "-", source)
     console.print(t)
     console.print(f"  order {' '.join(part['order'])} after {len(part['warmup_runs'])} warm-up jobs (left out); "
-                  f"same val_loss in every run: {part['same_val_loss_in_every_run']}; outside load per run (cores): "
-                  + ", ".join(f"{r['outside_cores']:.2f}" for r in part["runs"]))
+                  f"same val_loss in every run: {part['same_val_loss_in_every_run']}")
+    console.print("  machine busy cores just before each run (load from outside) / during it: "
+                  + ", ".join(f"{r['outside_cores_before']:.2f} / {r['machine_busy_cores']:.2f}" for r in part["runs"]))
+    starts = part["sandbox_start_s"]
+    console.print(f"  what a sandbox's start is made of, seconds in Margin's sandbox / as a plain process (median of "
+                  f"{starts['repeats']}): " + "; ".join(f"{label} {value['sandbox']:.2f} / {value['plain']:.2f}"
+                                                       for label, value in starts["seconds"].items()))
 
 
 def report(result: dict, console: Console) -> None:
@@ -850,8 +922,9 @@ PHASES: dict[str, Callable] = {"idle": idle_phase, "burst": burst_phase, "ddp": 
 
 
 def carried_over(path: Path, phases: list[str]) -> dict:
-    """The sections of the phases this run leaves out, kept from the results file it replaces, with the date and
-    settings of the run that measured each (``carried_over``): running one part does not erase the others."""
+    """The sections of the phases this run leaves out, kept from the results file it replaces, with the date,
+    machine and settings of the run that measured each (``carried_over``): running one part does not erase the
+    others."""
     if not path.exists():
         return {}
     previous = json.loads(path.read_text())
@@ -859,9 +932,8 @@ def carried_over(path: Path, phases: list[str]) -> dict:
     kept = {name: previous[name] for name in PHASES if name not in phases and name in previous}
     if not kept:
         return {}
-    return {**kept, "carried_over": {name: earlier.get(name) or {"date": previous.get("date"),
-                                                                 "settings": previous.get("settings")}
-                                     for name in kept}}
+    measured_by = {key: previous.get(key) for key in ("date", "machine", "settings")}
+    return {**kept, "carried_over": {name: earlier.get(name) or measured_by for name in kept}}
 
 
 def main() -> None:

@@ -269,6 +269,7 @@ class Bridge:
         elif op == "stopped":
             self.pos = _position(message)
             self.stopped(int(message.get("code") or 0), str(message.get("message", ""))[:500])
+            self.farewell()
             return True
         elif op == "completed":
             self.phase = "registering"
@@ -276,6 +277,7 @@ class Bridge:
             self.remote.step_seconds = float(message.get("step_seconds") or 0.0)
             self.remote.result = message
             attempt.completed(self.remote, _metrics(message), float(message.get("train_seconds") or 0.0))
+            self.farewell()
             return True
         elif op == "error":
             raise SandboxFailure(f"the package's code failed in {self.phase}: "
@@ -283,6 +285,13 @@ class Bridge:
         else:
             raise ProtocolError(f"unknown message {op[:40]!r}")
         return False
+
+    def farewell(self) -> None:
+        """Answer the sandbox's last request, so it exits by itself (it is stopped regardless)."""
+        try:
+            self.channel.send({"op": "done"})
+        except OSError:
+            pass
 
     def reply(self, decision: Decision) -> None:
         if not decision.stop and self.elapsed() > self.max_seconds:
