@@ -123,6 +123,8 @@ def trained(packages) -> training_pb2.TrainingJob:
 def test_a_package_trains_to_the_stated_accuracy_and_is_registered_with_its_code_config_lineage_and_cost(
         packages, trained):
     p, job = packages, trained
+    print(f"\nfigures: trained val_accuracy {job.metrics['val_accuracy']:.3f}, cost {job.cost.total.micros} micros, "
+          f"versions {job.result_version.number} + exports {[v.number for v in job.exported_versions]}")
     assert job.metrics["val_accuracy"] >= ACCURACY, dict(job.metrics)
     assert 0 < job.metrics["val_top2_accuracy"] <= 1  # the package's own metrics(outputs, batch)
     result = version(p, job.result_version)
@@ -184,6 +186,8 @@ def test_fine_tuning_from_its_own_weights_keeps_frozen_layers_then_compresses_an
                                                          metadata=md)).state in ENDED and j, 300, interval=0.2)
     assert done.state == State.JOB_STATE_SUCCEEDED, done.outcome
     (variant,) = done.variants
+    print(f"\nfigures: fine-tuned val_accuracy {tuned.metrics['val_accuracy']:.3f}; int8 R "
+          f"{variant.compression_ratio:.2f}, quality {variant.quality:.3f}")
     assert variant.compression_ratio > 1.5 and variant.quality >= ACCURACY - 0.05
 
     inference = inference_pb2_grpc.InferenceStub(p.gateway.channel)
@@ -204,6 +208,7 @@ def test_ddp_world_size_2_in_bf16_runs_in_the_sandbox(packages):
     job = ended(p, submit(p, package_spec(p, "resnet-ddp", epochs=2, world_size=2,
                                           precision=training_pb2.PRECISION_BF16)).id)
     assert job.state == State.JOB_STATE_SUCCEEDED, job.message
+    print(f"\nfigures: ddp2 bf16 eta {job.distributed_efficiency:.2f}, val_accuracy {job.metrics['val_accuracy']:.3f}")
     assert job.distributed_efficiency > 0 and job.scaling_efficiency == pytest.approx(job.distributed_efficiency / 2)
     assert job.spec.world_size == 2 and job.spec.precision == training_pb2.PRECISION_BF16
     assert job.metrics["val_accuracy"] > 0.2  # two bf16 epochs learn something (chance: 0.1)
@@ -236,6 +241,8 @@ def test_sigkill_of_the_worker_takes_its_sandbox_down_and_the_next_attempt_resum
     assert done.cost.total.micros == sum(row.micros for row in p.jobs.ledger(job.id))
     events = list(stub.WatchJob(training_pb2.WatchJobRequest(id=job.id), metadata=md))
     resumed = [e.step for e in events if e.attempt == 2 and e.step > 0]
+    print(f"\nfigures: killed at checkpoint step {killed_at.checkpoint.step}, attempt 2 resumed at step "
+          f"{min(resumed, default=0)}, costs {[a.total.micros for a in done.attempt_costs]}")
     assert resumed and min(resumed) > killed_at.checkpoint.step > 0
     assert wait_for(lambda: not sandboxed_processes(), 30)  # no sandbox outlived its attempt
 
@@ -247,6 +254,7 @@ def test_cancel_ends_a_package_job_cancelled_with_a_checkpoint(packages):
     wait_for(lambda: stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md).epoch >= 1, 180, 0.2)
     stub.CancelJob(training_pb2.CancelJobRequest(id=job.id), metadata=md)
     done = ended(p, job.id)
+    print(f"\nfigures: cancelled at checkpoint epoch {done.checkpoint.epoch}: {done.message}")
     assert done.state == State.JOB_STATE_CANCELLED, done.message
     assert done.checkpoint.epoch >= 1 and "checkpoint" in done.message
     assert 0 < done.cost.total.micros == sum(row.micros for row in p.jobs.ledger(job.id))
@@ -261,6 +269,7 @@ def test_a_budget_that_runs_out_stops_a_package_job_with_spend_at_or_under_it(pa
     budget = estimate.cost.low.micros + 40  # the first guess's low end is a tenth of its expected time
     assert budget < estimate.cost.expected.micros
     done = ended(p, submit(p, spec, budget_micros=budget).id)
+    print(f"\nfigures: budget {budget}, spent {done.cost.total.micros}: {done.message}")
     assert done.state == State.JOB_STATE_BUDGET_EXCEEDED, done.message
     assert 0 < done.cost.total.micros <= budget
     assert f"of {budget} micros" in done.message

@@ -159,6 +159,7 @@ CASES = ["socket", "internet", "etc-passwd", "other-tenants-artifacts", "worker-
 def test_a_hostile_package_is_contained_and_fails_with_what_it_hit_billed_its_device_time(stack, case):
     source, fields, fragments = hostile_cases(stack)[case]
     job = train(stack, f"hostile-{case}", source, **fields)
+    print(f"\nfigures: {case}: {common_pb2.JobState.Name(job.state)}, {job.cost.total.micros} micros: {job.message}")
     assert job.state == State.JOB_STATE_FAILED, (job.state, job.message)
     for fragment in fragments:
         assert fragment in job.message, job.message
