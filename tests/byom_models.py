@@ -9,7 +9,10 @@ Nothing is downloaded: the text task is synthetic and the images are scikit-lear
 """
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -33,6 +36,7 @@ _KEYWORDS_PER_CLASS = 8
 _KEYWORDS_PER_ROW = 4
 _THREADS = 1  # the CI machine has 2 shared cores: a second thread spin-waits on a loaded machine and is slower
 TEXT_TRAIN_ROWS = 1000
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "resnet-package"
 IMAGE_TRAIN_ROWS = 1497  # image_data()'s first rows; the last 300 are held out
 
 
@@ -55,39 +59,24 @@ class TextClassifier(nn.Module):
         return self.head(hidden.mean(dim=1))
 
 
-class _BasicBlock(nn.Module):
-    """A ResNet basic block: two conv3x3+BatchNorm layers and a shortcut (1x1 conv+BatchNorm where the shape
-    changes), added before the last ReLU."""
-
-    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels_in, channels_out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(channels_out),
-            nn.ReLU(), nn.Conv2d(channels_out, channels_out, 3, 1, padding=1, bias=False),
-            nn.BatchNorm2d(channels_out))
-        reshapes = stride != 1 or channels_in != channels_out
-        self.shortcut = (nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, stride, bias=False),
-                                       nn.BatchNorm2d(channels_out)) if reshapes else nn.Identity())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+def example_module(name: str) -> ModuleType:
+    """A module of the README's example package, ``examples/resnet-package/<name>.py`` (loaded by path: the folder's
+    name is not a Python package name)."""
+    spec = importlib.util.spec_from_file_location(f"resnet_package_{name}", EXAMPLE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class ResNetCNN(nn.Module):
-    """``images: FP32[batch, 3, 32, 32]`` -> ``logits: FP32[batch, 10]``: a conv3x3(16)+BatchNorm+ReLU stem, a basic
-    block at 16 channels, a stride-2 basic block to 32 channels, global average pooling, a linear head. The stem has
-    stride 2: at stride 1 the last layer sees only 13x13 pixels (3x3 of the digit's own), too little of a digit's
-    shape to learn it in a few epochs, and training takes 5 times as long."""
+class ResNetCNN(example_module("model").ResNet):
+    """``images: FP32[batch, 3, 32, 32]`` -> ``logits: FP32[batch, 10]``: the README's example package's ResNet at
+    width 16 (a conv3x3(16)+BatchNorm+ReLU stem, a basic block at 16 channels, a stride-2 basic block to 32
+    channels, global average pooling, a linear head). The stem has stride 2: at stride 1 the last layer sees only
+    13x13 pixels (3x3 of the digit's own), too little of a digit's shape to learn it in a few epochs, and training
+    takes 5 times as long."""
 
     def __init__(self, classes: int = IMAGE_CLASSES) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.blocks = nn.Sequential(_BasicBlock(16, 16, stride=1), _BasicBlock(16, 32, stride=2))
-        self.head = nn.Linear(32, classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.blocks(self.stem(images))
-        return self.head(features.mean(dim=(2, 3)))
+        super().__init__(16, classes)
 
 
 def text_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

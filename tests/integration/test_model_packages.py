@@ -12,7 +12,6 @@ import io
 import os
 import shutil
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +23,11 @@ from margin.common.protoconv import signature_from_proto
 from margin.v1 import common_pb2, compression_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, training_pb2
 from safetensors.numpy import load as load_safetensors
 
-from tests.byom_models import ONNX_EXPORT_WARNINGS
+from tests.byom_models import EXAMPLE, ONNX_EXPORT_WARNINGS, example_module
 from tests.integration.inference_stack import Gateway, gateway_on
 from tests.integration.training_stack import TrainingStack, training_stack, wait_for
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "resnet-package"
-sys.path.insert(0, str(EXAMPLE))
-from make_dataset import make  # noqa: E402  (the README example's own dataset maker)
+make = example_module("make_dataset").make  # the README example's own dataset maker
 
 pytestmark = [pytest.mark.slow, *ONNX_EXPORT_WARNINGS,
               pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (make setup)")]
@@ -229,7 +226,7 @@ def sandboxed_processes() -> list[int]:
 def test_sigkill_of_the_worker_takes_its_sandbox_down_and_the_next_attempt_resumes_from_the_checkpoint(packages):
     p = packages
     stub, md = p.jobs.stub()
-    job = submit(p, package_spec(p, "resnet-resumed", epochs=5))
+    job = submit(p, package_spec(p, "resnet-resumed", epochs=10))  # epochs left to kill it in, however fast
     wait_for(lambda: stub.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=md).checkpoint.epoch >= 2, 180, 0.2)
     (child,) = p.jobs.worker_children(p.jobs.workers[0])
     assert sandboxed_processes()

@@ -49,7 +49,13 @@ def load_base_weights(model: nn.Module, spec: TrainSpec, registry: Connection) -
     """Copy the base version's weights into ``model``; returns the parameters that did not fit (re-initialized,
     e.g. a new classification head)."""
     with tempfile.TemporaryDirectory() as tmp:
-        weights = load_file(_download(RegistryClient(registry), spec.base, Path(tmp)))
+        return load_fitting(model, _download(RegistryClient(registry), spec.base, Path(tmp)))
+
+
+def load_fitting(model: nn.Module, path: Path) -> list[str]:
+    """Copy the tensors of the safetensors file ``path`` whose names and shapes fit into ``model``; returns the
+    model's tensors that did not fit (left as they were)."""
+    weights = load_file(path)
     own = model.state_dict()
     fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fitting, strict=False)

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from margin.modelzoo.spec import TrainSpec
+from margin.modelzoo.spec import TrainSpec, check_freeze
+from margin.worker import data
 from margin.worker.loop import Decision, Objective, Position, Trainer, autocast, device_for
 from margin.worker.pipe import Channel
 
@@ -80,28 +81,10 @@ def build(module, config: dict) -> nn.Module:
     return model
 
 
-def load_base(model: nn.Module) -> list[str]:
-    """Copy the base version's weights into ``model`` (matching names and shapes); returns what did not fit."""
-    from safetensors.torch import load_file
-
-    weights = load_file(INPUTS / "base.safetensors")
-    own = model.state_dict()
-    fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(fitting, strict=False)
-    return sorted(set(own) - set(fitting))
-
-
 def freeze(model: nn.Module, prefixes: list[str]) -> None:
-    names = [n for n, _ in model.named_parameters()]
-    for prefix in prefixes:
-        if not any(n.startswith(prefix) for n in names):
-            raise PackageError(f"freeze_layers: {prefix!r} matches no parameter of the model; its parameters are "
-                               f"{names[:40]}")
-    frozen = [p for n, p in model.named_parameters() if any(n.startswith(x) for x in prefixes)]
-    if prefixes and len(frozen) == len(names):
-        raise PackageError("freeze_layers freezes every parameter: nothing would be trained")
-    for param in frozen:
-        param.requires_grad_(False)
+    """The built-in jobs' checks (every prefix matches, something stays trainable) and freezing."""
+    check_freeze(tuple(prefixes), [n for n, _ in model.named_parameters()])
+    data.freeze(model, tuple(prefixes))
 
 
 def objective_of(module, inputs: list[str]) -> Objective:
@@ -220,7 +203,7 @@ def prepare(plan: dict, rank: int = 0, world_size: int = 1,
     phase("build_model")
     model = build(module, spec.config)
     if (INPUTS / "base.safetensors").exists():
-        load_base(model)
+        data.load_fitting(model, INPUTS / "base.safetensors")
     freeze(model, list(spec.freeze_layers))
     device = device_for(spec, rank if spec.on_gpu else 0)
     trainer = Trainer(spec, model, (to_tensors(train, device), to_tensors(val, device)), device, rank, world_size,
